@@ -1,0 +1,131 @@
+"""The one exception hierarchy of devid-agent.
+
+Every error a user can meet is a DevidError with a stable `code` (used in JSON
+output and, later, problem+json types), a message saying what went wrong and a
+`hint` saying what to do. Edges map them: the CLI to exit codes and text, the
+control socket to error objects.
+"""
+
+from __future__ import annotations
+
+
+class DevidError(Exception):
+    """Base of all expected failures. Never carries secrets in its text."""
+
+    code = "error"
+    default_hint = ""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint if hint is not None else self.default_hint
+
+    def to_dict(self) -> dict[str, str]:
+        return {"type": self.code, "message": self.message, "hint": self.hint}
+
+    def __str__(self) -> str:
+        return f"{self.message} (hint: {self.hint})" if self.hint else self.message
+
+
+class ConfigError(DevidError):
+    code = "config-invalid"
+    default_hint = "fix the configuration file and start again"
+
+
+class StateError(DevidError):
+    """Local state (state_dir, key blobs) is missing, unreadable or inconsistent."""
+
+    code = "state-invalid"
+
+
+class ProtocolError(DevidError):
+    """A peer sent something that is not valid for the protocol spoken."""
+
+    code = "protocol-error"
+
+
+class ControlError(DevidError):
+    """The control socket could not be reached or refused the request."""
+
+    code = "control-error"
+
+
+class DaemonNotRunning(ControlError):
+    code = "daemon-not-running"
+    default_hint = "start it with `systemctl start devid-agent` (or `devid-agent --config FILE`)"
+
+
+class PermissionDenied(ControlError):
+    code = "permission-denied"
+    default_hint = "run devidctl as root or as a member of the agent's control group"
+
+
+# --- TPM -------------------------------------------------------------------
+
+
+class TpmError(DevidError):
+    code = "tpm-error"
+    default_hint = "see `devidctl check` for a diagnosis"
+
+    def __init__(self, message: str, hint: str | None = None, rc: int | None = None) -> None:
+        super().__init__(message, hint)
+        self.rc = rc
+
+    def to_dict(self) -> dict[str, str]:
+        d = super().to_dict()
+        if self.rc is not None:
+            d["tpm_rc"] = f"0x{self.rc:08x}"
+        return d
+
+
+class TpmUnreachable(TpmError):
+    code = "tpm-unreachable"
+    default_hint = (
+        "check that the TPM is present (/dev/tpmrm0 exists and is readable by the agent's "
+        "user, usually via group 'tss'), or for swtpm that it is running on the configured port"
+    )
+
+
+class TpmLockout(TpmError):
+    code = "tpm-lockout"
+    default_hint = (
+        "the TPM is in dictionary-attack lockout; wait for the lockout recovery time or have "
+        "the owner run `tpm2_dictionarylockout --clear-lockout`"
+    )
+
+
+class TpmBusy(TpmError):
+    code = "tpm-busy"
+    default_hint = "the TPM asked to retry later (self-test or another client); it will be retried"
+
+
+class PcrPolicyMismatch(TpmError):
+    code = "pcr-policy-mismatch"
+    default_hint = (
+        "the platform state (PCR values) changed since the secret was sealed, e.g. after a "
+        "firmware or boot-chain change; the secret must be re-provisioned from a trusted state"
+    )
+
+
+class EkCertificateMissing(TpmError):
+    code = "ek-certificate-missing"
+    default_hint = (
+        "this TPM has no EK certificate in NV; ask the vendor for it or provision one "
+        "(tpm2_nvdefine/tpm2_nvwrite at the TCG index) before enrolling"
+    )
+
+
+class EkMismatch(TpmError):
+    code = "ek-mismatch"
+    default_hint = (
+        "the EK the TPM derives does not match its certificate: the certificate belongs to a "
+        "different TPM or was replaced; do not enroll this device"
+    )
+
+
+class KeyBlobMismatch(TpmError):
+    code = "key-blob-mismatch"
+    default_hint = (
+        "the stored key blobs do not load under this TPM's storage key (TPM cleared or "
+        "replaced, or state copied from another device); the device must be re-provisioned"
+    )

@@ -1,0 +1,51 @@
+"""Durable, private file writes for agent state.
+
+Every state write goes through `write_atomic`: temp file in the same directory,
+fsync, rename over the target, fsync the directory. A crash leaves either the
+old or the new content, never a torn file, and files are created 0600.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIR_MODE = 0o700
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = PRIVATE_FILE_MODE) -> None:
+    """Replace `path` with `data` atomically and durably.
+
+    On any failure (ENOSPC included) the previous content of `path` is intact and
+    the temp file is removed.
+    """
+    directory = path.parent
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    fsync_dir(directory)
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create `path` (and parents) if needed; the leaf is made 0700."""
+    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)

@@ -1,0 +1,33 @@
+"""Human- and JSON-friendly summaries of X.509 certificates. Pure."""
+
+from __future__ import annotations
+
+import datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+
+def public_key_sha256(cert_or_key: x509.Certificate | object) -> str:
+    """SHA-256 of the DER SubjectPublicKeyInfo, the stable fingerprint of a key."""
+    key = cert_or_key.public_key() if isinstance(cert_or_key, x509.Certificate) else cert_or_key
+    spki = key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(spki)
+    return digest.finalize().hex()
+
+
+def summarize(cert: x509.Certificate, now: datetime.datetime | None = None) -> dict[str, object]:
+    when = now or datetime.datetime.now(datetime.UTC)
+    not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
+    return {
+        "subject": cert.subject.rfc4514_string() or "(empty)",
+        "issuer": cert.issuer.rfc4514_string(),
+        "serial": format(cert.serial_number, "x"),
+        "not_before": not_before.isoformat(),
+        "not_after": not_after.isoformat(),
+        "valid_now": not_before <= when <= not_after,
+        "sha256": cert.fingerprint(hashes.SHA256()).hex(),
+    }

@@ -1,0 +1,457 @@
+"""TPM key custody: the only code that talks to the TPM (through tpm2-pytss ESAPI).
+
+Objects and their lifetimes:
+
+- SRK (storage root key): an ECC primary re-derived once per process and kept
+  loaded. Its name is pinned in state on first use, so a cleared or swapped
+  TPM is noticed instead of silently producing new keys. It also salts our
+  sessions.
+- AK (restricted signing) and identity key (LDevID signing key): children of
+  the SRK created once; their wrapped blobs live in STATE_DIR/tpm and are
+  loaded for each operation and flushed right after. A bare TPM has room for
+  only three loaded objects, and handles never pile up.
+- EKs: re-derived on demand from the TCG templates and flushed after use.
+
+Sessions are started per command and flushed in `finally`, also when the
+command fails. Commands that carry secrets in or out (seal, unseal) run in a
+salted session with AES-CFB parameter encryption, so a bus sniffer sees only
+ciphertext.
+
+An instance is not thread-safe; the daemon confines it to one worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("TSS2_LOG", "all+NONE")  # the TSS would print to stderr; we log ourselves
+
+from cryptography import x509  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature  # noqa: E402
+from tpm2_pytss import ESAPI, TSS2_Exception  # noqa: E402
+from tpm2_pytss.constants import (  # noqa: E402
+    ESYS_TR,
+    TPM2_ALG,
+    TPM2_CAP,
+    TPM2_HC,
+    TPM2_PT,
+    TPM2_RC,
+    TPM2_RH,
+    TPM2_SE,
+    TPM2_ST,
+    TPMA_SESSION,
+)
+from tpm2_pytss.types import (  # noqa: E402
+    TPM2B_PUBLIC,
+    TPM2B_SENSITIVE_CREATE,
+    TPM2B_SENSITIVE_DATA,
+    TPML_DIGEST_VALUES,
+    TPMS_SENSITIVE_CREATE,
+    TPMT_HA,
+    TPMT_SIGNATURE,
+    TPMT_SYM_DEF,
+    TPMT_TK_HASHCHECK,
+    TPMU_HA,
+)
+from tpm2_pytss.utils import NoSuchIndex, create_ek_template  # noqa: E402
+
+from agent.errors import (  # noqa: E402
+    EkCertificateMissing,
+    KeyBlobMismatch,
+    PcrPolicyMismatch,
+    StateError,
+    TpmError,
+    TpmUnreachable,
+)
+from agent.pki.ekchain import split_der_certificates  # noqa: E402
+from agent.secret import SecretBytes  # noqa: E402
+from agent.tpm import templates  # noqa: E402
+from agent.tpm.blobs import BlobStore, KeyBlob  # noqa: E402
+from agent.tpm.ek import (  # noqa: E402
+    EK_CHAIN_FIRST,
+    EK_CHAIN_LAST,
+    EK_PREFERENCE,
+    EndorsementKey,
+    cert_index,
+    check_ek,
+)
+from agent.tpm.info import TpmInfo  # noqa: E402
+from agent.tpm.rc import translate  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+AK_BLOB = "ak"
+IDENTITY_BLOB = "identity"
+SRK_NAME_FILE = "srk.name"
+MAX_SEALED_BYTES = 128  # TPM2B_SENSITIVE_DATA limit
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A TPM signature, as the TPM produced it and as DER for X.509 consumers."""
+
+    tpmt: bytes  # marshalled TPMT_SIGNATURE
+    der: bytes
+
+
+@dataclass(frozen=True)
+class Attestation:
+    """A TPMS_ATTEST produced by the TPM (quote or certify) and the AK's signature on it."""
+
+    attest: bytes  # marshalled TPMS_ATTEST (the bytes that were signed)
+    signature: Signature
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    name: bytes  # TPM name: nameAlg || H(public area)
+    public: TPM2B_PUBLIC
+    resident: bool
+
+    @property
+    def public_key_der(self) -> bytes:
+        return bytes(self.public.to_der())
+
+
+def _signature(sig: TPMT_SIGNATURE) -> Signature:
+    if sig.sigAlg != TPM2_ALG.ECDSA:
+        raise TpmError(f"unexpected signature algorithm {sig.sigAlg} from the TPM")
+    r = int.from_bytes(bytes(sig.signature.ecdsa.signatureR), "big")
+    s = int.from_bytes(bytes(sig.signature.ecdsa.signatureS), "big")
+    return Signature(tpmt=bytes(sig.marshal()), der=encode_dss_signature(r, s))
+
+
+class TpmCustody:
+    """Keys that live in one TPM, and the operations on them."""
+
+    def __init__(self, esapi: ESAPI, tcti: str, state_dir: Path) -> None:
+        self._esapi = esapi
+        self.tcti = tcti
+        self._blobs = BlobStore(state_dir / "tpm")
+        self._srk: ESYS_TR | None = None
+
+    # --- lifecycle ----------------------------------------------------------
+
+    @classmethod
+    def open(cls, tcti: str, state_dir: Path, create_keys: bool = True) -> TpmCustody:
+        """Connect, load the SRK, and create the AK and identity key on first use."""
+        try:
+            esapi = ESAPI(tcti)
+        except TSS2_Exception as e:
+            raise TpmUnreachable(f"cannot open TPM via TCTI {tcti!r}: {e}", rc=int(e.rc)) from None
+        custody = cls(esapi, tcti, state_dir)
+        try:
+            custody._load_srk()
+            if create_keys:
+                custody._ensure_key(AK_BLOB, templates.ak_template())
+                custody._ensure_key(IDENTITY_BLOB, templates.identity_key_template())
+        except BaseException:
+            custody.close()
+            raise
+        return custody
+
+    def close(self) -> None:
+        if self._esapi is None:
+            return
+        if self._srk is not None:
+            with contextlib.suppress(TSS2_Exception):
+                self._esapi.flush_context(self._srk)
+            self._srk = None
+        with contextlib.suppress(TSS2_Exception):
+            self._esapi.close()
+        self._esapi = None  # type: ignore[assignment]
+
+    def __enter__(self) -> TpmCustody:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _tpm(self, action: str) -> Iterator[ESAPI]:
+        """Run TPM commands, turning TSS failures into typed errors."""
+        if self._esapi is None:
+            raise TpmUnreachable(f"{action}: the TPM connection is closed")
+        try:
+            yield self._esapi
+        except TSS2_Exception as e:
+            raise translate(e, action) from None
+
+    # --- storage root key ---------------------------------------------------
+
+    def _load_srk(self) -> None:
+        with self._tpm("creating the storage root key") as tpm:
+            handle, public, _, _, _ = tpm.create_primary(
+                TPM2B_SENSITIVE_CREATE(), templates.srk_template(), ESYS_TR.OWNER
+            )
+        self._srk = handle
+        name = bytes(public.get_name().marshal())
+        pinned = self._blobs.load_bytes(SRK_NAME_FILE)
+        if pinned is None:
+            self._blobs.save_bytes(SRK_NAME_FILE, name.hex().encode() + b"\n")
+        elif pinned.strip() != name.hex().encode():
+            raise KeyBlobMismatch(
+                "this TPM's storage root key differs from the one the stored keys were made "
+                "under (TPM cleared, replaced, or state copied from another device)"
+            )
+
+    # --- child keys ---------------------------------------------------------
+
+    def _ensure_key(self, name: str, template: TPM2B_PUBLIC) -> None:
+        if self._blobs.load(name) is not None:
+            return
+        with self._tpm(f"creating the {name} key") as tpm:
+            private, public, _, _, _ = tpm.create(self._srk, TPM2B_SENSITIVE_CREATE(), template)
+        self._blobs.save(name, KeyBlob(bytes(public.marshal()), bytes(private.marshal())))
+        log.info("created %s key in the TPM", name)
+
+    def _blob(self, name: str) -> KeyBlob:
+        blob = self._blobs.load(name)
+        if blob is None:
+            raise StateError(f"no {name} key blob in {self._blobs.directory}")
+        return blob
+
+    @contextlib.contextmanager
+    def _loaded(self, blob: KeyBlob, what: str) -> Iterator[ESYS_TR]:
+        with self._tpm(f"loading the {what}") as tpm:
+            try:
+                handle = tpm.load(self._srk, blob.tpm_private(), blob.tpm_public())
+            except TSS2_Exception as e:
+                if e.error in (TPM2_RC.INTEGRITY, TPM2_RC.BINDING, TPM2_RC.SIZE, TPM2_RC.VALUE):
+                    raise KeyBlobMismatch(f"the stored {what} does not load: {e}",
+                                          rc=int(e.rc)) from None
+                raise
+        try:
+            yield handle
+        finally:
+            with contextlib.suppress(TSS2_Exception):
+                self._esapi.flush_context(handle)
+
+    def key_info(self, name: str) -> KeyInfo:
+        """Name and public area of a stored key, after proving it loads in this TPM."""
+        blob = self._blob(name)
+        with self._loaded(blob, f"{name} key") as handle, self._tpm("reading key") as tpm:
+            public, tpm_name, _ = tpm.read_public(handle)
+        return KeyInfo(bytes(tpm_name.marshal()), public, templates.is_resident(public))
+
+    def identity_key(self) -> KeyInfo:
+        return self.key_info(IDENTITY_BLOB)
+
+    def attestation_key(self) -> KeyInfo:
+        return self.key_info(AK_BLOB)
+
+    # --- signing and attestation ---------------------------------------------
+
+    def sign(self, data: bytes) -> Signature:
+        """ECDSA-SHA256 over `data` with the identity key (hashing done here)."""
+        digest = hashlib.sha256(data).digest()
+        ticket = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
+        with self._loaded(self._blob(IDENTITY_BLOB), "identity key") as key, \
+                self._tpm("signing with the identity key") as tpm:
+            sig = tpm.sign(key, digest, templates.ECDSA_SHA256, ticket)
+        return _signature(sig)
+
+    def quote(self, nonce: bytes, pcrs: Sequence[int]) -> Attestation:
+        selection = templates.pcr_selection(pcrs)
+        with self._loaded(self._blob(AK_BLOB), "attestation key") as ak, \
+                self._tpm("quoting PCRs") as tpm:
+            attest, sig = tpm.quote(ak, selection, nonce, templates.ECDSA_SHA256)
+        return Attestation(bytes(attest.attestationData), _signature(sig))
+
+    def certify_identity(self, nonce: bytes) -> Attestation:
+        """TPM2_Certify: the AK vouches that the identity key lives in this TPM."""
+        with self._loaded(self._blob(IDENTITY_BLOB), "identity key") as key, \
+                self._loaded(self._blob(AK_BLOB), "attestation key") as ak, \
+                self._tpm("certifying the identity key") as tpm:
+            attest, sig = tpm.certify(key, ak, nonce, templates.ECDSA_SHA256)
+        return Attestation(bytes(attest.attestationData), _signature(sig))
+
+    # --- PCRs ---------------------------------------------------------------
+
+    def read_pcrs(self, pcrs: Sequence[int]) -> list[bytes]:
+        """Current sha256 values of `pcrs`, in ascending PCR order."""
+        wanted = sorted(set(pcrs))
+        values: list[bytes] = []
+        with self._tpm("reading PCRs") as tpm:
+            for i in range(0, len(wanted), 8):  # TPM2_PCR_Read returns at most 8 digests
+                chunk = wanted[i:i + 8]
+                _, selected, digests = tpm.pcr_read(templates.pcr_selection(chunk))
+                if len(digests) != len(chunk):
+                    raise TpmError(
+                        f"the TPM returned {len(digests)} of {len(chunk)} PCR values; is the "
+                        "sha256 PCR bank allocated?"
+                    )
+                values.extend(bytes(d) for d in digests)
+        return values
+
+    def extend_pcr(self, index: int, data: bytes) -> None:
+        """Measure `data` into PCR `index` (sha256 bank)."""
+        digests = TPML_DIGEST_VALUES(
+            [TPMT_HA(hashAlg=TPM2_ALG.SHA256, digest=TPMU_HA(sha256=hashlib.sha256(data).digest()))]
+        )
+        templates.pcr_selection([index])  # range check
+        with self._tpm(f"extending PCR {index}") as tpm:
+            tpm.pcr_extend(getattr(ESYS_TR, f"PCR{index}"), digests)
+
+    # --- sealing ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _session(self, kind: TPM2_SE, attributes: TPMA_SESSION) -> Iterator[ESYS_TR]:
+        """A session salted to the (pinned) SRK, with AES-128-CFB parameter encryption."""
+        with self._tpm("starting an encrypted session") as tpm:
+            session = tpm.start_auth_session(
+                tpm_key=self._srk, bind=ESYS_TR.NONE, session_type=kind,
+                symmetric=TPMT_SYM_DEF(
+                    algorithm=TPM2_ALG.AES,
+                    keyBits=templates.SESSION_AES128_CFB.keyBits,
+                    mode=templates.SESSION_AES128_CFB.mode,
+                ),
+                auth_hash=TPM2_ALG.SHA256,
+            )
+            tpm.trsess_set_attributes(session, TPMA_SESSION.CONTINUESESSION | attributes)
+        try:
+            yield session
+        finally:
+            with contextlib.suppress(TSS2_Exception):
+                self._esapi.flush_context(session)
+
+    def seal(self, secret: SecretBytes, pcrs: Sequence[int]) -> KeyBlob:
+        """Seal `secret` so that only this TPM, with `pcrs` as they are now, releases it."""
+        if not 0 < len(secret) <= MAX_SEALED_BYTES:
+            raise ValueError(f"a sealed secret must be 1..{MAX_SEALED_BYTES} bytes")
+        selection = templates.pcr_selection(pcrs)
+        values = self.read_pcrs(pcrs)
+        policy = templates.pcr_policy_digest(selection, values)
+        sensitive = TPM2B_SENSITIVE_CREATE(
+            TPMS_SENSITIVE_CREATE(data=TPM2B_SENSITIVE_DATA(secret.reveal()))
+        )
+        with self._session(TPM2_SE.HMAC, TPMA_SESSION.DECRYPT) as session, \
+                self._tpm("sealing a secret") as tpm:
+            private, public, _, _, _ = tpm.create(
+                self._srk, sensitive, templates.sealed_object_template(policy), session1=session
+            )
+        return KeyBlob.sealed(bytes(public.marshal()), bytes(private.marshal()),
+                              sorted(set(pcrs)), values)
+
+    def unseal(self, blob: KeyBlob) -> SecretBytes:
+        """Release a sealed secret; PcrPolicyMismatch names the PCRs that changed."""
+        if blob.pcr_bank is None:
+            raise StateError("this blob is not a sealed secret (no PCR policy recorded)")
+        selection = templates.pcr_selection(blob.pcrs)
+        with self._loaded(blob, "sealed secret") as item, \
+                self._session(TPM2_SE.POLICY, TPMA_SESSION.ENCRYPT) as session:
+            try:
+                with self._tpm("unsealing a secret") as tpm:
+                    tpm.policy_pcr(session, b"", selection)
+                    data = tpm.unseal(item, session1=session)
+            except PcrPolicyMismatch as e:
+                changed = self._changed_pcrs(blob)
+                raise PcrPolicyMismatch(
+                    f"unsealing refused by the TPM: PCR policy not satisfied; changed since "
+                    f"sealing: {changed}", rc=e.rc) from None
+        return SecretBytes(bytes(data))
+
+    def _changed_pcrs(self, blob: KeyBlob) -> str:
+        try:
+            now = self.read_pcrs(blob.pcrs)
+        except TpmError:
+            return "unknown (PCRs unreadable)"
+        changed = [f"sha256:{p}" for p, old, new in zip(blob.pcrs, blob.pcr_values, now,
+                                                          strict=True) if old != new]
+        return ", ".join(changed) or "none (sealed under different values)"
+
+    # --- information and endorsement ----------------------------------------
+
+    def info(self) -> TpmInfo:
+        props: dict[int, int] = {}
+        with self._tpm("reading TPM properties") as tpm:
+            more, prop = True, int(TPM2_PT.FIXED)
+            while more:
+                more, data = tpm.get_capability(TPM2_CAP.TPM_PROPERTIES, prop, 64)
+                items = list(data.data.tpmProperties)
+                for p in items:
+                    props[int(p.property)] = int(p.value)
+                if not items:
+                    break
+                prop = int(items[-1].property) + 1
+                if prop > int(TPM2_PT.FIXED) + 0xFF:
+                    break
+        return TpmInfo.from_properties(props)
+
+    def _nv_indices(self) -> set[int]:
+        indices: set[int] = set()
+        with self._tpm("listing NV indices") as tpm:
+            more, start = True, int(TPM2_HC.NV_INDEX_FIRST)
+            while more:
+                more, data = tpm.get_capability(TPM2_CAP.HANDLES, start, 64)
+                handles = [int(h) for h in data.data.handles]
+                indices.update(handles)
+                if not handles:
+                    break
+                start = handles[-1] + 1
+        return indices
+
+    def _nv_read(self, index: int) -> bytes:
+        with self._tpm(f"reading NV index 0x{index:08x}") as tpm:
+            handle = tpm.tr_from_tpmpublic(index)
+            try:
+                nv_public, _ = tpm.nv_read_public(handle)
+                size = int(nv_public.nvPublic.dataSize)
+                out = b""
+                while len(out) < size:
+                    chunk = min(512, size - len(out))
+                    out += bytes(tpm.nv_read(handle, chunk, len(out), auth_handle=handle))
+            finally:
+                with contextlib.suppress(TSS2_Exception):
+                    tpm.tr_close(handle)
+        return out
+
+    def endorsement_keys(self) -> list[EndorsementKey]:
+        """Every EK that has a certificate in NV, each checked against its recreated key.
+
+        Raises EkCertificateMissing if there is none, EkMismatch if one does not match.
+        """
+        present = self._nv_indices()
+        result: list[EndorsementKey] = []
+        for kind in EK_PREFERENCE:
+            index = cert_index(kind)
+            if index not in present:
+                continue
+
+            def reader(i: int) -> bytes:
+                if int(i) not in present:
+                    raise NoSuchIndex(int(i))
+                return self._nv_read(int(i))
+
+            der, template = create_ek_template(kind, reader)
+            try:
+                cert = x509.load_der_x509_certificate(bytes(der).rstrip(b"\x00"))
+            except ValueError:
+                raise TpmError(f"{kind}: NV index 0x{index:08x} does not hold a valid "
+                               "X.509 certificate") from None
+            with self._tpm(f"recreating {kind}") as tpm:
+                handle, public, _, _, _ = tpm.create_primary(
+                    TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.ENDORSEMENT
+                )
+                tpm.flush_context(handle)
+            check_ek(kind, public, cert)
+            result.append(EndorsementKey(kind, index, cert, template, public))
+        if not result:
+            raise EkCertificateMissing("no EK certificate found in the TPM's NV indices")
+        return result
+
+    def ek_chain_certificates(self) -> list[x509.Certificate]:
+        """Intermediate CA certificates stored in the TCG EK-chain NV range."""
+        certs: list[x509.Certificate] = []
+        for index in sorted(self._nv_indices()):
+            if EK_CHAIN_FIRST <= index <= EK_CHAIN_LAST:
+                certs.extend(split_der_certificates(self._nv_read(index),
+                                                    f"NV index 0x{index:08x}"))
+        return certs
+
