@@ -52,10 +52,10 @@ bench: deps
 	$(VPY) bench/tpm_ops.py
 
 demo: deps
-	$(VPY) -m agent.demo --dir .demo
+	$(VPY) tests/stack.py demo --dir .demo
 
 demo-down:
-	-$(VPY) -m agent.demo --dir .demo --down
+	-$(VPY) tests/stack.py demo --dir .demo --down
 
 clean:
 	rm -rf .demo .pytest_cache .ruff_cache build dist *.egg-info

@@ -47,9 +47,8 @@ class HarnessError(RuntimeError):
 def _run(cmd: list[str], env: dict[str, str] | None = None) -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
-        raise HarnessError(
-            f"{cmd[0]} failed (exit {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"
-        )
+        detail = proc.stderr.strip() or proc.stdout.strip()
+        raise HarnessError(f"{cmd[0]} failed (exit {proc.returncode}): {detail}")
     return proc.stdout
 
 
@@ -164,13 +163,16 @@ def _read_pid(state: Path) -> int | None:
         return None
 
 
-def _launch(state: Path) -> str:
+def _launch(state: Path, fixed_port: int | None = None) -> str:
     """Start swtpm on a free pair of loopback ports; retry on a port race."""
     rng = random.Random()
     last_error = "no attempt made"
     for _ in range(START_ATTEMPTS):
-        port = rng.randrange(20000, 60000, 2)
+        port = fixed_port if fixed_port is not None else rng.randrange(20000, 60000, 2)
         if not _ports_free(port):
+            last_error = f"ports {port}/{port + 1} in use"
+            if fixed_port is not None:
+                time.sleep(0.1)
             continue
         pid_file = state / "swtpm.pid"
         pid_file.unlink(missing_ok=True)
@@ -211,10 +213,12 @@ def running_tcti(state_dir: str | os.PathLike[str]) -> str | None:
     return None
 
 
-def start(state_dir: str | os.PathLike[str]) -> str:
+def start(state_dir: str | os.PathLike[str], port: int | None = None) -> str:
     """Manufacture STATE_DIR's TPM on first use, start it, return its TCTI string.
 
     Idempotent: if this STATE_DIR's swtpm is already running its TCTI is returned.
+    `port` pins the command port (control is port+1), e.g. to restart a TPM
+    where its clients expect it; by default a free pair is chosen.
     """
     state = Path(state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
@@ -224,7 +228,7 @@ def start(state_dir: str | os.PathLike[str]) -> str:
     manufactured = (state / "manufactured").exists()
     if not manufactured:
         _manufacture(state)
-    tcti = _launch(state)
+    tcti = _launch(state, port)
     if not manufactured:
         try:
             _store_intermediate_in_nv(state, tcti)

@@ -32,10 +32,10 @@ from pathlib import Path
 
 os.environ.setdefault("TSS2_LOG", "all+NONE")  # the TSS would print to stderr; we log ourselves
 
-from cryptography import x509  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature  # noqa: E402
-from tpm2_pytss import ESAPI, TSS2_Exception  # noqa: E402
-from tpm2_pytss.constants import (  # noqa: E402
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from tpm2_pytss import ESAPI, TSS2_Exception
+from tpm2_pytss.constants import (
     ESYS_TR,
     TPM2_ALG,
     TPM2_CAP,
@@ -47,7 +47,7 @@ from tpm2_pytss.constants import (  # noqa: E402
     TPM2_ST,
     TPMA_SESSION,
 )
-from tpm2_pytss.types import (  # noqa: E402
+from tpm2_pytss.types import (
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
     TPM2B_SENSITIVE_DATA,
@@ -59,9 +59,9 @@ from tpm2_pytss.types import (  # noqa: E402
     TPMT_TK_HASHCHECK,
     TPMU_HA,
 )
-from tpm2_pytss.utils import NoSuchIndex, create_ek_template  # noqa: E402
+from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
-from agent.errors import (  # noqa: E402
+from agent.errors import (
     EkCertificateMissing,
     KeyBlobMismatch,
     PcrPolicyMismatch,
@@ -69,11 +69,11 @@ from agent.errors import (  # noqa: E402
     TpmError,
     TpmUnreachable,
 )
-from agent.pki.ekchain import split_der_certificates  # noqa: E402
-from agent.secret import SecretBytes  # noqa: E402
-from agent.tpm import templates  # noqa: E402
-from agent.tpm.blobs import BlobStore, KeyBlob  # noqa: E402
-from agent.tpm.ek import (  # noqa: E402
+from agent.pki.ekchain import split_der_certificates
+from agent.secret import SecretBytes
+from agent.tpm import templates
+from agent.tpm.blobs import BlobStore, KeyBlob
+from agent.tpm.ek import (
     EK_CHAIN_FIRST,
     EK_CHAIN_LAST,
     EK_PREFERENCE,
@@ -81,8 +81,8 @@ from agent.tpm.ek import (  # noqa: E402
     cert_index,
     check_ek,
 )
-from agent.tpm.info import TpmInfo  # noqa: E402
-from agent.tpm.rc import translate  # noqa: E402
+from agent.tpm.info import TpmInfo
+from agent.tpm.rc import translate
 
 log = logging.getLogger(__name__)
 
@@ -139,16 +139,19 @@ class TpmCustody:
     # --- lifecycle ----------------------------------------------------------
 
     @classmethod
-    def open(cls, tcti: str, state_dir: Path, create_keys: bool = True) -> TpmCustody:
-        """Connect, load the SRK, and create the AK and identity key on first use."""
+    def open(cls, tcti: str, state_dir: Path, readonly: bool = False) -> TpmCustody:
+        """Connect, load the SRK, and create the AK and identity key on first use.
+
+        `readonly` (diagnostics from outside the daemon): create nothing, write nothing.
+        """
         try:
             esapi = ESAPI(tcti)
         except TSS2_Exception as e:
             raise TpmUnreachable(f"cannot open TPM via TCTI {tcti!r}: {e}", rc=int(e.rc)) from None
         custody = cls(esapi, tcti, state_dir)
         try:
-            custody._load_srk()
-            if create_keys:
+            custody._load_srk(pin=not readonly)
+            if not readonly:
                 custody._ensure_key(AK_BLOB, templates.ak_template())
                 custody._ensure_key(IDENTITY_BLOB, templates.identity_key_template())
         except BaseException:
@@ -185,7 +188,7 @@ class TpmCustody:
 
     # --- storage root key ---------------------------------------------------
 
-    def _load_srk(self) -> None:
+    def _load_srk(self, pin: bool) -> None:
         with self._tpm("creating the storage root key") as tpm:
             handle, public, _, _, _ = tpm.create_primary(
                 TPM2B_SENSITIVE_CREATE(), templates.srk_template(), ESYS_TR.OWNER
@@ -193,9 +196,9 @@ class TpmCustody:
         self._srk = handle
         name = bytes(public.get_name().marshal())
         pinned = self._blobs.load_bytes(SRK_NAME_FILE)
-        if pinned is None:
+        if pinned is None and pin:
             self._blobs.save_bytes(SRK_NAME_FILE, name.hex().encode() + b"\n")
-        elif pinned.strip() != name.hex().encode():
+        elif pinned is not None and pinned.strip() != name.hex().encode():
             raise KeyBlobMismatch(
                 "this TPM's storage root key differs from the one the stored keys were made "
                 "under (TPM cleared, replaced, or state copied from another device)"
@@ -281,7 +284,7 @@ class TpmCustody:
         with self._tpm("reading PCRs") as tpm:
             for i in range(0, len(wanted), 8):  # TPM2_PCR_Read returns at most 8 digests
                 chunk = wanted[i:i + 8]
-                _, selected, digests = tpm.pcr_read(templates.pcr_selection(chunk))
+                _, _, digests = tpm.pcr_read(templates.pcr_selection(chunk))
                 if len(digests) != len(chunk):
                     raise TpmError(
                         f"the TPM returned {len(digests)} of {len(chunk)} PCR values; is the "

@@ -1,0 +1,86 @@
+"""The control-socket protocol, sans-IO.
+
+One request and one response per connection, each a single line of JSON:
+
+    -> {"v": 1, "method": "status", "params": {}}
+    <- {"v": 1, "ok": true, "result": {...}}
+    <- {"v": 1, "ok": false, "error": {"type": "...", "message": "...", "hint": "..."}}
+
+These functions only turn bytes into values and back; the asyncio server and
+the blocking client are thin shells around them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.errors import DevidError, ProtocolError
+
+VERSION = 1
+MAX_LINE = 1 << 20  # responses carry status documents; requests are tiny
+METHODS = ("status", "check")
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Response:
+    ok: bool
+    result: dict[str, Any] | None = None
+    error: dict[str, str] | None = None
+
+
+def _encode(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+
+
+def _decode_object(line: bytes, what: str) -> dict[str, Any]:
+    if len(line) > MAX_LINE:
+        raise ProtocolError(f"{what}: longer than {MAX_LINE} bytes")
+    try:
+        doc = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"{what}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError(f"{what}: expected a JSON object, got {type(doc).__name__}")
+    if doc.get("v") != VERSION:
+        raise ProtocolError(f"{what}: unsupported protocol version {doc.get('v')!r}")
+    return doc
+
+
+def encode_request(request: Request) -> bytes:
+    return _encode({"v": VERSION, "method": request.method, "params": request.params})
+
+
+def decode_request(line: bytes) -> Request:
+    doc = _decode_object(line, "request")
+    method, params = doc.get("method"), doc.get("params", {})
+    if method not in METHODS:
+        raise ProtocolError(f"request: unknown method {method!r} (known: {', '.join(METHODS)})")
+    if not isinstance(params, dict):
+        raise ProtocolError("request: params must be an object")
+    return Request(method, params)
+
+
+def encode_result(result: dict[str, Any]) -> bytes:
+    return _encode({"v": VERSION, "ok": True, "result": result})
+
+
+def encode_error(error: DevidError) -> bytes:
+    return _encode({"v": VERSION, "ok": False, "error": error.to_dict()})
+
+
+def decode_response(line: bytes) -> Response:
+    doc = _decode_object(line, "response")
+    if doc.get("ok") is True and isinstance(doc.get("result"), dict):
+        return Response(True, result=doc["result"])
+    err = doc.get("error")
+    if doc.get("ok") is False and isinstance(err, dict) and isinstance(err.get("message"), str):
+        return Response(False, error={k: str(v) for k, v in err.items()})
+    raise ProtocolError("response: neither a result nor an error object")

@@ -1,0 +1,104 @@
+"""The daemon's side of the control socket: an asyncio shell around protocol.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from agent.control import protocol
+from agent.control.peer import authorize, read_peer_credentials
+from agent.errors import ControlError, DevidError, PermissionDenied
+
+log = logging.getLogger(__name__)
+
+SOCKET_MODE = 0o660
+READ_TIMEOUT_S = 5.0
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class ControlServer:
+    def __init__(self, path: Path, handlers: dict[str, Handler], allowed_gid: int | None) -> None:
+        self.path = path
+        self.handlers = handlers
+        self.allowed_gid = allowed_gid
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self._take_over_stale_socket()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Bind with a tight umask, then widen to 0660: never a window with more.
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._serve, path=str(self.path), limit=protocol.MAX_LINE
+            )
+        finally:
+            os.umask(old)
+        if self.allowed_gid is not None:
+            os.chown(self.path, -1, self.allowed_gid)
+        os.chmod(self.path, SOCKET_MODE)
+        log.info("control socket listening at %s", self.path)
+
+    def _take_over_stale_socket(self) -> None:
+        if not self.path.exists():
+            return
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(str(self.path))
+            except OSError:
+                self.path.unlink()  # left over from a crash: nobody is listening
+                return
+        raise ControlError(
+            f"another process is already serving {self.path}",
+            hint="stop the other devid-agent first, or give this one another control_socket",
+        )
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            reply = await self._answer(reader, writer)
+            writer.write(reply)
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+        peer = read_peer_credentials(writer.get_extra_info("socket"))
+        refusal = authorize(peer, os.geteuid(), self.allowed_gid)
+        if refusal is not None:
+            log.warning("control socket: refused %s", refusal)
+            return protocol.encode_error(PermissionDenied(f"permission denied: {refusal}"))
+        try:
+            line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT_S)
+            request = protocol.decode_request(line)
+            result = await self.handlers[request.method](request.params)
+            return protocol.encode_result(result)
+        except DevidError as e:
+            return protocol.encode_error(e)
+        except (TimeoutError, ValueError) as e:  # ValueError: line over the limit
+            return protocol.encode_error(ControlError(f"bad request: {e or 'timed out'}"))
+        except Exception:
+            log.exception("control request failed")
+            return protocol.encode_error(
+                DevidError("internal error in the agent", "see the agent's log (journalctl -u "
+                           "devid-agent) and report it")
+            )

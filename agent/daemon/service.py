@@ -1,0 +1,133 @@
+"""The agent's long-running service: owns the TPM connection, answers the control socket.
+
+The TPM connection is (re)established by a loop with capped backoff: a TPM
+that is missing at boot or disappears later is reported (status FAIL with the
+reason and a hint) and retried, never turned into a crash loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from typing import Any
+
+from agent import __version__
+from agent.backoff import Backoff
+from agent.config import AgentConfig
+from agent.daemon.tpmworker import TpmWorker
+from agent.diagnostics.checks import CheckResult, Level
+from agent.diagnostics.facts import (
+    EndorsementResult,
+    TpmFacts,
+    collect_tpm_facts,
+    try_endorsement_facts,
+)
+from agent.diagnostics.report import check_report
+from agent.diagnostics.status import build_status
+from agent.errors import DevidError, TpmUnreachable
+from agent.pki.ekchain import TrustStore
+from agent.tpm.custody import TpmCustody
+
+log = logging.getLogger(__name__)
+
+
+class AgentService:
+    def __init__(self, config: AgentConfig, trust: TrustStore,
+                 backoff: Backoff | None = None) -> None:
+        self.config = config
+        self.trust = trust
+        self.worker = TpmWorker()
+        self.started = time.monotonic()
+        self._backoff = backoff or Backoff(initial=1.0, cap=60.0)
+        self._custody: TpmCustody | None = None
+        self._endorsement: EndorsementResult | None = None
+        self._last_error: DevidError | None = None
+        self._lost = asyncio.Event()
+
+    # --- TPM connection -------------------------------------------------------
+
+    async def maintain_tpm(self, stop: asyncio.Event) -> None:
+        """Connect, and reconnect whenever the TPM is lost, until `stop` is set."""
+        while not stop.is_set():
+            try:
+                await self._connect()
+            except DevidError as e:
+                if self._last_error is None or e.message != self._last_error.message:
+                    log.error("TPM not usable: %s", e)
+                self._last_error = e
+                delay = self._backoff.next_delay()
+                log.info("retrying the TPM in %.1fs (attempt %d)", delay,
+                         self._backoff.attempts)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                continue
+            self._backoff.reset()
+            self._last_error = None
+            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._lost.wait())]
+            _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            if self._lost.is_set() and not stop.is_set():
+                log.warning("TPM connection lost; reconnecting")
+                await self._disconnect()
+
+    async def _connect(self) -> None:
+        tcti, state_dir = self.config.tpm.tcti, self.config.paths.state_dir
+        custody = await self.worker.call(TpmCustody.open, tcti, state_dir)
+        self._endorsement = await self.worker.call(try_endorsement_facts, custody, self.trust)
+        self._custody = custody
+        self._lost.clear()
+        info = await self.worker.call(custody.info)
+        log.info("TPM ready via %s: %s %s, firmware %s", tcti, info.manufacturer,
+                 info.vendor_string, info.firmware_version)
+        if isinstance(self._endorsement, DevidError):
+            log.error("EK certificate problem: %s", self._endorsement)
+        else:
+            for ek in self._endorsement:
+                log.info("%s certificate: %s", ek.kind, ek.verdict.reason)
+
+    async def _disconnect(self) -> None:
+        custody, self._custody = self._custody, None
+        if custody is not None:
+            await self.worker.call(custody.close)
+
+    async def close(self) -> None:
+        await self._disconnect()
+        self.worker.shutdown()
+
+    async def _tpm_facts(self) -> TpmFacts:
+        custody = self._custody
+        if custody is None:
+            err = self._last_error or TpmUnreachable("not connected to the TPM yet")
+            return TpmFacts(tcti=self.config.tpm.tcti, error=err)
+        facts = await self.worker.call(collect_tpm_facts, custody, self.trust,
+                                       self._endorsement)
+        if isinstance(facts.error, TpmUnreachable):
+            self._last_error = facts.error
+            self._lost.set()
+        return facts
+
+    # --- control socket handlers -----------------------------------------------
+
+    def _agent_section(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "config": str(self.config.source) if self.config.source else None,
+        }
+
+    async def status(self, _params: dict[str, Any]) -> dict[str, Any]:
+        facts = await self._tpm_facts()
+        return build_status(facts, self._agent_section(), bool(self.config.trust.ek_roots))
+
+    async def check(self, _params: dict[str, Any]) -> dict[str, Any]:
+        facts = await self._tpm_facts()
+        agent = self._agent_section()
+        running = CheckResult("daemon", Level.PASS,
+                              f"devid-agent {agent['version']} running (pid {agent['pid']}, "
+                              f"up {agent['uptime_s']:.0f}s)")
+        return check_report(facts, self.config, os.geteuid(), (running,))

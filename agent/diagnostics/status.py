@@ -1,0 +1,60 @@
+"""The status document `devidctl status` shows, and its headline. Pure.
+
+The headline is the worst of the parts: FAIL when the device cannot prove its
+identity (TPM unusable, EK missing/mismatched/untrusted, identity key not
+resident), WARN when it can but something needs attention.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.diagnostics.checks import Level, check_ek, check_identity, check_tpm
+from agent.diagnostics.facts import TpmFacts
+
+HEADLINE = {Level.PASS: "OK", Level.WARN: "WARN", Level.FAIL: "FAIL"}
+
+
+def _tpm_section(facts: TpmFacts) -> dict[str, Any]:
+    section: dict[str, Any] = {"tcti": facts.tcti, "reachable": facts.reachable}
+    if facts.error is not None:
+        section["error"] = facts.error.to_dict()
+    if facts.info is not None:
+        section.update(facts.info.to_dict())
+    certs = [
+        {"type": ek.kind, "nv_index": f"0x{ek.nv_index:08x}", **ek.certificate,
+         "matches_tpm": True, "verified": ek.verdict.verified,
+         "verification": ek.verdict.reason, "chain": list(ek.verdict.chain)}
+        for ek in facts.endorsement
+    ]
+    # The EK the agent presents: the first verified one, else the preferred one.
+    preferred = next((c for c in certs if c["verified"]), certs[0] if certs else None)
+    section["ek_certificate"] = preferred
+    section["ek_certificates"] = certs
+    if facts.ek_error is not None:
+        section["ek_error"] = facts.ek_error.to_dict()
+    return section
+
+
+def _identity_section(facts: TpmFacts) -> dict[str, Any]:
+    if facts.identity is None:
+        err = facts.identity_error
+        return {"key_resident": False, "error": err.to_dict() if err else None}
+    return {
+        "key_resident": facts.identity.resident,
+        "tpm_name": facts.identity.tpm_name,
+        "public_key_sha256": facts.identity.public_key_sha256,
+        "algorithm": "ECDSA P-256",
+    }
+
+
+def build_status(facts: TpmFacts, agent: dict[str, Any], roots_configured: bool) -> dict[str, Any]:
+    judged = [check_tpm(facts), check_ek(facts, roots_configured), check_identity(facts)]
+    level = max(r.level for r in judged)
+    return {
+        "state": HEADLINE[level],
+        "reasons": [r.summary for r in judged if r.level > Level.PASS],
+        "agent": agent,
+        "tpm": _tpm_section(facts),
+        "identity": _identity_section(facts),
+    }

@@ -1,0 +1,40 @@
+"""Logging to journald (under systemd) or plain lines on stderr.
+
+Secrets never reach a log: they travel as SecretBytes, which prints as
+`<secret: N bytes>`, and error messages are written not to include them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def _stderr_is_journal() -> bool:
+    """True when systemd connected our stderr to the journal (JOURNAL_STREAM=dev:inode)."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in value.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def configure(level: str, identifier: str) -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    handler: logging.Handler
+    if _stderr_is_journal():
+        from systemd.journal import JournalHandler
+
+        handler = JournalHandler(SYSLOG_IDENTIFIER=identifier)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
+    root.addHandler(handler)
+    root.setLevel(level.upper())
