@@ -10,6 +10,7 @@ shows exactly what the tests exercise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -155,10 +156,8 @@ def demo(directory: Path, keep: bool) -> int:
 def down(directory: Path) -> int:
     pid_file = directory / "agent.pid"
     if pid_file.exists():
-        try:
+        with contextlib.suppress(ValueError, ProcessLookupError):
             os.kill(int(pid_file.read_text()), signal.SIGTERM)
-        except (ValueError, ProcessLookupError):
-            pass
         pid_file.unlink()
     harness.stop(directory / "tpm")
     return 0

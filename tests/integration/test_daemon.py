@@ -167,7 +167,7 @@ def test_daemon_waits_for_missing_tpm_then_recovers(tpm, agent_factory):
     doc: dict = {}
     while time.monotonic() < deadline:
         if agent.socket.exists():
-            code, doc = agent.ctl_json("status")
+            _code, doc = agent.ctl_json("status")
             if doc:
                 break
         time.sleep(0.1)

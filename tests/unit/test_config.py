@@ -1,0 +1,56 @@
+from pathlib import Path
+
+import pytest
+
+from agent.config import load_config, parse_config
+from agent.errors import ConfigError
+
+
+def test_full_config_parses_and_resolves_relative_paths(tmp_path):
+    root = tmp_path / "vendor.pem"
+    root.write_text("x")
+    cfg = parse_config(
+        '[tpm]\ntcti = "swtpm:host=127.0.0.1,port=2321"\n'
+        '[paths]\nstate_dir = "state"\ncontrol_socket = "/run/x.sock"\n'
+        '[trust]\nek_roots = ["vendor.pem"]\n[log]\nlevel = "debug"\n',
+        tmp_path / "agent.toml",
+    )
+    assert cfg.tpm.tcti.startswith("swtpm:")
+    assert cfg.paths.state_dir == tmp_path / "state"
+    assert cfg.paths.control_socket == Path("/run/x.sock")
+    assert cfg.trust.ek_roots == [root]
+    assert cfg.source == tmp_path / "agent.toml"
+
+
+def test_defaults_are_hardware_paths():
+    cfg = parse_config("", Path("/etc/devid-agent/agent.toml"))
+    assert cfg.tpm.tcti == "device:/dev/tpmrm0"
+    assert cfg.paths.state_dir == Path("/var/lib/devid-agent")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[tpm]\ntcit = 'x'", "agent.toml: [tpm] tcit: unknown key (known: tcti)"),
+    ("[tpm]\ntcti = 5", "[tpm] tcti: Input should be a valid string, got int 5"),
+    ("[tpm]\ntcti = 'usb:/dev/x'", "[tpm] tcti: unknown TCTI 'usb'"),
+    ("[nope]\nx = 1", "[nope]: unknown section"),
+    ("[paths]\nstate_dir = 3", "[paths] state_dir: should be a non-empty path string, got int 3"),
+    ("[trust]\nek_roots = 'a.pem'", "[trust] ek_roots: Input should be a valid list"),
+    ("[trust]\nek_roots = ['/no/such.pem']", "[trust] ek_roots[0]: /no/such.pem: no such file"),
+    ("[log]\nlevel = 'loud'", "[log] level: Input should be"),
+    ("[control]\ngroup = 'no-such-group-xyz'", "[control] group: no such group"),
+    ("tpm = 1", "[tpm]: Input should be"),
+    ("[tpm\n", "not valid TOML"),
+])
+def test_bad_config_names_file_section_and_key(text, message):
+    with pytest.raises(ConfigError) as exc:
+        parse_config(text, Path("/etc/agent.toml"))
+    assert message in exc.value.message
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "binary.toml"
+    bad.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(bad)
