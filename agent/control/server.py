@@ -83,19 +83,22 @@ class ControlServer:
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
         peer = read_peer_credentials(writer.get_extra_info("socket"))
+        # Read the (bounded, time-limited) request before answering even a
+        # refused peer: closing first would hand it EPIPE instead of the reason.
+        try:
+            line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT_S)
+        except (TimeoutError, ValueError) as e:  # ValueError: line over the limit
+            return protocol.encode_error(ControlError(f"bad request: {e or 'timed out'}"))
         refusal = authorize(peer, os.geteuid(), self.allowed_gid)
         if refusal is not None:
             log.warning("control socket: refused %s", refusal)
             return protocol.encode_error(PermissionDenied(f"permission denied: {refusal}"))
         try:
-            line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT_S)
             request = protocol.decode_request(line)
             result = await self.handlers[request.method](request.params)
             return protocol.encode_result(result)
         except DevidError as e:
             return protocol.encode_error(e)
-        except (TimeoutError, ValueError) as e:  # ValueError: line over the limit
-            return protocol.encode_error(ControlError(f"bad request: {e or 'timed out'}"))
         except Exception:
             log.exception("control request failed")
             return protocol.encode_error(

@@ -137,7 +137,8 @@ def test_garbage_on_socket_gets_clear_error_and_daemon_survives(tpm, agent_facto
             s.sendall(payload)
             reply = json.loads(s.recv(65536))
         assert reply["ok"] is False and reply["error"]["message"]
-    assert agent.ctl_json("status")[0] == 0
+    code, doc = agent.ctl_json("status")
+    assert code == 0, (doc, agent.log_path.read_text())
 
 
 @pytest.mark.parametrize("body, needle", [
