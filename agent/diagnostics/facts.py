@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import stat
 import time
 from dataclasses import dataclass, field
@@ -171,6 +170,3 @@ class ClockFacts:
 def collect_clock_facts() -> ClockFacts:
     return ClockFacts(time.time(), clock_synchronized())
 
-
-def own_uid() -> int:
-    return os.geteuid()

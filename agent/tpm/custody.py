@@ -65,6 +65,7 @@ from agent.errors import (
     EkCertificateMissing,
     KeyBlobMismatch,
     PcrPolicyMismatch,
+    ProtocolError,
     StateError,
     TpmError,
     TpmUnreachable,
@@ -421,23 +422,28 @@ class TpmCustody:
         Raises EkCertificateMissing if there is none, EkMismatch if one does not match.
         """
         present = self._nv_indices()
+
+        def reader(i: int) -> bytes:
+            if int(i) not in present:
+                raise NoSuchIndex(int(i))
+            return self._nv_read(int(i))
+
         result: list[EndorsementKey] = []
         for kind in EK_PREFERENCE:
             index = cert_index(kind)
             if index not in present:
                 continue
-
-            def reader(i: int) -> bytes:
-                if int(i) not in present:
-                    raise NoSuchIndex(int(i))
-                return self._nv_read(int(i))
-
             der, template = create_ek_template(kind, reader)
+            # The DER length, not stripping, finds the end: NV may be padded, and
+            # a certificate may itself end in 0x00.
+            where = f"{kind}: NV index 0x{index:08x}"
             try:
-                cert = x509.load_der_x509_certificate(bytes(der).rstrip(b"\x00"))
-            except ValueError:
-                raise TpmError(f"{kind}: NV index 0x{index:08x} does not hold a valid "
-                               "X.509 certificate") from None
+                certs = split_der_certificates(bytes(der), where)
+            except ProtocolError as e:
+                raise TpmError(e.message) from None
+            if len(certs) != 1:
+                raise TpmError(f"{where}: expected one X.509 certificate, found {len(certs)}")
+            cert = certs[0]
             with self._tpm(f"recreating {kind}") as tpm:
                 handle, public, _, _, _ = tpm.create_primary(
                     TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.ENDORSEMENT

@@ -8,7 +8,6 @@ public key must equal the certificate's, or the certificate is not this TPM's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -59,5 +58,3 @@ def check_ek(kind: str, public: TPM2B_PUBLIC, cert: x509.Certificate) -> None:
             f"issuer {cert.issuer.rfc4514_string()!r})"
         )
 
-
-NvReader = Callable[[int], bytes]
