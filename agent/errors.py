@@ -129,3 +129,34 @@ class KeyBlobMismatch(TpmError):
         "the stored key blobs do not load under this TPM's storage key (TPM cleared or "
         "replaced, or state copied from another device); the device must be re-provisioned"
     )
+
+
+# --- enrollment --------------------------------------------------------------
+
+
+class Problem(DevidError):
+    """A refusal that crosses the registrar's HTTP API as application/problem+json (RFC 9457).
+
+    `code` is one of the stable problem types in agent.enroll.problems; the
+    registrar raises it, the agent rebuilds it from the response, so both sides
+    name a failure the same way.
+    """
+
+    def __init__(self, code: str, message: str, status: int = 400, hint: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, hint)
+        self.code = code
+        self.status = status
+        self.retry_after = retry_after
+
+
+class RegistrarUnreachable(DevidError):
+    code = "registrar-unreachable"
+    default_hint = ("check [enrollment] url, that devid-registrar is running, and the network "
+                    "path to it; the agent keeps retrying")
+
+
+class RegistrarNotTrusted(DevidError):
+    code = "registrar-not-trusted"
+    default_hint = ("the registrar's TLS certificate does not chain to [enrollment] ca; pin the "
+                    "CA file `devid-registrar serve` printed")

@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.codec import decode_json_object
 from agent.errors import DevidError, ProtocolError
 
 VERSION = 1
@@ -43,12 +44,7 @@ def _encode(doc: dict[str, Any]) -> bytes:
 def _decode_object(line: bytes, what: str) -> dict[str, Any]:
     if len(line) > MAX_LINE:
         raise ProtocolError(f"{what}: longer than {MAX_LINE} bytes")
-    try:
-        doc = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ProtocolError(f"{what}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict):
-        raise ProtocolError(f"{what}: expected a JSON object, got {type(doc).__name__}")
+    doc = decode_json_object(line, what)
     if doc.get("v") != VERSION:
         raise ProtocolError(f"{what}: unsupported protocol version {doc.get('v')!r}")
     return doc

@@ -62,7 +62,7 @@ def _is_self_signed(cert: x509.Certificate) -> bool:
     return True
 
 
-def load_trust_store(paths: Sequence[Path]) -> TrustStore:
+def load_trust_store(paths: Sequence[Path], setting: str = "[trust] ek_roots") -> TrustStore:
     """Read PEM bundles; a file that holds no certificate is a ConfigError."""
     anchors: list[x509.Certificate] = []
     intermediates: list[x509.Certificate] = []
@@ -70,10 +70,10 @@ def load_trust_store(paths: Sequence[Path]) -> TrustStore:
         try:
             certs = x509.load_pem_x509_certificates(path.read_bytes())
         except OSError as e:
-            raise ConfigError(f"[trust] ek_roots: {path}: cannot read: {e.strerror}") from None
+            raise ConfigError(f"{setting}: {path}: cannot read: {e.strerror}") from None
         except ValueError:
             raise ConfigError(
-                f"[trust] ek_roots: {path}: no valid PEM certificate in file"
+                f"{setting}: {path}: no valid PEM certificate in file"
             ) from None
         for cert in certs:
             (anchors if _is_self_signed(cert) else intermediates).append(cert)

@@ -9,8 +9,6 @@ StateError naming the file and field, never a traceback.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,34 +16,19 @@ from pathlib import Path
 
 from tpm2_pytss.types import TPM2B_PRIVATE, TPM2B_PUBLIC
 
+from agent.codec import T, b64decode_strict, b64encode, decode_json_object, unmarshal_exact
 from agent.errors import StateError
 from agent.fsutil import ensure_private_dir, write_atomic
 
 FORMAT_VERSION = 1
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
 def _unb64(value: object, where: str) -> bytes:
-    if not isinstance(value, str):
-        raise StateError(f"{where}: expected a base64 string")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise StateError(f"{where}: not valid base64") from None
+    return b64decode_strict(value, where, StateError)
 
 
-def unmarshal_exact(cls: type, data: bytes, where: str) -> object:
-    """Unmarshal a TPM structure that must use all of `data`."""
-    try:
-        obj, used = cls.unmarshal(data)
-    except Exception:  # the TSS MU layer raises its own exception types
-        raise StateError(f"{where}: not a valid {cls.__name__}") from None
-    if used != len(data):
-        raise StateError(f"{where}: {len(data) - used} trailing bytes after {cls.__name__}")
-    return obj
+def _unmarshal(cls: type[T], data: bytes, where: str) -> T:
+    return unmarshal_exact(cls, data, where, StateError)
 
 
 @dataclass(frozen=True)
@@ -61,16 +44,16 @@ class KeyBlob:
     pcr_values: tuple[bytes, ...] = field(default=())
 
     def tpm_public(self) -> TPM2B_PUBLIC:
-        return unmarshal_exact(TPM2B_PUBLIC, self.public, "public")  # type: ignore[return-value]
+        return _unmarshal(TPM2B_PUBLIC, self.public, "public")
 
     def tpm_private(self) -> TPM2B_PRIVATE:
-        return unmarshal_exact(TPM2B_PRIVATE, self.private, "private")  # type: ignore[return-value]
+        return _unmarshal(TPM2B_PRIVATE, self.private, "private")
 
     def to_json(self) -> bytes:
         doc: dict[str, object] = {
             "version": FORMAT_VERSION,
-            "public": _b64(self.public),
-            "private": _b64(self.private),
+            "public": b64encode(self.public),
+            "private": b64encode(self.private),
         }
         if self.pcr_bank is not None:
             doc["pcr_policy"] = {
@@ -82,12 +65,7 @@ class KeyBlob:
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> KeyBlob:
-        try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise StateError(f"{where}: not valid JSON: {e}") from None
-        if not isinstance(doc, dict):
-            raise StateError(f"{where}: expected a JSON object")
+        doc = decode_json_object(data, where, StateError)
         if doc.get("version") != FORMAT_VERSION:
             raise StateError(f"{where}: unsupported format version {doc.get('version')!r}")
         public = _unb64(doc.get("public"), f"{where}: public")
@@ -96,8 +74,8 @@ class KeyBlob:
         policy = doc.get("pcr_policy")
         if policy is not None:
             blob = cls._with_policy(blob, policy, f"{where}: pcr_policy")
-        unmarshal_exact(TPM2B_PUBLIC, public, f"{where}: public")
-        unmarshal_exact(TPM2B_PRIVATE, private, f"{where}: private")
+        _unmarshal(TPM2B_PUBLIC, public, f"{where}: public")
+        _unmarshal(TPM2B_PRIVATE, private, f"{where}: private")
         return blob
 
     @classmethod

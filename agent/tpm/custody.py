@@ -33,6 +33,7 @@ from pathlib import Path
 os.environ.setdefault("TSS2_LOG", "all+NONE")  # the TSS would print to stderr; we log ourselves
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from tpm2_pytss import ESAPI, TSS2_Exception
 from tpm2_pytss.constants import (
@@ -47,10 +48,14 @@ from tpm2_pytss.constants import (
     TPM2_ST,
     TPMA_SESSION,
 )
+from tpm2_pytss.cryptography import tpm_ecc_private_key
 from tpm2_pytss.types import (
+    TPM2B_ENCRYPTED_SECRET,
+    TPM2B_ID_OBJECT,
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
     TPM2B_SENSITIVE_DATA,
+    TPML_DIGEST,
     TPML_DIGEST_VALUES,
     TPMS_SENSITIVE_CREATE,
     TPMT_HA,
@@ -61,6 +66,7 @@ from tpm2_pytss.types import (
 )
 from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
+from agent.codec import unmarshal_exact
 from agent.errors import (
     EkCertificateMissing,
     KeyBlobMismatch,
@@ -82,6 +88,7 @@ from agent.tpm.ek import (
     cert_index,
     check_ek,
 )
+from agent.tpm.ekpolicy import ek_policy
 from agent.tpm.info import TpmInfo
 from agent.tpm.rc import translate
 
@@ -242,7 +249,7 @@ class TpmCustody:
         blob = self._blob(name)
         with self._loaded(blob, f"{name} key") as handle, self._tpm("reading key") as tpm:
             public, tpm_name, _ = tpm.read_public(handle)
-        return KeyInfo(bytes(tpm_name.marshal()), public, templates.is_resident(public))
+        return KeyInfo(bytes(tpm_name), public, templates.is_resident(public))
 
     def identity_key(self) -> KeyInfo:
         return self.key_info(IDENTITY_BLOB)
@@ -276,6 +283,55 @@ class TpmCustody:
             attest, sig = tpm.certify(key, ak, nonce, templates.ECDSA_SHA256)
         return Attestation(bytes(attest.attestationData), _signature(sig))
 
+    def identity_csr(self) -> bytes:
+        """A PKCS#10 request (DER) for the identity key, signed inside the TPM.
+
+        The subject is left empty: the registrar builds the certificate's
+        subject and SANs itself and uses the CSR only as proof of possession.
+        """
+        with self._loaded(self._blob(IDENTITY_BLOB), "identity key") as key, \
+                self._tpm("signing a certificate request with the identity key") as tpm:
+            signer = tpm_ecc_private_key(tpm, key)
+            csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(
+                signer, hashes.SHA256())
+        return csr.public_bytes(serialization.Encoding.DER)
+
+    # --- credential activation ----------------------------------------------
+
+    def activate_credential(self, ek: EndorsementKey, credential_blob: bytes,
+                            encrypted_secret: bytes) -> SecretBytes:
+        """TPM2_ActivateCredential: recover a registrar's secret bound to our AK and EK.
+
+        Only the TPM holding both the EK (which decrypts the seed) and a loaded
+        object with the AK's name can release it: this is the proof that the AK
+        lives in the TPM whose EK certificate we presented.
+        """
+        blob = unmarshal_exact(TPM2B_ID_OBJECT, credential_blob, "credential blob")
+        secret = unmarshal_exact(TPM2B_ENCRYPTED_SECRET, encrypted_secret, "encrypted secret")
+        template = ek.template.publicArea
+        try:
+            policy = ek_policy(template.nameAlg, bytes(template.authPolicy))
+        except ValueError as e:
+            raise TpmError(f"{ek.kind}: {e}") from None
+        with self._tpm(f"recreating {ek.kind}") as tpm:
+            ek_handle, _, _, _, _ = tpm.create_primary(
+                TPM2B_SENSITIVE_CREATE(), ek.template, ESYS_TR.ENDORSEMENT)
+        try:
+            with self._loaded(self._blob(AK_BLOB), "attestation key") as ak, \
+                    self._session(TPM2_SE.POLICY, TPMA_SESSION.ENCRYPT,
+                                  auth_hash=policy.hash_alg) as session, \
+                    self._tpm("activating the registrar's credential") as tpm:
+                tpm.policy_secret(ESYS_TR.ENDORSEMENT, session, b"", b"", b"", 0)
+                if policy.or_branches:
+                    tpm.policy_or(session, TPML_DIGEST(list(policy.or_branches)))
+                cert_info = tpm.activate_credential(ak, ek_handle, blob, secret,
+                                                    session1=ESYS_TR.PASSWORD,
+                                                    session2=session)
+        finally:
+            with contextlib.suppress(TSS2_Exception):
+                self._esapi.flush_context(ek_handle)
+        return SecretBytes(bytes(cert_info))
+
     # --- PCRs ---------------------------------------------------------------
 
     def read_pcrs(self, pcrs: Sequence[int]) -> list[bytes]:
@@ -306,7 +362,8 @@ class TpmCustody:
     # --- sealing ------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _session(self, kind: TPM2_SE, attributes: TPMA_SESSION) -> Iterator[ESYS_TR]:
+    def _session(self, kind: TPM2_SE, attributes: TPMA_SESSION,
+                 auth_hash: TPM2_ALG = TPM2_ALG.SHA256) -> Iterator[ESYS_TR]:
         """A session salted to the (pinned) SRK, with AES-128-CFB parameter encryption."""
         with self._tpm("starting an encrypted session") as tpm:
             session = tpm.start_auth_session(
@@ -316,7 +373,7 @@ class TpmCustody:
                     keyBits=templates.SESSION_AES128_CFB.keyBits,
                     mode=templates.SESSION_AES128_CFB.mode,
                 ),
-                auth_hash=TPM2_ALG.SHA256,
+                auth_hash=auth_hash,
             )
             tpm.trsess_set_attributes(session, TPMA_SESSION.CONTINUESESSION | attributes)
         try:
@@ -416,8 +473,9 @@ class TpmCustody:
                     tpm.tr_close(handle)
         return out
 
-    def endorsement_keys(self) -> list[EndorsementKey]:
-        """Every EK that has a certificate in NV, each checked against its recreated key.
+    def endorsement_keys(self, limit: int | None = None) -> list[EndorsementKey]:
+        """Every EK that has a certificate in NV (the first `limit` in EK_PREFERENCE order),
+        each checked against its recreated key.
 
         Raises EkCertificateMissing if there is none, EkMismatch if one does not match.
         """
@@ -451,6 +509,8 @@ class TpmCustody:
                 tpm.flush_context(handle)
             check_ek(kind, public, cert)
             result.append(EndorsementKey(kind, index, cert, template, public))
+            if limit is not None and len(result) >= limit:
+                break
         if not result:
             raise EkCertificateMissing("no EK certificate found in the TPM's NV indices")
         return result

@@ -1,0 +1,124 @@
+"""A tamper-evident audit log: hash-chained JSON lines.
+
+Each line is a JSON object with `seq` (1, 2, ...), `time`, `event`, the
+event's fields, `prev` (the previous line's hash) and `hash` = SHA-256 of the
+line's canonical JSON without `hash`. Editing a line breaks its hash, deleting
+or reordering lines breaks `prev`/`seq`, and a head file (the last seq and
+hash, written atomically after every append) exposes a removed tail.
+
+Appends take an exclusive flock, so several processes (the server, the CLI)
+can write the same log; each append is fsynced before it returns.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.fsutil import write_atomic
+
+GENESIS = "0" * 64
+
+
+def _canonical(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _hash(record: dict[str, Any]) -> str:
+    return hashlib.sha256(_canonical({k: v for k, v in record.items() if k != "hash"})).hexdigest()
+
+
+def _utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+@dataclass(frozen=True)
+class AuditVerdict:
+    ok: bool
+    records: int
+    problem: str = ""
+
+
+class AuditLog:
+    def __init__(self, path: Path, clock: Callable[[], datetime.datetime] = _utcnow) -> None:
+        self.path = path
+        self.head_path = path.with_name(path.name + ".head")
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    def append(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Append one record; returns it (with seq and hash)."""
+        with self._lock, open(self.path, "a+b") as f:
+            os.fchmod(f.fileno(), 0o600)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                seq, prev = self._tail(f)
+                record = {"seq": seq + 1, "time": self._clock().isoformat(timespec="seconds"),
+                          "event": event, **fields, "prev": prev}
+                record["hash"] = _hash(record)
+                f.seek(0, os.SEEK_END)
+                f.write(_canonical(record) + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+                write_atomic(self.head_path, _canonical({"seq": record["seq"],
+                                                         "hash": record["hash"]}) + b"\n")
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return record
+
+    @staticmethod
+    def _tail(f: Any) -> tuple[int, str]:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if size == 0:
+            return 0, GENESIS
+        block = min(size, 64 * 1024)
+        f.seek(size - block)
+        lines = f.read(block).rstrip(b"\n").split(b"\n")
+        last = json.loads(lines[-1])
+        return int(last["seq"]), str(last["hash"])
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as f:
+                for line in f:
+                    yield json.loads(line)
+        except FileNotFoundError:
+            return
+
+    def verify(self) -> AuditVerdict:
+        """Walk the chain; the first break found is reported with its line number."""
+        prev, seq = GENESIS, 0
+        try:
+            f = open(self.path, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            return AuditVerdict(not self.head_path.exists(), 0,
+                                "" if not self.head_path.exists() else "log file missing")
+        with f:
+            for number, line in enumerate(f, start=1):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    return AuditVerdict(False, seq, f"line {number}: not valid JSON")
+                if not isinstance(record, dict) or record.get("hash") != _hash(record):
+                    return AuditVerdict(False, seq, f"line {number}: hash mismatch (line edited)")
+                if record.get("prev") != prev or record.get("seq") != seq + 1:
+                    return AuditVerdict(False, seq, f"line {number}: chain broken (a line "
+                                                    "before it was removed or reordered)")
+                prev, seq = record["hash"], seq + 1
+        try:
+            head = json.loads(self.head_path.read_bytes())
+        except (OSError, ValueError):
+            return AuditVerdict(False, seq, f"{self.head_path.name}: missing or unreadable")
+        if head.get("seq") != seq or head.get("hash") != prev:
+            return AuditVerdict(False, seq, f"the log ends at record {seq} but the head says "
+                                            f"{head.get('seq')} (lines removed from the end)")
+        return AuditVerdict(True, seq)

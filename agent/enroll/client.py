@@ -1,0 +1,138 @@
+"""The agent's side of enrollment: two round trips, with the TPM and the registrar injected.
+
+`enroll` is a straight line through docs/protocol.md. It knows nothing about
+threads, sockets or files: the TPM and registrar come in as small async
+ports, so the daemon, the benchmark (which times each port) and tests can
+drive it. What it returns has been checked: the certificate chains to the
+pinned registrar CA, names the device the registrar announced, and certifies
+this TPM's identity key.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509 import verification as v
+
+from agent.enroll.evidence import activation_proof
+from agent.enroll.messages import (
+    Challenge,
+    CompleteRequest,
+    Evidence,
+    Issued,
+    StartRequest,
+)
+from agent.errors import ProtocolError
+from agent.secret import SecretBytes
+
+
+@dataclass(frozen=True)
+class EndorsementEvidence:
+    ek_certificate: bytes  # DER
+    ek_chain: tuple[bytes, ...]  # DER intermediates from NV
+    ek_public: bytes  # marshalled TPM2B_PUBLIC
+    ak_public: bytes
+    ek_kind: str  # which EK (e.g. EK-HIGH-ECC384), to activate with the same one
+
+
+@dataclass(frozen=True)
+class Quote:
+    evidence: Evidence
+    pcr_values: tuple[bytes, ...]
+
+
+class EnrollmentTpm(Protocol):
+    async def endorsement(self) -> EndorsementEvidence: ...
+    async def activate(self, ek_kind: str, credential_blob: bytes,
+                       encrypted_secret: bytes) -> SecretBytes: ...
+    async def quote(self, nonce: bytes, pcrs: Sequence[int]) -> Quote: ...
+    async def certify_identity(self, nonce: bytes) -> Evidence: ...
+    async def identity_public(self) -> bytes: ...
+    async def identity_csr(self) -> bytes: ...
+
+
+class Registrar(Protocol):
+    async def start(self, request: StartRequest) -> Challenge: ...
+    async def complete(self, challenge_id: str, request: CompleteRequest) -> Issued: ...
+
+
+@dataclass(frozen=True)
+class EnrollmentResult:
+    device_id: str
+    chain: tuple[x509.Certificate, ...]  # leaf first
+    serial: str
+    not_after: datetime.datetime
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return self.chain[0]
+
+
+async def enroll(tpm: EnrollmentTpm, registrar: Registrar, token: str | None,
+                 pinned_ca: Sequence[x509.Certificate]) -> EnrollmentResult:
+    ek = await tpm.endorsement()
+    challenge = await registrar.start(StartRequest(
+        ek_certificate=ek.ek_certificate, ek_chain=list(ek.ek_chain), ek_public=ek.ek_public,
+        ak_public=ek.ak_public, token=token))
+
+    secret = await tpm.activate(ek.ek_kind, challenge.credential_blob,
+                                challenge.encrypted_secret)
+    proof = activation_proof(secret.reveal(), challenge.challenge_id, challenge.nonce)
+    quote = await tpm.quote(challenge.nonce, challenge.pcr_selection.pcrs)
+    certify = await tpm.certify_identity(challenge.nonce)
+    identity_public = await tpm.identity_public()
+    csr = await tpm.identity_csr()
+
+    issued = await registrar.complete(challenge.challenge_id, CompleteRequest(
+        proof=proof, quote=quote.evidence, pcr_values=list(quote.pcr_values), certify=certify,
+        identity_public=identity_public, csr=csr))
+    return check_issued(issued, challenge.device_id, csr, pinned_ca)
+
+
+def _leaf_public(cert: x509.Certificate) -> bytes:
+    return cert.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def check_issued(issued: Issued, device_id: str, csr_der: bytes,
+                 pinned_ca: Sequence[x509.Certificate],
+                 now: datetime.datetime | None = None) -> EnrollmentResult:
+    """Trust but verify: what the registrar returned is for us and chains to the pinned CA."""
+    try:
+        chain = tuple(x509.load_pem_x509_certificates(issued.certificate_chain.encode()))
+    except ValueError:
+        raise ProtocolError("the issued certificate_chain is not PEM certificates") from None
+    leaf = chain[0]
+    if issued.device_id != device_id:
+        raise ProtocolError(f"the registrar issued for {issued.device_id}, expected {device_id}")
+    csr = x509.load_der_x509_csr(csr_der)
+    if _leaf_public(leaf) != csr.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+        raise ProtocolError("the issued certificate is not for this TPM's identity key")
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    if device_id not in uris:
+        raise ProtocolError(f"the issued certificate does not name {device_id} in its SAN")
+    verify_chain(chain, pinned_ca, now)
+    return EnrollmentResult(device_id, chain, issued.serial, leaf.not_valid_after_utc)
+
+
+def verify_chain(chain: Sequence[x509.Certificate], anchors: Sequence[x509.Certificate],
+                 now: datetime.datetime | None = None) -> None:
+    """The device certificate chains to the pinned registrar CA (RFC 5280, clientAuth)."""
+    verifier = (v.PolicyBuilder().store(v.Store(list(anchors)))
+                .time(now or datetime.datetime.now(datetime.UTC))
+                .build_client_verifier())
+    try:
+        verifier.verify(chain[0], list(chain[1:]))
+    except v.VerificationError as e:
+        raise ProtocolError(f"the issued certificate does not chain to the pinned registrar "
+                            f"CA: {e}") from None

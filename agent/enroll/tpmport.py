@@ -1,0 +1,72 @@
+"""The TPM side of enrollment: TpmCustody behind the async EnrollmentTpm port.
+
+`run` executes a blocking custody call off the event loop (the daemon passes
+its single TPM worker thread), so TPM commands never run concurrently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+
+from agent.enroll.client import EndorsementEvidence, Quote
+from agent.enroll.messages import Evidence
+from agent.errors import TpmError
+from agent.secret import SecretBytes
+from agent.tpm.custody import TpmCustody
+from agent.tpm.ek import EndorsementKey
+
+Runner = Callable[..., Awaitable[Any]]
+QUOTE_ATTEMPTS = 3
+
+
+class CustodyTpm:
+    def __init__(self, custody: TpmCustody, run: Runner) -> None:
+        self._custody = custody
+        self._run = run
+        self._eks: dict[str, EndorsementKey] = {}
+
+    async def endorsement(self) -> EndorsementEvidence:
+        # Only the preferred EK: recreating an RSA EK costs seconds on a real TPM.
+        ek = (await self._run(self._custody.endorsement_keys, 1))[0]
+        self._eks[ek.kind] = ek
+        chain = await self._run(self._custody.ek_chain_certificates)
+        ak = await self._run(self._custody.attestation_key)
+        return EndorsementEvidence(
+            ek_certificate=ek.certificate.public_bytes(serialization.Encoding.DER),
+            ek_chain=tuple(c.public_bytes(serialization.Encoding.DER) for c in chain),
+            ek_public=bytes(ek.public.marshal()), ak_public=bytes(ak.public.marshal()),
+            ek_kind=ek.kind)
+
+    async def activate(self, ek_kind: str, credential_blob: bytes,
+                       encrypted_secret: bytes) -> SecretBytes:
+        ek = self._eks[ek_kind]
+        result: SecretBytes = await self._run(self._custody.activate_credential, ek,
+                                              credential_blob, encrypted_secret)
+        return result
+
+    async def quote(self, nonce: bytes, pcrs: Sequence[int]) -> Quote:
+        # The quote signs a digest of the PCRs; the values are read beside it. Reading
+        # before and after and requiring equality rules out an extend in between.
+        for _ in range(QUOTE_ATTEMPTS):
+            before = await self._run(self._custody.read_pcrs, pcrs)
+            attestation = await self._run(self._custody.quote, nonce, pcrs)
+            after = await self._run(self._custody.read_pcrs, pcrs)
+            if before == after:
+                return Quote(Evidence(attest=attestation.attest,
+                                      signature=attestation.signature.tpmt), tuple(after))
+        raise TpmError(f"PCRs {list(pcrs)} kept changing while quoting; try again later")
+
+    async def certify_identity(self, nonce: bytes) -> Evidence:
+        attestation = await self._run(self._custody.certify_identity, nonce)
+        return Evidence(attest=attestation.attest, signature=attestation.signature.tpmt)
+
+    async def identity_public(self) -> bytes:
+        key = await self._run(self._custody.identity_key)
+        return bytes(key.public.marshal())
+
+    async def identity_csr(self) -> bytes:
+        csr: bytes = await self._run(self._custody.identity_csr)
+        return csr

@@ -1,0 +1,111 @@
+"""The registrar's HTTP edge: routes, body limits, and Problem -> problem+json.
+
+Handlers only move bytes: the body is read under a size cap and handed to
+EnrollmentService (in a worker thread, since verification is CPU work), whose
+messages or Problems become the response. Anything unexpected is logged here
+with its traceback and answered with a generic 500 problem, never a trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from agent import __version__
+from agent.enroll.messages import API_PREFIX, encode
+from agent.enroll.problems import PROBLEM_CONTENT_TYPE, problem, problem_document
+from agent.errors import Problem
+from agent.registrar.service import EnrollmentService
+
+log = logging.getLogger(__name__)
+
+CHALLENGE_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def problem_response(p: Problem, instance: str | None = None) -> Response:
+    headers = {}
+    if p.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(p.retry_after)))
+    return JSONResponse(problem_document(p, instance), status_code=p.status, headers=headers,
+                        media_type=PROBLEM_CONTENT_TYPE)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise problem("unsupported-media-type",
+                      f"Content-Type is {content_type or 'missing'!r}, expected application/json")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise problem("body-too-large", f"body is {declared} bytes; the limit is {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise problem("body-too-large", f"body exceeds the limit of {limit} bytes")
+    return bytes(body)
+
+
+def _peer(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "unknown"
+
+
+def create_app(service: EnrollmentService, max_body: int) -> Starlette:
+    async def respond(request: Request, handler: Any, *args: str) -> Response:
+        began = time.perf_counter()
+        try:
+            body = await read_body(request, max_body)
+            message = await run_in_threadpool(handler, *args, body, _peer(request))
+        except Problem as p:
+            return problem_response(p, request.url.path)
+        status = 201 if request.url.path.endswith("/enrollments") else 200
+        elapsed_ms = (time.perf_counter() - began) * 1000
+        return JSONResponse(encode(message), status_code=status,
+                            headers={"Server-Timing": f"app;dur={elapsed_ms:.2f}",
+                                     "Cache-Control": "no-store"})
+
+    async def start(request: Request) -> Response:
+        return await respond(request, service.start)
+
+    async def complete(request: Request) -> Response:
+        challenge_id = request.path_params["challenge_id"]
+        if not CHALLENGE_ID.match(challenge_id):
+            return problem_response(problem("challenge-unknown",
+                                            "challenge id must be 32 hex digits"),
+                                    request.url.path)
+        return await respond(request, service.complete, challenge_id)
+
+    async def health(_request: Request) -> Response:
+        return JSONResponse({"status": "ok", "version": __version__})
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = "not-found" if exc.status_code in (404, 405) else "malformed-request"
+        p = problem(code, f"{request.method} {request.url.path}: {exc.detail}")
+        p.status = exc.status_code
+        return problem_response(p, request.url.path)
+
+    async def crash(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error handling %s %s", request.method, request.url.path,
+                      exc_info=exc)
+        return problem_response(problem("internal-error", "unexpected error; see the "
+                                                          "registrar log"), request.url.path)
+
+    return Starlette(
+        routes=[
+            Route(f"{API_PREFIX}/health", health, methods=["GET"]),
+            Route(f"{API_PREFIX}/enrollments", start, methods=["POST"]),
+            Route(f"{API_PREFIX}/enrollments/{{challenge_id}}/complete", complete,
+                  methods=["POST"]),
+        ],
+        exception_handlers={HTTPException: http_error, Exception: crash},
+    )

@@ -1,0 +1,194 @@
+"""The registrar's certificate authority: keys, certificates and the device profile.
+
+Layout under DIR/ca (keys 0600, written atomically):
+  root.pem/root.key        self-signed root, ECDSA P-256; clients pin root.pem
+  issuing.pem/issuing.key  issues device certificates
+  server.pem/server.key    the HTTPS server certificate (chain: server, issuing)
+
+Device certificates follow IEEE 802.1AR's LDevID shape: the subject carries
+the device's serialNumber, the SAN a `urn:devid:<hex>` URI, both derived from
+the EK by the registrar, never taken from the CSR.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from agent.errors import ConfigError, StateError
+from agent.fsutil import ensure_private_dir, write_atomic
+from agent.registrar.config import is_ip
+
+ROOT_LIFETIME = datetime.timedelta(days=20 * 365)
+ISSUING_LIFETIME = datetime.timedelta(days=5 * 365)
+SERVER_LIFETIME = datetime.timedelta(days=365)
+SERVER_RENEW_BEFORE = datetime.timedelta(days=30)
+BACKDATE = datetime.timedelta(minutes=5)  # tolerate gateways whose clocks lag a little
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "devid-registrar"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _pem(*certs: x509.Certificate) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def _serial() -> int:
+    return x509.random_serial_number()
+
+
+def _ca_cert(subject: x509.Name, key: ec.EllipticCurvePrivateKey, issuer: x509.Name,
+             issuer_key: ec.EllipticCurvePrivateKey, now: datetime.datetime,
+             lifetime: datetime.timedelta, path_length: int) -> x509.Certificate:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+        .serial_number(_serial())
+        .not_valid_before(now - BACKDATE).not_valid_after(now + lifetime)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            issuer_key.public_key()), critical=False)
+        .sign(issuer_key, hashes.SHA256())
+    )
+
+
+def _leaf(builder: x509.CertificateBuilder, issuer: x509.Certificate,
+          issuer_key: ec.EllipticCurvePrivateKey, public: ec.EllipticCurvePublicKey,
+          eku: Sequence[x509.ObjectIdentifier]) -> x509.Certificate:
+    return (
+        builder.issuer_name(issuer.subject).public_key(public).serial_number(_serial())
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, key_cert_sign=False, crl_sign=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            issuer_key.public_key()), critical=False)
+        .sign(issuer_key, hashes.SHA256())
+    )
+
+
+@dataclass(frozen=True)
+class CertificateAuthority:
+    directory: Path  # DIR/ca
+    root: x509.Certificate
+    issuing: x509.Certificate
+    issuing_key: ec.EllipticCurvePrivateKey
+
+    @property
+    def root_path(self) -> Path:
+        return self.directory / "root.pem"
+
+    @property
+    def server_cert_path(self) -> Path:
+        return self.directory / "server.pem"
+
+    @property
+    def server_key_path(self) -> Path:
+        return self.directory / "server.key"
+
+    # --- creation and loading --------------------------------------------------
+
+    @classmethod
+    def create(cls, directory: Path, now: datetime.datetime) -> CertificateAuthority:
+        if (directory / "root.key").exists():
+            raise ConfigError(f"{directory}: a CA already exists here; not overwriting it")
+        ensure_private_dir(directory)
+        root_key = ec.generate_private_key(ec.SECP256R1())
+        root_name = _name("devid-registrar root CA")
+        root = _ca_cert(root_name, root_key, root_name, root_key, now, ROOT_LIFETIME, 1)
+        issuing_key = ec.generate_private_key(ec.SECP256R1())
+        issuing = _ca_cert(_name("devid-registrar issuing CA"), issuing_key, root_name,
+                           root_key, now, ISSUING_LIFETIME, 0)
+        write_atomic(directory / "root.key", _pem_key(root_key))
+        write_atomic(directory / "issuing.key", _pem_key(issuing_key))
+        write_atomic(directory / "root.pem", _pem(root), mode=0o644)
+        write_atomic(directory / "issuing.pem", _pem(issuing), mode=0o644)
+        return cls(directory, root, issuing, issuing_key)
+
+    @classmethod
+    def load(cls, directory: Path) -> CertificateAuthority:
+        try:
+            root = x509.load_pem_x509_certificate((directory / "root.pem").read_bytes())
+            issuing = x509.load_pem_x509_certificate((directory / "issuing.pem").read_bytes())
+            key = serialization.load_pem_private_key((directory / "issuing.key").read_bytes(),
+                                                     None)
+        except FileNotFoundError as e:
+            raise StateError(f"{e.filename}: missing; run `devid-registrar init` first") from None
+        except (OSError, ValueError) as e:
+            raise StateError(f"{directory}: cannot load the CA: {e}") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or \
+                key.public_key() != issuing.public_key():
+            raise StateError(f"{directory}: issuing.key does not belong to issuing.pem")
+        return cls(directory, root, issuing, key)
+
+    # --- certificates ----------------------------------------------------------
+
+    def ensure_server_certificate(self, names: Sequence[str], now: datetime.datetime) -> bool:
+        """(Re)issue the TLS server certificate if missing, expiring or for other names."""
+        wanted = sorted(names)
+        try:
+            current = x509.load_pem_x509_certificates(self.server_cert_path.read_bytes())[0]
+            san = current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            have = sorted([*san.get_values_for_type(x509.DNSName),
+                           *(str(ip) for ip in san.get_values_for_type(x509.IPAddress))])
+            fresh = current.not_valid_after_utc - now > SERVER_RENEW_BEFORE
+            if have == wanted and fresh and self.server_key_path.exists() and \
+                    current.issuer == self.issuing.subject:
+                return False
+        except (OSError, ValueError, IndexError, x509.ExtensionNotFound):
+            pass
+        key = ec.generate_private_key(ec.SECP256R1())
+        alt: list[x509.GeneralName] = [
+            x509.IPAddress(ipaddress.ip_address(n)) if is_ip(n) else x509.DNSName(n)
+            for n in names]
+        builder = (x509.CertificateBuilder().subject_name(_name(names[0]))
+                   .not_valid_before(now - BACKDATE).not_valid_after(now + SERVER_LIFETIME)
+                   .add_extension(x509.SubjectAlternativeName(alt), critical=False))
+        cert = _leaf(builder, self.issuing, self.issuing_key, key.public_key(),
+                     [ExtendedKeyUsageOID.SERVER_AUTH])
+        write_atomic(self.server_key_path, _pem_key(key))
+        write_atomic(self.server_cert_path, _pem(cert, self.issuing), mode=0o644)
+        return True
+
+    def issue_device(self, device_id: str, public_key: ec.EllipticCurvePublicKey,
+                     lifetime: datetime.timedelta, now: datetime.datetime) -> x509.Certificate:
+        """An LDevID-style certificate; subject and SAN come from `device_id` only."""
+        serial_hex = device_id.rsplit(":", 1)[-1]
+        not_after = min(now + lifetime, self.issuing.not_valid_after_utc)
+        subject = x509.Name([
+            x509.NameAttribute(NameOID.SERIAL_NUMBER, serial_hex),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"devid {serial_hex[:16]}"),
+        ])
+        builder = (x509.CertificateBuilder().subject_name(subject)
+                   .not_valid_before(now - BACKDATE).not_valid_after(not_after)
+                   .add_extension(x509.SubjectAlternativeName(
+                       [x509.UniformResourceIdentifier(device_id)]), critical=False))
+        return _leaf(builder, self.issuing, self.issuing_key, public_key,
+                     [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH])
+
+    def chain_pem(self, cert: x509.Certificate) -> str:
+        return _pem(cert, self.issuing).decode("ascii")

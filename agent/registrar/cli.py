@@ -1,0 +1,187 @@
+"""devid-registrar: the command line of the reference registrar.
+
+    devid-registrar init --dir DIR --ek-root VENDOR.pem [--listen 127.0.0.1:8443]
+    devid-registrar serve --dir DIR
+    devid-registrar token create --dir DIR [--ttl 1h] [--label TEXT]
+    devid-registrar devices list --dir DIR [--json]
+    devid-registrar audit verify --dir DIR
+
+Exit codes: 0 success, 1 failure (e.g. a broken audit chain), 64 usage,
+78 configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import secrets
+import sys
+import time
+from pathlib import Path
+
+from agent import __version__, logsetup
+from agent.errors import ConfigError, DevidError
+from agent.registrar.home import RegistrarHome
+from agent.registrar.service import token_hash
+from agent.tomlconfig import parse_duration
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 64
+EXIT_CONFIG = 78
+MAX_TOKEN_TTL = 30 * 86400.0
+
+
+def _pcr_list(text: str) -> list[int]:
+    """'0-7' or '0,2,4,7' -> sorted PCR indices."""
+    pcrs: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            pcrs.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected PCRs like '0-7' or '0,2,7', got {text!r}") \
+            from None
+    if not pcrs or min(pcrs) < 0 or max(pcrs) > 23:
+        raise argparse.ArgumentTypeError("PCR indices must be within 0..23")
+    return sorted(pcrs)
+
+
+def _ttl(text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if seconds > MAX_TOKEN_TTL:
+        raise argparse.ArgumentTypeError("at most 30d")
+    return seconds
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="devid-registrar",
+                                     description="reference enrollment service and CA")
+    parser.add_argument("--version", action="version", version=f"devid-registrar {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_dir(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--dir", type=Path, required=True, help="the registrar's directory")
+        return p
+
+    init = with_dir(sub.add_parser("init", help="create the CA and registrar.toml"))
+    init.add_argument("--ek-root", type=Path, action="append", default=[], dest="ek_roots",
+                      metavar="PEM", help="trusted TPM vendor root CA file (repeatable)")
+    init.add_argument("--listen", default="127.0.0.1:8443", help="HOST:PORT to serve on")
+    init.add_argument("--server-name", action="append", dest="server_names", metavar="NAME",
+                      help="DNS name or IP for the TLS certificate (repeatable; default "
+                           "localhost, 127.0.0.1, ::1)")
+    init.add_argument("--pcrs", type=_pcr_list, default=list(range(8)),
+                      help="PCRs the policy quotes (default 0-7)")
+    with_dir(sub.add_parser("serve", help="serve enrollments over HTTPS"))
+
+    token = sub.add_parser("token", help="enrollment tokens").add_subparsers(
+        dest="action", required=True)
+    create = with_dir(token.add_parser("create", help="print a new one-time token"))
+    create.add_argument("--ttl", type=_ttl, default=3600.0, help="validity (default 1h)")
+    create.add_argument("--label", help="note kept with the token, e.g. the gateway's name")
+
+    devices = sub.add_parser("devices", help="enrolled devices").add_subparsers(
+        dest="action", required=True)
+    listing = with_dir(devices.add_parser("list", help="list enrolled devices"))
+    listing.add_argument("--json", action="store_true")
+
+    audit = sub.add_parser("audit", help="the audit log").add_subparsers(
+        dest="action", required=True)
+    with_dir(audit.add_parser("verify", help="check the hash chain of the audit log"))
+    return parser
+
+
+def _init(args: argparse.Namespace) -> int:
+    for root in args.ek_roots:
+        if not root.is_file():
+            raise ConfigError(f"--ek-root {root}: no such file")
+    home = RegistrarHome(args.dir)
+    names = args.server_names or ["localhost", "127.0.0.1", "::1"]
+    ca = home.init(args.ek_roots, args.listen, names, args.pcrs)
+    print(f"created {home.config_path}")
+    print(f"registrar CA (pin this on gateways as [enrollment] ca): {ca.root_path}")
+    if not args.ek_roots:
+        print("note: add trusted TPM vendor roots to ek_roots before `serve`")
+    print("note: pcr_policy has no allowed sets yet; add the trusted platform states")
+    return 0
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    home = RegistrarHome(args.dir)
+    token = secrets.token_urlsafe(32)
+    now = time.time()
+    store = home.store()
+    try:
+        store.add_token(token_hash(token), args.label, now, now + args.ttl)
+    finally:
+        store.close()
+    expires = datetime.datetime.fromtimestamp(now + args.ttl, datetime.UTC)
+    home.audit().append("token-created", label=args.label,
+                        expires=expires.isoformat(timespec="seconds"))
+    print(token)
+    print(f"one-time token, valid until {expires.isoformat(timespec='seconds')}",
+          file=sys.stderr)
+    return 0
+
+
+def _devices_list(args: argparse.Namespace) -> int:
+    store = RegistrarHome(args.dir).store()
+    try:
+        devices = [d.summary() for d in store.devices()]
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(devices, indent=2))
+        return 0
+    if not devices:
+        print("no devices enrolled")
+    for d in devices:
+        print(f"{d['device_id']}  {d['status']:8}  cert until {d['cert_not_after']}  "
+              f"enrolled {d['enrolled_at']} ({d['enrollments']}x)  {d['tpm_manufacturer'] or ''}")
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    home = RegistrarHome(args.dir)
+    verdict = home.audit().verify()
+    if verdict.ok:
+        print(f"audit log intact: {verdict.records} records")
+        return 0
+    print(f"audit log BROKEN after {verdict.records} good records: {verdict.problem}",
+          file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return EXIT_USAGE if e.code not in (0, None) else 0
+    logsetup.configure("info", "devid-registrar")
+    try:
+        if args.command == "init":
+            return _init(args)
+        if args.command == "serve":
+            from agent.registrar.server import serve  # uvicorn only when serving
+            serve(RegistrarHome(args.dir))
+            return 0
+        if args.command == "token":
+            return _token_create(args)
+        if args.command == "devices":
+            return _devices_list(args)
+        return _audit_verify(args)
+    except ConfigError as e:
+        print(f"devid-registrar: configuration error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except DevidError as e:
+        print(f"devid-registrar: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

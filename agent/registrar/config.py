@@ -1,0 +1,166 @@
+"""registrar.toml: the registrar's configuration, validated strictly at load.
+
+Relative paths are relative to the file. See `devid-registrar init`, which
+writes a commented file with every default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from agent.errors import ConfigError
+from agent.tomlconfig import parse_duration, parse_toml_model, read_config_text
+
+CONFIG_NAME = "registrar.toml"
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class AllowedPcrs(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    # PCR index (as a TOML key, so a string) -> hex sha256 value
+    values: dict[str, str]
+
+    @field_validator("values")
+    @classmethod
+    def _hex_values(cls, v: dict[str, str]) -> dict[str, str]:
+        for pcr, value in v.items():
+            if not pcr.isdigit() or not 0 <= int(pcr) <= 23:
+                raise ValueError(f"PCR {pcr!r}: expected an index 0..23")
+            try:
+                raw = bytes.fromhex(value)
+            except ValueError:
+                raise ValueError(f"PCR {pcr}: not a hex string") from None
+            if len(raw) != 32:
+                raise ValueError(f"PCR {pcr}: expected 32 bytes (64 hex digits), got {len(raw)}")
+        return {k: v.lower() for k, v in v.items()}
+
+
+class PcrPolicyConfig(_Strict):
+    # enforce: the quoted values must equal one allowed set.
+    # permissive: any values pass (the quote itself is still verified); logged as a warning.
+    mode: Literal["enforce", "permissive"] = "enforce"
+    bank: Literal["sha256"] = "sha256"
+    pcrs: list[Annotated[int, Field(ge=0, le=23)]] = Field(
+        default_factory=lambda: [0, 1, 2, 3, 4, 5, 6, 7], min_length=1, max_length=24)
+    allowed: list[AllowedPcrs] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _sets_cover_selection(self) -> PcrPolicyConfig:
+        wanted = {str(p) for p in self.pcrs}
+        for i, allowed in enumerate(self.allowed):
+            if set(allowed.values) != wanted:
+                raise ValueError(
+                    f"allowed[{i}] ({allowed.name!r}) must give exactly PCRs {sorted(self.pcrs)}")
+        return self
+
+
+class RegistrarConfig(_Strict):
+    listen: str = "127.0.0.1:8443"
+    server_names: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: ["localhost", "127.0.0.1", "::1"], min_length=1)
+    ek_roots: list[Path] = Field(default_factory=list)
+    require_token: bool = True
+    cert_lifetime: Duration = 24 * 3600.0
+    challenge_ttl: Duration = 120.0
+    max_pending_challenges: Annotated[int, Field(ge=1)] = 1000
+    max_body_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 64 * 1024
+    pcr_policy: PcrPolicyConfig = Field(default_factory=PcrPolicyConfig)
+    source: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        host_port(v)
+        return v
+
+    @field_validator("cert_lifetime")
+    @classmethod
+    def _lifetime(cls, v: float) -> float:
+        if not 60 <= v <= 366 * 86400:
+            raise ValueError("must be between 1m and 366d")
+        return v
+
+
+def host_port(listen: str) -> tuple[str, int]:
+    """'127.0.0.1:8443' or '[::1]:8443' -> (host, port); ValueError otherwise."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {listen!r}")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host:
+        raise ValueError(f"expected HOST:PORT, got {listen!r}")
+    return host, int(port)
+
+
+def is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def load_registrar_config(directory: Path) -> RegistrarConfig:
+    path = (directory / CONFIG_NAME).resolve()
+    config = parse_toml_model(RegistrarConfig, read_config_text(path), path, (("ek_roots",),))
+    if not config.ek_roots:
+        raise ConfigError(f"{path}: ek_roots: no trusted TPM vendor root configured; every "
+                          "enrollment would be refused",
+                          "list the PEM files of the TPM vendors' root CAs in ek_roots")
+    for i, root in enumerate(config.ek_roots):
+        if not root.is_file():
+            raise ConfigError(f"{path}: ek_roots[{i}]: {root}: no such file")
+    return config.model_copy(update={"source": path})
+
+
+DEFAULT_CONFIG = """\
+# devid-registrar configuration (written by `devid-registrar init`).
+# Relative paths are relative to this file. Durations: "90s", "10m", "24h", "7d".
+
+# Address and port to serve HTTPS on. "[::]:8443" or "0.0.0.0:8443" serves the network.
+listen = {listen}
+
+# Names and addresses put in the server's TLS certificate (re-issued at start when changed).
+server_names = {server_names}
+
+# PEM files with the root CAs (and any intermediates) of trusted TPM vendors.
+# An EK certificate must chain to one of these roots, or enrollment is refused.
+ek_roots = {ek_roots}
+
+# Require a one-time token (`devid-registrar token create`) for each enrollment.
+require_token = true
+
+# Lifetime of issued device certificates.
+cert_lifetime = "24h"
+
+# How long an enrollment challenge may be answered.
+challenge_ttl = "2m"
+
+# Refuse new enrollments (503 + Retry-After) while this many challenges are pending.
+max_pending_challenges = 1000
+
+# Largest accepted request body, in bytes.
+max_body_bytes = 65536
+
+[pcr_policy]
+# "enforce": the quoted PCR values must equal one of the allowed sets below.
+# "permissive": any values pass (the quote is still verified); the registrar warns at start.
+mode = "enforce"
+bank = "sha256"
+pcrs = {pcrs}
+
+# One table per trusted platform state. A refused enrollment's detail shows the
+# quoted values in this form, to copy here once the state is known to be good.
+# [[pcr_policy.allowed]]
+# name = "firmware 1.2, shim 15.7, grub 2.06"
+# values = {{ "0" = "<64 hex digits>", "1" = "...", ... }}
+{allowed}"""

@@ -1,0 +1,93 @@
+"""The registrar's directory: where each piece lives, and opening them together.
+
+    DIR/registrar.toml   configuration
+    DIR/ca/              the CA (see agent.registrar.ca)
+    DIR/registrar.db     SQLite: devices, challenges, tokens
+    DIR/audit.log        hash-chained audit log (+ audit.log.head)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.audit import AuditLog
+from agent.errors import ConfigError
+from agent.fsutil import ensure_private_dir, write_atomic
+from agent.pki.ekchain import load_trust_store
+from agent.registrar.ca import CertificateAuthority
+from agent.registrar.config import (
+    CONFIG_NAME,
+    DEFAULT_CONFIG,
+    RegistrarConfig,
+    load_registrar_config,
+)
+from agent.registrar.service import EnrollmentService
+from agent.registrar.store import Store
+from agent.tomlconfig import parse_toml_model
+
+log = logging.getLogger(__name__)
+
+
+def _toml_list(items: list[str]) -> str:
+    return json.dumps(items)
+
+
+@dataclass(frozen=True)
+class RegistrarHome:
+    directory: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.directory / CONFIG_NAME
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.directory / "ca"
+
+    def store(self) -> Store:
+        if not self.config_path.exists():
+            raise ConfigError(f"{self.config_path}: no such file",
+                              f"run `devid-registrar init --dir {self.directory}` first")
+        return Store(self.directory / "registrar.db")
+
+    def audit(self) -> AuditLog:
+        return AuditLog(self.directory / "audit.log")
+
+    def init(self, ek_roots: list[Path], listen: str, server_names: list[str],
+             pcrs: list[int], allowed_toml: str = "") -> CertificateAuthority:
+        """Create the CA and a commented registrar.toml; refuses to overwrite either."""
+        if self.config_path.exists():
+            raise ConfigError(f"{self.config_path}: already exists; not overwriting it")
+        text = DEFAULT_CONFIG.format(
+            listen=json.dumps(listen), server_names=_toml_list(server_names),
+            ek_roots=_toml_list([str(p.resolve()) for p in ek_roots]),
+            pcrs=json.dumps(pcrs), allowed=allowed_toml)
+        parse_toml_model(RegistrarConfig, text, self.config_path, (("ek_roots",),))  # check first
+        ensure_private_dir(self.directory)
+        now = datetime.datetime.now(datetime.UTC)
+        ca = CertificateAuthority.create(self.ca_dir, now)
+        write_atomic(self.config_path, text.encode(), mode=0o644)
+        ca.ensure_server_certificate(server_names, now)
+        Store(self.directory / "registrar.db").close()
+        self.audit().append("registrar-initialized", root_ca=ca.root.subject.rfc4514_string())
+        return ca
+
+    def open_service(self) -> tuple[RegistrarConfig, EnrollmentService]:
+        config = load_registrar_config(self.directory)
+        trust = load_trust_store(config.ek_roots, "ek_roots")
+        ca = CertificateAuthority.load(self.ca_dir)
+        if ca.ensure_server_certificate(config.server_names,
+                                        datetime.datetime.now(datetime.UTC)):
+            log.info("issued a new TLS server certificate for %s", ", ".join(config.server_names))
+        if config.pcr_policy.mode == "permissive":
+            log.warning("pcr_policy.mode is 'permissive': quotes are verified but any PCR values "
+                        "are accepted; set mode = \"enforce\" with allowed sets for production")
+        elif not config.pcr_policy.allowed:
+            log.warning("pcr_policy has no allowed sets: every enrollment will be refused with "
+                        "pcr-policy-violation until one is added")
+        service = EnrollmentService(config, ca, self.store(), self.audit(), trust)
+        return config, service

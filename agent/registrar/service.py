@@ -1,0 +1,207 @@
+"""The registrar's enrollment decisions, with store, CA, audit log, clock and RNG injected.
+
+No HTTP here: `start` and `complete` take request bodies and return messages
+or raise a Problem. Every decision is written to the audit log: a challenge
+issued, a certificate issued, or a refusal with its problem type and detail.
+The order of checks is the one in docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC
+from tpm2_pytss.utils import make_credential
+
+from agent.audit import AuditLog
+from agent.enroll import evidence
+from agent.enroll.messages import (
+    Challenge,
+    CompleteRequest,
+    Issued,
+    PcrSelection,
+    StartRequest,
+    decode,
+)
+from agent.enroll.problems import problem
+from agent.errors import Problem
+from agent.pki.ekchain import TrustStore, tpm_claims, verify_ek_chain
+from agent.registrar.ca import CertificateAuthority
+from agent.registrar.config import RegistrarConfig
+from agent.registrar.pcrpolicy import judge_pcrs
+from agent.registrar.store import ChallengeRow, DeviceRow, Store
+
+log = logging.getLogger(__name__)
+
+DEVICE_ID_PREFIX = "urn:devid:"
+SECRET_BYTES = 32
+NONCE_BYTES = 32
+MAX_AUDIT_DETAIL = 500
+
+
+def _utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def device_id_for(ek_certificate: x509.Certificate) -> str:
+    """Stable device ID: a hash of the EK's public key (so another TPM is another device)."""
+    spki = ek_certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return DEVICE_ID_PREFIX + hashlib.sha256(spki).hexdigest()[:32]
+
+
+def token_hash(token: str) -> str:
+    # Tokens carry 256 bits of entropy, so an unsalted hash is enough to make a
+    # stolen database useless for enrolling.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _parse_certificate(der: bytes, field: str) -> x509.Certificate:
+    try:
+        return x509.load_der_x509_certificate(der)
+    except ValueError:
+        raise problem("malformed-request", f"{field}: not a DER X.509 certificate") from None
+
+
+class EnrollmentService:
+    def __init__(self, config: RegistrarConfig, ca: CertificateAuthority, store: Store,
+                 audit: AuditLog, trust: TrustStore,
+                 clock: Callable[[], datetime.datetime] = _utcnow,
+                 random_bytes: Callable[[int], bytes] = secrets.token_bytes) -> None:
+        self.config = config
+        self.ca = ca
+        self.store = store
+        self.audit = audit
+        self.trust = trust
+        self._clock = clock
+        self._random = random_bytes
+
+    # --- helpers --------------------------------------------------------------
+
+    def _refused(self, stage: str, p: Problem, peer: str, **fields: Any) -> None:
+        self.audit.append("enrollment-refused", stage=stage, problem=p.code,
+                          detail=p.message[:MAX_AUDIT_DETAIL], peer=peer, **fields)
+        log.info("refused %s from %s: %s: %s", stage, peer, p.code, p.message)
+
+    # --- round trip 1 ------------------------------------------------------------
+
+    def start(self, body: bytes, peer: str) -> Challenge:
+        device_id: str | None = None
+        try:
+            request = decode(StartRequest, body)
+            now = self._clock()
+            self._check_token(request.token, now.timestamp())
+            ek_cert = _parse_certificate(request.ek_certificate, "ek_certificate")
+            device_id = device_id_for(ek_cert)
+            chain = [_parse_certificate(c, f"ek_chain[{i}]")
+                     for i, c in enumerate(request.ek_chain)]
+            verdict = verify_ek_chain(ek_cert, self.trust, chain, now)
+            if not verdict.verified:
+                raise problem("ek-untrusted", f"ek_certificate: {verdict.reason}")
+            ek_public = evidence.check_ek_public(request.ek_public, ek_cert)
+            ak_public, _ = evidence.check_ak_public(request.ak_public)
+            known = self.store.device(device_id)
+            if known is not None and known.status == "revoked":
+                raise problem("device-revoked", f"{device_id} was revoked")
+            if self.store.pending_challenges(now.timestamp()) >= \
+                    self.config.max_pending_challenges:
+                raise problem("registrar-busy", "too many enrollments in progress",
+                              retry_after=5.0)
+            return self._issue_challenge(request, ek_cert, ek_public, ak_public, device_id,
+                                         now, peer)
+        except Problem as p:
+            self._refused("start", p, peer, device_id=device_id)
+            raise
+
+    def _check_token(self, token: str | None, now: float) -> None:
+        if token is None:
+            if self.config.require_token:
+                raise problem("token-required", "token: missing")
+            return
+        self.store.check_token(token_hash(token), now)
+
+    def _issue_challenge(self, request: StartRequest, ek_cert: x509.Certificate,
+                         ek_public: Any, ak_public: Any, device_id: str,
+                         now: datetime.datetime, peer: str) -> Challenge:
+        secret, nonce = self._random(SECRET_BYTES), self._random(NONCE_BYTES)
+        challenge_id = self._random(16).hex()
+        try:
+            blob, encrypted = make_credential(TPM2B_PUBLIC(publicArea=ek_public), secret,
+                                              TPM2B_NAME(evidence.tpm_name(ak_public)))
+        except (ValueError, TypeError) as e:
+            raise problem("ek-mismatch", f"ek_public: cannot make a credential for it: {e}") \
+                from None
+        expires = now + datetime.timedelta(seconds=self.config.challenge_ttl)
+        self.store.add_challenge(ChallengeRow(
+            id=challenge_id, device_id=device_id, ek_certificate=request.ek_certificate,
+            ak_public=request.ak_public, secret=secret, nonce=nonce,
+            token_hash=token_hash(request.token) if request.token else None,
+            created_at=now.timestamp(), expires_at=expires.timestamp()))
+        self.audit.append("challenge-issued", challenge=challenge_id, device_id=device_id,
+                          ek_issuer=ek_cert.issuer.rfc4514_string(), peer=peer)
+        return Challenge(
+            challenge_id=challenge_id, device_id=device_id,
+            credential_blob=bytes(blob.marshal()), encrypted_secret=bytes(encrypted.marshal()),
+            nonce=nonce, expires_at=expires.isoformat(timespec="seconds"),
+            pcr_selection=PcrSelection(pcrs=sorted(set(self.config.pcr_policy.pcrs))))
+
+    # --- round trip 2 ------------------------------------------------------------
+
+    def complete(self, challenge_id: str, body: bytes, peer: str) -> Issued:
+        device_id: str | None = None
+        claimed = False
+        try:
+            request = decode(CompleteRequest, body)
+            now = self._clock()
+            challenge = self.store.claim_challenge(challenge_id, now.timestamp())
+            claimed, device_id = True, challenge.device_id
+            issued = self._verify_and_issue(challenge, request, now, peer)
+        except Problem as p:
+            if claimed:
+                self.store.fail_challenge(challenge_id)
+            self._refused("complete", p, peer, challenge=challenge_id, device_id=device_id)
+            raise
+        return issued
+
+    def _verify_and_issue(self, challenge: ChallengeRow, request: CompleteRequest,
+                          now: datetime.datetime, peer: str) -> Issued:
+        nonce = challenge.nonce
+        ak_public, ak_key = evidence.check_ak_public(challenge.ak_public)
+        evidence.check_proof(request.proof, challenge.secret, challenge.id, nonce)
+        pcrs = sorted(set(self.config.pcr_policy.pcrs))
+        quote = evidence.verify_signed("quote", request.quote.attest, request.quote.signature,
+                                       ak_key)
+        evidence.check_quote(quote, nonce, pcrs, request.pcr_values)
+        pcr_state = judge_pcrs(self.config.pcr_policy, request.pcr_values)
+        certify = evidence.verify_signed("certify", request.certify.attest,
+                                         request.certify.signature, ak_key)
+        identity_public, identity_key = evidence.check_identity_public(request.identity_public)
+        evidence.check_certify(certify, nonce, identity_public)
+        evidence.check_csr(request.csr, identity_key)
+
+        lifetime = datetime.timedelta(seconds=self.config.cert_lifetime)
+        cert = self.ca.issue_device(challenge.device_id, identity_key, lifetime, now)
+        ek_cert = x509.load_der_x509_certificate(challenge.ek_certificate)
+        serial = f"{cert.serial_number:x}"
+        not_after = cert.not_valid_after_utc.isoformat(timespec="seconds")
+        stamp = now.isoformat(timespec="seconds")
+        count = self.store.complete_enrollment(challenge, DeviceRow(
+            device_id=challenge.device_id, ek_certificate=challenge.ek_certificate,
+            ak_name=evidence.tpm_name(ak_public), identity_public=request.identity_public,
+            status="active", tpm_manufacturer=tpm_claims(ek_cert).manufacturer,
+            enrolled_at=stamp, updated_at=stamp, enrollments=1, cert_serial=serial,
+            cert_not_after=not_after), now.timestamp())
+        self.audit.append("certificate-issued", challenge=challenge.id,
+                          device_id=challenge.device_id, serial=serial, not_after=not_after,
+                          pcr_state=pcr_state, enrollments=count, peer=peer)
+        log.info("issued %s to %s (serial %s, PCR state %r)", not_after, challenge.device_id,
+                 serial, pcr_state)
+        return Issued(device_id=challenge.device_id, certificate_chain=self.ca.chain_pem(cert),
+                      serial=serial, not_after=not_after)

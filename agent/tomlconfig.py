@@ -1,0 +1,135 @@
+"""Loading a TOML configuration file into a strict pydantic model, with clear errors.
+
+Shared by the agent (agent.toml) and the registrar (registrar.toml). A wrong
+key, type or value is refused with a message naming the file, the section
+and the key, e.g. `agent.toml: [tpm] tcit: unknown key (known: tcti)`.
+Keys listed as paths may be relative: they are taken relative to the file.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from agent.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+# A dotted key path, e.g. ("paths", "state_dir") or ("ek_roots",) at top level.
+KeyPath = tuple[str, ...]
+
+
+def _resolve(value: Any, base: Path) -> Any:
+    if isinstance(value, str) and value:
+        return base / value
+    if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
+        return [base / v for v in value]
+    return value  # left for validation to refuse, with its location
+
+
+def _coerce_paths(raw: dict[str, Any], base: Path, path_keys: Collection[KeyPath]) -> None:
+    # Strict mode refuses str for Path, and TOML has no path type: convert known keys.
+    for key in path_keys:
+        node: Any = raw
+        for part in key[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key[-1] in node:
+            node[key[-1]] = _resolve(node[key[-1]], base)
+
+
+def _location(loc: tuple[int | str, ...], root: type[BaseModel]) -> str:
+    """`[section] key[0].sub` for a pydantic error location; tables become the [section]."""
+    head: list[str] = []
+    parts = list(loc)
+    while parts and isinstance(parts[0], str) and _model_at(root, (*head, parts[0])) is not None:
+        head.append(str(parts.pop(0)))
+    key = ""
+    for part in parts:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    if not head:
+        return key or "(top level)"
+    section = f"[{'.'.join(head)}]"
+    return f"{section} {key}" if key else section
+
+
+def _model_at(root: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = root
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        candidates = [ann, *args]
+        nested = next((c for c in candidates if isinstance(c, type)
+                       and issubclass(c, BaseModel)), None)
+        if nested is None:
+            return None
+        model = nested
+    return model
+
+
+def _describe(err: dict[str, Any], root: type[BaseModel]) -> str:
+    loc = tuple(err["loc"])
+    if err["type"] == "extra_forbidden":
+        model = _model_at(root, loc[:-1])
+        known = [k for k in model.model_fields if k != "source"] if model else []
+        hint = f" (known: {', '.join(known)})" if known else ""
+        if isinstance(err.get("input"), dict):
+            where = f"{_location(loc[:-1], root)} " if len(loc) > 1 else ""
+            return f"{where}[{loc[-1]}]: unknown section{hint}"
+        return f"{_location(loc, root)}: unknown key{hint}"
+    where = _location(loc, root)
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "is_instance_of":
+        msg = "should be a non-empty path string"
+    if (err["type"].endswith("_type") or err["type"] == "is_instance_of") and "input" in err:
+        msg += f", got {type(err['input']).__name__} {err['input']!r}"
+    return f"{where}: {msg}"
+
+
+def parse_toml_model(model: type[M], text: str, source: Path,
+                     path_keys: Collection[KeyPath] = ()) -> M:
+    """Parse and validate config text; raise ConfigError naming file and key."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    _coerce_paths(raw, source.parent, path_keys)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(_describe(err, model) for err in e.errors())
+        raise ConfigError(f"{source}: {problems}") from None
+
+
+def read_config_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file", "pass --config with an existing file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: object) -> float:
+    """'90s', '10m', '24h', '7d' (or a number of seconds) -> seconds; ValueError otherwise."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNIT[m.group(2)]
+    else:
+        raise ValueError(f"expected a duration like '90s', '10m', '24h' or '7d', got {value!r}")
+    if seconds <= 0:
+        raise ValueError("a duration must be positive")
+    return seconds
