@@ -18,6 +18,11 @@ Example:
 
     [control]
     group = "devid"
+
+    [enrollment]
+    url = "https://registrar.example:8443"
+    ca = "/etc/devid-agent/registrar-ca.pem"
+    token_file = "/etc/devid-agent/enrollment-token"
 """
 
 from __future__ import annotations
@@ -25,11 +30,12 @@ from __future__ import annotations
 import grp
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from agent.errors import ConfigError
-from agent.tomlconfig import parse_toml_model, read_config_text
+from agent.tomlconfig import Duration, parse_toml_model, read_config_text
 
 KNOWN_TCTIS = ("device", "swtpm", "mssim", "tabrmd", "libtpms")
 
@@ -77,6 +83,45 @@ class ControlSection(_Section):
         return v
 
 
+class EnrollmentSection(_Section):
+    url: str  # https://registrar:8443
+    ca: Path  # the registrar's root CA, pinned for TLS and for the issued chain
+    # One-time enrollment token, inline or in a file (e.g. provisioned at install time).
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    timeout: Duration = 30.0
+    retry_initial: Duration = 5.0
+    retry_max: Duration = 600.0
+
+    @field_validator("url")
+    @classmethod
+    def _https(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme != "https" or not parts.hostname:
+            raise ValueError(f"expected an https:// URL, got {v!r}")
+        if parts.query or parts.fragment:
+            raise ValueError("the URL must not have a query or fragment")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> EnrollmentSection:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("set token or token_file, not both")
+        return self
+
+    def read_token(self) -> str | None:
+        if self.token is not None:
+            return self.token.get_secret_value()
+        if self.token_file is None:
+            return None
+        try:
+            token = self.token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"[enrollment] token_file: {self.token_file}: cannot read: {e}",
+                              "provision the enrollment token file") from None
+        return token or None
+
+
 class LogSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -87,10 +132,12 @@ class AgentConfig(_Section):
     trust: TrustSection = Field(default_factory=TrustSection)
     control: ControlSection = Field(default_factory=ControlSection)
     log: LogSection = Field(default_factory=LogSection)
+    enrollment: EnrollmentSection | None = None
     source: Path | None = Field(default=None, exclude=True)
 
 
-_PATH_KEYS = (("paths", "state_dir"), ("paths", "control_socket"), ("trust", "ek_roots"))
+_PATH_KEYS = (("paths", "state_dir"), ("paths", "control_socket"), ("trust", "ek_roots"),
+              ("enrollment", "ca"), ("enrollment", "token_file"))
 
 
 def parse_config(text: str, source: Path) -> AgentConfig:
@@ -99,6 +146,8 @@ def parse_config(text: str, source: Path) -> AgentConfig:
     for i, root in enumerate(config.trust.ek_roots):
         if not root.is_file():
             raise ConfigError(f"{source}: [trust] ek_roots[{i}]: {root}: no such file")
+    if config.enrollment is not None and not config.enrollment.ca.is_file():
+        raise ConfigError(f"{source}: [enrollment] ca: {config.enrollment.ca}: no such file")
     return config.model_copy(update={"source": source})
 
 

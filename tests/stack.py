@@ -1,4 +1,4 @@
-"""The embedded default stack on one machine: swtpm + devid-agent (+ later the registrar).
+"""The embedded default stack on one machine: swtpm + devid-registrar + devid-agent.
 
 One piece of code serves the integration tests and `make demo`, so the demo
 shows exactly what the tests exercise.
@@ -13,12 +13,17 @@ import argparse
 import contextlib
 import json
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import requests
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "swtpm"))
@@ -62,6 +67,119 @@ def write_agent_config(path: Path, tcti: str, ek_roots: list[Path], extra: str =
     return path
 
 
+SWTPM_FRESH_PCRS = {i: "00" * 32 for i in range(8)}  # sha256 PCRs 0-7 after TPM2_Startup
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def allowed_pcrs_toml(name: str, values: dict[int, str]) -> str:
+    inner = ", ".join(f'"{p}" = "{v}"' for p, v in sorted(values.items()))
+    return f'\n[[pcr_policy.allowed]]\nname = "{name}"\nvalues = {{ {inner} }}\n'
+
+
+class RegistrarProcess:
+    """devid-registrar initialised in `directory` and served on a loopback port."""
+
+    def __init__(self, directory: Path, ek_roots: list[Path],
+                 allowed: dict[int, str] | None = None, settings: dict[str, str] | None = None,
+                 permissive: bool = False) -> None:
+        self.directory = directory
+        self.ek_roots = ek_roots
+        self.allowed = SWTPM_FRESH_PCRS if allowed is None else allowed
+        self.settings = settings or {}
+        self.permissive = permissive
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = directory.parent / f"{directory.name}.log"
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def ca(self) -> Path:
+        return self.directory / "ca" / "root.pem"
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([str(BIN / "devid-registrar"), *args], capture_output=True,
+                              text=True, timeout=60)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"devid-registrar {' '.join(args)}: {proc.stderr}")
+        return proc
+
+    def init(self) -> RegistrarProcess:
+        self.port = free_port()
+        roots = [a for r in self.ek_roots for a in ("--ek-root", str(r))]
+        self.cli("init", "--dir", str(self.directory), "--listen", f"127.0.0.1:{self.port}",
+                 "--server-name", "127.0.0.1", *roots)
+        config = self.directory / "registrar.toml"
+        text = config.read_text()
+        for key, value in self.settings.items():
+            text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
+        if self.permissive:
+            text = text.replace('mode = "enforce"', 'mode = "permissive"')
+        if self.allowed:
+            text += allowed_pcrs_toml("swtpm fresh", self.allowed)
+        config.write_text(text)
+        return self
+
+    def start(self, timeout: float = 20.0) -> RegistrarProcess:
+        if not (self.directory / "registrar.toml").exists():
+            self.init()
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen([str(BIN / "devid-registrar"), "serve", "--dir",
+                                      str(self.directory)], stdout=log, stderr=log,
+                                     stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"devid-registrar exited with {self.proc.returncode}:\n"
+                                   + self.log_path.read_text())
+            try:
+                requests.get(f"{self.url}/v1/health", verify=str(self.ca), timeout=2)
+                return self
+            except requests.RequestException:
+                time.sleep(0.1)
+        raise TimeoutError(f"devid-registrar not serving after {timeout}s:\n"
+                           + self.log_path.read_text())
+
+    def token(self, ttl: str = "1h") -> str:
+        return self.cli("token", "create", "--dir", str(self.directory), "--ttl",
+                        ttl).stdout.strip()
+
+    def devices(self) -> list[dict[str, object]]:
+        out = self.cli("devices", "list", "--dir", str(self.directory), "--json").stdout
+        return json.loads(out)  # type: ignore[no-any-return]
+
+    def audit(self) -> list[dict[str, object]]:
+        path = self.directory / "audit.log"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def enrollment_toml(registrar: RegistrarProcess, token: str | None) -> str:
+    """The agent's [enrollment] section for `registrar`, with fast retries for tests."""
+    text = (f"\n[enrollment]\nurl = {json.dumps(registrar.url)}\n"
+            f"ca = {json.dumps(str(registrar.ca))}\n"
+            'retry_initial = "1s"\nretry_max = "4s"\n')
+    if token:
+        text += f"token = {json.dumps(token)}\n"
+    return text
+
+
 class AgentProcess:
     """devid-agent running as a child process, with its log captured to a file."""
 
@@ -96,6 +214,18 @@ class AgentProcess:
             time.sleep(0.1)
         raise TimeoutError(f"devid-agent not ready after {timeout}s:\n" + self.log_path.read_text())
 
+    def wait_enrollment(self, state: str = "enrolled", timeout: float = 30.0) -> dict[str, object]:
+        """Poll status until enrollment.state is `state`; returns the status document."""
+        deadline = time.monotonic() + timeout
+        doc: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            doc = self.ctl_json("status")[1]
+            if (doc.get("enrollment") or {}).get("state") == state:  # type: ignore[union-attr]
+                return doc
+            time.sleep(0.1)
+        raise TimeoutError(f"enrollment not {state} after {timeout}s: {doc}\n"
+                           + self.log_path.read_text())
+
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(BIN / "devidctl"), "--config", str(self.config), *args],
                               capture_output=True, text=True, timeout=60)
@@ -124,14 +254,26 @@ def _banner(text: str) -> None:
 
 def demo(directory: Path, keep: bool) -> int:
     directory = directory.resolve()
+    if directory.exists():
+        down(directory)
+        shutil.rmtree(directory)  # each demo starts from a factory-fresh TPM and registrar
     _banner(f"starting a simulated TPM (swtpm) in {directory / 'tpm'}")
     tpm = start_tpm(directory / "tpm")
     print(f"TCTI: {tpm.tcti}\nvendor CA: {tpm.vendor_ca}")
-    config = write_agent_config(directory / "agent" / "agent.toml", tpm.tcti, [tpm.vendor_ca])
+    _banner("devid-registrar init + serve (CA, policy: swtpm's fresh PCRs 0-7)")
+    registrar = RegistrarProcess(directory / "registrar", [tpm.vendor_ca]).start()
+    print(f"serving {registrar.url}; CA pinned by the agent: {registrar.ca}")
+    _banner("devid-registrar token create")
+    token = registrar.token("15m")
+    print("one-time enrollment token created (not shown)")
+    config = write_agent_config(directory / "agent" / "agent.toml", tpm.tcti, [tpm.vendor_ca],
+                                enrollment_toml(registrar, token))
     _banner(f"starting devid-agent --config {config}")
     agent = AgentProcess(config).start()
     status = check = 2
     try:
+        _banner("waiting for attestation-backed enrollment")
+        agent.wait_enrollment("enrolled", timeout=60)
         _banner("devidctl status")
         proc = agent.ctl("status")
         print(proc.stdout or proc.stderr, end="")
@@ -140,24 +282,31 @@ def demo(directory: Path, keep: bool) -> int:
         proc = agent.ctl("check")
         print(proc.stdout or proc.stderr, end="")
         check = proc.returncode
+        _banner("devid-registrar devices list")
+        print(registrar.cli("devices", "list", "--dir", str(registrar.directory)).stdout, end="")
+        _banner("devid-registrar audit verify")
+        print(registrar.cli("audit", "verify", "--dir", str(registrar.directory)).stdout, end="")
     finally:
         if keep:
-            _banner(f"left running (agent pid {agent.proc.pid if agent.proc else '?'}); "
-                    f"try: .venv/bin/devidctl --config {config} status; stop with make demo-down")
-            (directory / "agent.pid").write_text(f"{agent.proc.pid if agent.proc else ''}\n")
+            _banner(f"left running; try: .venv/bin/devidctl --config {config} status; "
+                    "stop with make demo-down")
+            pids = [p.proc.pid for p in (agent, registrar) if p.proc]
+            (directory / "pids").write_text("".join(f"{pid}\n" for pid in pids))
         else:
-            _banner("stopping the agent and swtpm (DEMO_KEEP=1 keeps them running)")
+            _banner("stopping the agent, the registrar and swtpm (DEMO_KEEP=1 keeps them)")
             agent.stop()
+            registrar.stop()
             tpm.stop()
     print(f"\nstatus exit code {status}, check exit code {check} (0 OK, 1 WARN, 2 FAIL)")
     return 0 if status == 0 and check <= 1 else 1
 
 
 def down(directory: Path) -> int:
-    pid_file = directory / "agent.pid"
+    pid_file = directory / "pids"
     if pid_file.exists():
-        with contextlib.suppress(ValueError, ProcessLookupError):
-            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        for pid in pid_file.read_text().split():
+            with contextlib.suppress(ValueError, ProcessLookupError):
+                os.kill(int(pid), signal.SIGTERM)
         pid_file.unlink()
     harness.stop(directory / "tpm")
     return 0

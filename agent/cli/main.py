@@ -6,6 +6,7 @@ Exit codes: 0 OK, 1 WARN, 2 FAIL, 3 cannot reach the daemon, 64 usage error.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -16,6 +17,11 @@ from agent.cli.render import render_check, render_error, render_status
 from agent.config import AgentConfig, load_config
 from agent.control import client
 from agent.diagnostics.checks import check_daemon_down
+from agent.diagnostics.enrollment import (
+    check_enrollment,
+    probe_registrar,
+    stored_enrollment_facts,
+)
 from agent.diagnostics.facts import TpmFacts, collect_tpm_facts
 from agent.diagnostics.report import check_report
 from agent.errors import ConfigError, DaemonNotRunning, DevidError
@@ -86,8 +92,12 @@ def cmd_check(config: AgentConfig, as_json: bool) -> int:
         doc = client.call(config.paths.control_socket, "check")
     except DaemonNotRunning as e:
         # The daemon holds the TPM when it runs; when it does not, look ourselves.
+        now = datetime.datetime.now(datetime.UTC)
+        enrollment = stored_enrollment_facts(config.enrollment, config.paths.state_dir, now)
         doc = check_report(_local_tpm_facts(config), config, expected_uid=None,
-                           extra=(check_daemon_down(e.message),))
+                           extra=(check_daemon_down(e.message),
+                                  probe_registrar(config.enrollment),
+                                  check_enrollment(enrollment, now)))
     except DevidError as e:
         return _fail(e, as_json, EXIT_NO_DAEMON)
     _emit(doc, as_json, render_check)

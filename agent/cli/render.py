@@ -64,7 +64,37 @@ def render_status(doc: dict[str, Any]) -> str:
     else:
         err = ident.get("error") or {}
         lines.append(f"  identity   unavailable: {err.get('message', 'TPM not reachable')}")
+    lines += _enrollment_lines(doc.get("enrollment") or {}, doc.get("certificate"))
     return "\n".join(lines)
+
+
+def _enrollment_lines(enr: dict[str, Any], cert: dict[str, Any] | None) -> list[str]:
+    state = enr.get("state", "not_configured")
+    if state == "not_configured":
+        return ["  enrollment not configured ([enrollment] url)"]
+    lines = [f"  enrollment {state} with {enr.get('registrar')}"]
+    if enr.get("device_id"):
+        lines.append(f"             device ID  {enr['device_id']}")
+    err = enr.get("last_error")
+    if err and state != "enrolled":
+        lines.append(f"             last error {err.get('type')}: {err.get('message')}")
+        if err.get("hint"):
+            lines.append(f"             hint: {err['hint']}")
+        if enr.get("next_attempt"):
+            lines.append(f"             next attempt {_date(enr['next_attempt'])} "
+                         f"(attempt {enr.get('attempts', 0) + 1})")
+    if cert:
+        lines += [
+            f"  certificate {cert.get('subject')}",
+            f"             serial   {cert.get('serial')}",
+            f"             issuer   {cert.get('issuer')}",
+            f"             valid    {_date(cert.get('not_before'))} .. "
+            f"{_date(cert.get('not_after'))}"
+            + ("" if cert.get("valid_now") else "  (NOT VALID NOW)"),
+        ]
+        if cert.get("key_matches_tpm") is False:
+            lines.append("             key      NOT this TPM's identity key")
+    return lines
 
 
 def render_check(doc: dict[str, Any]) -> str:

@@ -29,6 +29,7 @@ async def run(config: AgentConfig) -> int:
     trust = load_trust_store(config.trust.ek_roots)
     ensure_private_dir(config.paths.state_dir)
     service = AgentService(config, trust)
+    service.enrollment.load()
     gid = grp.getgrnam(config.control.group).gr_gid if config.control.group else None
     server = ControlServer(config.paths.control_socket,
                           {"status": service.status, "check": service.check}, gid)
@@ -38,14 +39,15 @@ async def run(config: AgentConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("devid-agent %s started (config %s)", __version__, config.source)
-    tpm_task = asyncio.create_task(service.maintain_tpm(stop))
+    tasks = [asyncio.create_task(service.maintain_tpm(stop)),
+             asyncio.create_task(service.maintain_enrollment(stop))]
     try:
         await stop.wait()
         log.info("shutting down")
     finally:
         await server.close()
         stop.set()
-        await tpm_task
+        await asyncio.gather(*tasks)
         await service.close()
     log.info("stopped")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import os
 import time
@@ -17,8 +18,10 @@ from typing import Any
 from agent import __version__
 from agent.backoff import Backoff
 from agent.config import AgentConfig
+from agent.daemon.enrollment import EnrollmentManager
 from agent.daemon.tpmworker import TpmWorker
 from agent.diagnostics.checks import CheckResult, Level
+from agent.diagnostics.enrollment import check_enrollment, probe_registrar
 from agent.diagnostics.facts import (
     EndorsementResult,
     TpmFacts,
@@ -34,6 +37,14 @@ from agent.tpm.custody import TpmCustody
 log = logging.getLogger(__name__)
 
 
+async def _first_of(*events: asyncio.Event) -> None:
+    """Wait until any of `events` is set."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+
+
 class AgentService:
     def __init__(self, config: AgentConfig, trust: TrustStore,
                  backoff: Backoff | None = None) -> None:
@@ -46,6 +57,8 @@ class AgentService:
         self._endorsement: EndorsementResult | None = None
         self._last_error: DevidError | None = None
         self._lost = asyncio.Event()
+        self._ready = asyncio.Event()
+        self.enrollment = EnrollmentManager(config.enrollment, config.paths.state_dir)
 
     # --- TPM connection -------------------------------------------------------
 
@@ -66,10 +79,7 @@ class AgentService:
                 continue
             self._backoff.reset()
             self._last_error = None
-            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._lost.wait())]
-            _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            for task in pending:
-                task.cancel()
+            await _first_of(stop, self._lost)
             if self._lost.is_set() and not stop.is_set():
                 log.warning("TPM connection lost; reconnecting")
                 await self._disconnect()
@@ -80,6 +90,7 @@ class AgentService:
         self._endorsement = await self.worker.call(try_endorsement_facts, custody, self.trust)
         self._custody = custody
         self._lost.clear()
+        self._ready.set()
         info = await self.worker.call(custody.info)
         log.info("TPM ready via %s: %s %s, firmware %s", tcti, info.manufacturer,
                  info.vendor_string, info.firmware_version)
@@ -90,9 +101,22 @@ class AgentService:
                 log.info("%s certificate: %s", ek.kind, ek.verdict.reason)
 
     async def _disconnect(self) -> None:
+        self._ready.clear()
         custody, self._custody = self._custody, None
         if custody is not None:
             await self.worker.call(custody.close)
+
+    async def custody_ready(self, stop: asyncio.Event) -> TpmCustody | None:
+        """The TPM connection once there is one; None if the agent stops first."""
+        while not stop.is_set():
+            if self._custody is not None and self._ready.is_set():
+                return self._custody
+            await _first_of(stop, self._ready)
+        return None
+
+    async def maintain_enrollment(self, stop: asyncio.Event) -> None:
+        await self.enrollment.run(stop, lambda: self.custody_ready(stop), self.worker.call,
+                                  self._lost.set)
 
     async def close(self) -> None:
         await self._disconnect()
@@ -122,7 +146,8 @@ class AgentService:
 
     async def status(self, _params: dict[str, Any]) -> dict[str, Any]:
         facts = await self._tpm_facts()
-        return build_status(facts, self._agent_section(), bool(self.config.trust.ek_roots))
+        return build_status(facts, self._agent_section(), bool(self.config.trust.ek_roots),
+                            self.enrollment.facts())
 
     async def check(self, _params: dict[str, Any]) -> dict[str, Any]:
         facts = await self._tpm_facts()
@@ -130,4 +155,6 @@ class AgentService:
         running = CheckResult("daemon", Level.PASS,
                               f"devid-agent {agent['version']} running (pid {agent['pid']}, "
                               f"up {agent['uptime_s']:.0f}s)")
-        return check_report(facts, self.config, os.geteuid(), (running,))
+        registrar = await asyncio.to_thread(probe_registrar, self.config.enrollment)
+        enrollment = check_enrollment(self.enrollment.facts(), datetime.datetime.now(datetime.UTC))
+        return check_report(facts, self.config, os.geteuid(), (running, registrar, enrollment))

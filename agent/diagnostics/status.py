@@ -7,9 +7,16 @@ resident), WARN when it can but something needs attention.
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 from agent.diagnostics.checks import Level, check_ek, check_identity, check_tpm
+from agent.diagnostics.enrollment import (
+    EnrollmentFacts,
+    certificate_section,
+    check_enrollment,
+    enrollment_section,
+)
 from agent.diagnostics.facts import TpmFacts
 
 HEADLINE = {Level.PASS: "OK", Level.WARN: "WARN", Level.FAIL: "FAIL"}
@@ -48,8 +55,12 @@ def _identity_section(facts: TpmFacts) -> dict[str, Any]:
     }
 
 
-def build_status(facts: TpmFacts, agent: dict[str, Any], roots_configured: bool) -> dict[str, Any]:
-    judged = [check_tpm(facts), check_ek(facts, roots_configured), check_identity(facts)]
+def build_status(facts: TpmFacts, agent: dict[str, Any], roots_configured: bool,
+                 enrollment: EnrollmentFacts, now: datetime.datetime | None = None
+                 ) -> dict[str, Any]:
+    when = now or datetime.datetime.now(datetime.UTC)
+    judged = [check_tpm(facts), check_ek(facts, roots_configured), check_identity(facts),
+              check_enrollment(enrollment, when)]
     level = max(r.level for r in judged)
     return {
         "state": HEADLINE[level],
@@ -57,4 +68,6 @@ def build_status(facts: TpmFacts, agent: dict[str, Any], roots_configured: bool)
         "agent": agent,
         "tpm": _tpm_section(facts),
         "identity": _identity_section(facts),
+        "enrollment": enrollment_section(enrollment),
+        "certificate": certificate_section(enrollment),
     }

@@ -8,6 +8,7 @@ a valid message becomes a ProtocolError.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import time
 from pathlib import Path
@@ -58,7 +59,6 @@ class RegistrarClient:
         self.ca_file = ca_file
         self.timeout = timeout
         self._session = requests.Session()
-        self._session.verify = str(ca_file)
         self._session.headers["User-Agent"] = f"devid-agent/{__version__}"
         # Server-Timing of the last response, in ms (benchmarks split network from server work)
         self.last_server_ms: float | None = None
@@ -69,8 +69,10 @@ class RegistrarClient:
     def _request(self, method: str, path: str, body: dict[str, Any] | None) -> requests.Response:
         url = f"{self.base}{API_PREFIX}{path}"
         try:
+            # verify= per request: a session-level setting would lose to REQUESTS_CA_BUNDLE
+            # from the environment, silently unpinning the registrar's CA.
             response = self._session.request(method, url, json=body, timeout=self.timeout,
-                                             stream=True)
+                                             stream=True, verify=str(self.ca_file))
         except requests.exceptions.SSLError as e:
             raise RegistrarNotTrusted(f"{self.base}: TLS verification failed with the pinned CA "
                                       f"{self.ca_file}: {_reason(e)}") from None
@@ -151,3 +153,16 @@ def _server_ms(header: str | None) -> float | None:
                 except ValueError:
                     return None
     return None
+
+
+class ThreadedRegistrar:
+    """The Registrar port for `enroll`: each blocking exchange runs in a thread."""
+
+    def __init__(self, client: RegistrarClient) -> None:
+        self.client = client
+
+    async def start(self, request: StartRequest) -> Challenge:
+        return await asyncio.to_thread(self.client.start, request)
+
+    async def complete(self, challenge_id: str, request: CompleteRequest) -> Issued:
+        return await asyncio.to_thread(self.client.complete, challenge_id, request)

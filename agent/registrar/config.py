@@ -10,15 +10,12 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.errors import ConfigError
-from agent.tomlconfig import parse_duration, parse_toml_model, read_config_text
+from agent.tomlconfig import Duration, parse_toml_model, read_config_text
 
 CONFIG_NAME = "registrar.toml"
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
