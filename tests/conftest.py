@@ -10,7 +10,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stack import AgentProcess, SimulatedTpm, start_tpm, write_agent_config
+from stack import (
+    AgentProcess,
+    RegistrarProcess,
+    SimulatedTpm,
+    start_tpm,
+    write_agent_config,
+)
 
 
 @pytest.fixture
@@ -51,3 +57,21 @@ def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     yield make
     for agent in started:
         agent.stop()
+
+
+@pytest.fixture
+def registrar_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., RegistrarProcess]]:
+    """Initialise and serve devid-registrar instances on loopback; stopped after the test."""
+    made: list[RegistrarProcess] = []
+
+    def make(ek_roots: list[Path], start: bool = True, **kwargs: object) -> RegistrarProcess:
+        registrar = RegistrarProcess(tmp_path_factory.mktemp("registrar") / "reg", ek_roots,
+                                     **kwargs)  # type: ignore[arg-type]
+        made.append(registrar)
+        return registrar.start() if start else registrar.init()
+
+    yield make
+    for registrar in made:
+        registrar.stop()

@@ -17,8 +17,13 @@ from stack import BIN, AgentProcess, write_agent_config
 def test_status_json_has_the_documented_fields(tpm, agent_factory):
     agent = agent_factory(tpm)
     code, doc = agent.ctl_json("status")
-    assert code == 0, doc
-    assert doc["state"] == "OK"
+    # Without [enrollment] the gateway has no identity certificate: WARN, and it says why.
+    assert code == 1, doc
+    assert doc["state"] == "WARN"
+    assert doc["reasons"] == ["enrollment not configured: this gateway has no identity "
+                              "certificate"]
+    assert doc["enrollment"]["state"] == "not_configured"
+    assert doc["certificate"] is None
     assert doc["tpm"]["manufacturer"] == "IBM (software TPM)"
     assert doc["tpm"]["firmware_version"]
     ek = doc["tpm"]["ek_certificate"]
@@ -31,8 +36,9 @@ def test_status_json_has_the_documented_fields(tpm, agent_factory):
 
 def test_status_text_shows_headline_and_parts(tpm, agent_factory):
     proc = agent_factory(tpm).ctl("status")
-    assert proc.returncode == 0
-    for needle in ("devid-agent: OK", "EK cert", "verified", "resident: yes", "SHA-256"):
+    assert proc.returncode == 1
+    for needle in ("devid-agent: WARN", "EK cert", "verified", "resident: yes", "SHA-256",
+                   "enrollment not configured"):
         assert needle in proc.stdout
 
 
@@ -138,7 +144,8 @@ def test_garbage_on_socket_gets_clear_error_and_daemon_survives(tpm, agent_facto
             reply = json.loads(s.recv(65536))
         assert reply["ok"] is False and reply["error"]["message"]
     code, doc = agent.ctl_json("status")
-    assert code == 0, (doc, agent.log_path.read_text())
+    assert code == 1 and doc["reasons"][0].startswith("enrollment not configured"), (
+        doc, agent.log_path.read_text())
 
 
 @pytest.mark.parametrize("body, needle", [
@@ -180,4 +187,6 @@ def test_daemon_waits_for_missing_tpm_then_recovers(tpm, agent_factory):
     port = int(tcti.rsplit("=", 1)[1])
     assert harness.start(state_dir, port=port) == tcti
     agent.wait_ready(timeout=30)
-    assert agent.ctl_json("status")[1]["state"] == "OK"
+    doc = agent.ctl_json("status")[1]
+    assert doc["tpm"]["reachable"] is True
+    assert doc["state"] == "WARN"  # only because enrollment is not configured here

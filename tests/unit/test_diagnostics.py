@@ -7,6 +7,7 @@ import pytest
 from agent.backoff import Backoff
 from agent.cli.render import render_check, render_status
 from agent.diagnostics.checks import Level, check_clock, check_ek, check_state_dir, worst
+from agent.diagnostics.enrollment import EnrollmentFacts
 from agent.diagnostics.facts import (
     ClockFacts,
     EkFacts,
@@ -36,11 +37,18 @@ def facts(verified=True, **kw):
 
 
 AGENT = {"version": "0.1.0", "pid": 1, "uptime_s": 3723.0}
+AT = datetime.datetime(2026, 11, 21, 12, 0, tzinfo=datetime.UTC)
+LEAF = {**CERT, "subject": "CN=devid ab,2.5.4.5=ab", "not_before": "2026-11-21T00:00:00+00:00",
+        "not_after": "2026-11-22T00:00:00+00:00"}
+ENROLLED = EnrollmentFacts("enrolled", "https://r:8443", "urn:devid:ab", certificate=LEAF,
+                           key_matches=True)
 
 
 def test_status_ok():
-    doc = build_status(facts(), AGENT, roots_configured=True)
+    doc = build_status(facts(), AGENT, roots_configured=True, enrollment=ENROLLED, now=AT)
     assert doc["state"] == "OK" and doc["reasons"] == []
+    assert doc["enrollment"]["device_id"] == "urn:devid:ab"
+    assert doc["certificate"]["key_matches_tpm"] is True
     assert doc["tpm"]["ek_certificate"]["verified"] is True
     assert doc["identity"]["key_resident"] is True
     text = render_status(doc)
@@ -48,7 +56,8 @@ def test_status_ok():
 
 
 def test_status_fail_when_tpm_unreachable():
-    doc = build_status(TpmFacts("device:/dev/tpmrm0", error=TpmUnreachable("gone")), AGENT, True)
+    doc = build_status(TpmFacts("device:/dev/tpmrm0", error=TpmUnreachable("gone")), AGENT, True,
+                       ENROLLED, AT)
     assert doc["state"] == "FAIL"
     assert doc["tpm"]["reachable"] is False and doc["tpm"]["error"]["type"] == "tpm-unreachable"
     assert doc["identity"]["key_resident"] is False
@@ -56,8 +65,33 @@ def test_status_fail_when_tpm_unreachable():
 
 
 def test_status_warn_without_roots_and_fail_when_untrusted():
-    assert build_status(facts(verified=False), AGENT, roots_configured=False)["state"] == "WARN"
-    assert build_status(facts(verified=False), AGENT, roots_configured=True)["state"] == "FAIL"
+    untrusted = facts(verified=False)
+    assert build_status(untrusted, AGENT, False, ENROLLED, AT)["state"] == "WARN"
+    assert build_status(untrusted, AGENT, True, ENROLLED, AT)["state"] == "FAIL"
+
+
+@pytest.mark.parametrize("enrollment, state, needle", [
+    (EnrollmentFacts("not_configured"), "WARN", "enrollment not configured"),
+    (EnrollmentFacts("pending", "https://r"), "WARN", "enrolling with https://r (attempt 1)"),
+    (EnrollmentFacts("failed", "https://r", attempts=3,
+                     last_error={"type": "token-used", "message": "token: already used",
+                                 "hint": "create a new one"},
+                     next_attempt=AT), "FAIL",
+     "enrollment failed after 3 attempt(s): token-used: token: already used"),
+    (EnrollmentFacts("enrolled", "https://r", "urn:devid:ab",
+                     certificate={**LEAF, "not_after": "2026-11-21T11:00:00+00:00"}), "FAIL",
+     "certificate expired at 2026-11-21 11:00:00Z"),
+    (EnrollmentFacts("enrolled", "https://r", "urn:devid:ab",
+                     certificate={**LEAF, "not_before": "2026-11-21T13:00:00+00:00"}), "FAIL",
+     "not valid until 2026-11-21 13:00:00Z by the local clock"),
+    (EnrollmentFacts("enrolled", "https://r", "urn:devid:ab", certificate=LEAF,
+                     key_matches=False), "FAIL", "not for this TPM's identity key"),
+])
+def test_enrollment_states_set_the_headline_with_a_reason(enrollment, state, needle):
+    doc = build_status(facts(), AGENT, True, enrollment, AT)
+    assert doc["state"] == state
+    assert any(needle in r for r in doc["reasons"]), doc["reasons"]
+    render_status(doc)  # renders every state without error
 
 
 def test_ek_mismatch_fails_with_hint():
