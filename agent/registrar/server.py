@@ -23,6 +23,7 @@ def serve(home: RegistrarHome, log_level: str = "info") -> None:
         app, host=host, port=port, ssl_certfile=str(ca.server_cert_path),
         ssl_keyfile=str(ca.server_key_path), log_level=log_level, access_log=False,
         lifespan="off", server_header=False, timeout_keep_alive=15,
+        timeout_graceful_shutdown=5,
         log_config=None)
     server_config.load()
     assert server_config.ssl is not None

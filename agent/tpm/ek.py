@@ -43,11 +43,18 @@ class EndorsementKey:
 
 
 def public_matches_certificate(public: TPM2B_PUBLIC, cert: x509.Certificate) -> bool:
-    """Pure comparison of a TPM public area's key with a certificate's key."""
+    """Pure comparison of a TPM public area's key with a certificate's key.
+
+    A public area that is not a valid key (e.g. an EC point off the curve) matches nothing.
+    """
     spki = cert.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    return bool(public.to_der() == spki)
+    try:
+        ours = public.to_der()
+    except (ValueError, TypeError):
+        return False
+    return bool(ours == spki)
 
 
 def check_ek(kind: str, public: TPM2B_PUBLIC, cert: x509.Certificate) -> None:
