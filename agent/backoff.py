@@ -22,7 +22,8 @@ class Backoff:
     def next_delay(self) -> float:
         base = min(self.cap, self.initial * self.factor**self._attempt)
         self._attempt += 1
-        return max(0.0, base * (1 + self.rng.uniform(-self.jitter, self.jitter)))
+        # The cap is a promise to the operator: jitter never pushes past it.
+        return min(self.cap, max(0.0, base * (1 + self.rng.uniform(-self.jitter, self.jitter))))
 
     def reset(self) -> None:
         self._attempt = 0

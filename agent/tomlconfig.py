@@ -46,6 +46,8 @@ def _location(loc: tuple[int | str, ...], root: type[BaseModel]) -> str:
     head: list[str] = []
     parts = list(loc)
     while parts and isinstance(parts[0], str) and _model_at(root, (*head, parts[0])) is not None:
+        if len(parts) > 1 and isinstance(parts[1], int):
+            break  # an array of tables reads better as key[i]
         head.append(str(parts.pop(0)))
     key = ""
     for part in parts:

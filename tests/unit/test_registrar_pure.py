@@ -1,0 +1,145 @@
+"""Registrar parts without a TPM: CA profile, store races, config, CLI, agent retry timing."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from agent.config import parse_config
+from agent.daemon.enrollment import EnrollmentManager
+from agent.enroll.client import verify_chain
+from agent.enroll.problems import problem
+from agent.errors import ConfigError, Problem
+from agent.registrar import cli
+from agent.registrar.ca import CertificateAuthority
+from agent.registrar.config import RegistrarConfig
+from agent.registrar.store import ChallengeRow, Store
+from agent.tomlconfig import parse_toml_model
+
+NOW = datetime.datetime(2026, 11, 21, 12, 0, tzinfo=datetime.UTC)
+
+
+@pytest.fixture
+def ca(tmp_path):
+    return CertificateAuthority.create(tmp_path / "ca", NOW)
+
+
+def test_device_certificate_is_built_from_the_device_id_only(ca):
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    cert = ca.issue_device("urn:devid:" + "ab" * 16, key, datetime.timedelta(hours=24), NOW)
+    assert cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)[0].value == "ab" * 16
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["urn:devid:" + "ab" * 16]
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    ku = cert.extensions.get_extension_for_class(x509.KeyUsage)
+    assert ku.critical and ku.value.digital_signature and not ku.value.key_cert_sign
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert ExtendedKeyUsageOID.CLIENT_AUTH in eku
+    assert cert.not_valid_after_utc - NOW == datetime.timedelta(hours=24)
+    verify_chain([cert, ca.issuing], [ca.root], NOW + datetime.timedelta(hours=1))
+
+
+def test_ca_is_never_overwritten_and_loads_back(ca, tmp_path):
+    with pytest.raises(ConfigError, match="already exists"):
+        CertificateAuthority.create(tmp_path / "ca", NOW)
+    loaded = CertificateAuthority.load(tmp_path / "ca")
+    assert loaded.issuing == ca.issuing
+    assert (tmp_path / "ca" / "issuing.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_server_certificate_is_reissued_only_when_names_change(ca):
+    assert ca.ensure_server_certificate(["127.0.0.1", "localhost"], NOW)
+    assert not ca.ensure_server_certificate(["localhost", "127.0.0.1"], NOW)
+    assert ca.ensure_server_certificate(["gw-registrar.example"], NOW)
+
+
+def _challenge(store, cid="c" * 32, now=1000.0, ttl=60.0, token_hash=None):
+    row = ChallengeRow(cid, "urn:devid:x", b"ek", b"ak", b"s" * 32, cid.encode(), token_hash,
+                       now, now + ttl)
+    store.add_challenge(row)
+    return row
+
+
+def test_a_challenge_is_claimed_once_even_under_concurrency(tmp_path):
+    store = Store(tmp_path / "r.db")
+    _challenge(store)
+
+    def claim(_):
+        try:
+            store.claim_challenge("c" * 32, 1001.0)
+            return "claimed"
+        except Problem as p:
+            return p.code
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(claim, range(16)))
+    assert outcomes.count("claimed") == 1
+    assert set(outcomes) == {"claimed", "challenge-used"}
+
+
+def test_expired_and_unknown_challenges_are_refused(tmp_path):
+    store = Store(tmp_path / "r.db")
+    _challenge(store, ttl=10)
+    with pytest.raises(Problem, match="expired"):
+        store.claim_challenge("c" * 32, 1011.0)
+    with pytest.raises(Problem) as exc:
+        store.claim_challenge("d" * 32, 1001.0)
+    assert exc.value.code == "challenge-unknown"
+
+
+def test_tokens_are_checked_for_existence_expiry_and_use(tmp_path):
+    store = Store(tmp_path / "r.db")
+    store.add_token("h1", "gw-1", 1000.0, 2000.0)
+    store.check_token("h1", 1500.0)
+    for token, now, code in (("nope", 1500.0, "token-invalid"), ("h1", 2001.0, "token-invalid")):
+        with pytest.raises(Problem) as exc:
+            store.check_token(token, now)
+        assert exc.value.code == code
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("listen = 'nowhere'", "listen: expected HOST:PORT"),
+    ("cert_lifetime = '1s'", "cert_lifetime: must be between 1m and 366d"),
+    ("cert_lifetime = 'soon'", "cert_lifetime: expected a duration"),
+    ("requier_token = true", "requier_token: unknown key (known: listen"),
+    ("[pcr_policy]\nmode = 'lenient'", "[pcr_policy] mode"),
+    ("[pcr_policy]\npcrs = [0]\n[[pcr_policy.allowed]]\nname = 'x'\nvalues = { '0' = 'zz' }",
+     "[pcr_policy] allowed[0].values: Value error, PCR 0: not a hex string"),
+])
+def test_registrar_config_errors_name_the_key(text, needle):
+    with pytest.raises(ConfigError) as exc:
+        parse_toml_model(RegistrarConfig, text, Path("/srv/reg/registrar.toml"))
+    assert needle.replace("Value error, ", "") in exc.value.message
+
+
+def test_registrar_cli_usage_and_audit_exit_codes(tmp_path, capsys):
+    assert cli.main(["token", "create"]) == cli.EXIT_USAGE
+    assert cli.main(["token", "create", "--dir", str(tmp_path), "--ttl", "99d"]) == cli.EXIT_USAGE
+    assert cli.main(["devices", "list", "--dir", str(tmp_path / "none")]) == cli.EXIT_CONFIG
+    assert cli.main(["init", "--dir", str(tmp_path / "r"), "--pcrs", "0-7"]) == 0
+    log = tmp_path / "r" / "audit.log"
+    assert cli.main(["audit", "verify", "--dir", str(tmp_path / "r")]) == 0
+    log.write_text(log.read_text().replace("registrar-initialized", "registrar-initialised"))
+    assert cli.main(["audit", "verify", "--dir", str(tmp_path / "r")]) == cli.EXIT_FAILURE
+    assert "hash mismatch" in capsys.readouterr().err
+
+
+def test_agent_waits_at_least_retry_after(tmp_path):
+    ca = tmp_path / "ca.pem"
+    CertificateAuthority.create(tmp_path / "ca", NOW).root_path.replace(ca)
+    config = parse_config(f'[enrollment]\nurl = "https://r:8443"\nca = "{ca}"\n'
+                          'retry_initial = "1s"\nretry_max = "2s"\n', tmp_path / "agent.toml")
+    manager = EnrollmentManager(config.enrollment, tmp_path, clock=lambda: NOW)
+    busy = problem("registrar-busy", "busy", retry_after=30)
+    assert manager._failed(busy) >= 30
+    assert manager.facts().next_attempt >= NOW + datetime.timedelta(seconds=30)
+    assert manager._failed(problem("token-used", "used")) <= 2
+    assert manager.facts().state == "failed"
+    assert manager.facts().last_error["type"] == "token-used"
+    assert manager.attempts == 2
