@@ -50,6 +50,7 @@ test: deps lint
 
 bench: deps
 	$(VPY) bench/tpm_ops.py
+	$(VPY) bench/enroll.py
 
 demo: deps
 	$(VPY) tests/stack.py demo --dir .demo
