@@ -17,7 +17,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC
+from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC, TPMT_PUBLIC
 from tpm2_pytss.utils import make_credential
 
 from agent.audit import AuditLog
@@ -128,7 +128,7 @@ class EnrollmentService:
         self.store.check_token(token_hash(token), now)
 
     def _issue_challenge(self, request: StartRequest, ek_cert: x509.Certificate,
-                         ek_public: Any, ak_public: Any, device_id: str,
+                         ek_public: TPMT_PUBLIC, ak_public: TPMT_PUBLIC, device_id: str,
                          now: datetime.datetime, peer: str) -> Challenge:
         secret, nonce = self._random(SECRET_BYTES), self._random(NONCE_BYTES)
         challenge_id = self._random(16).hex()
