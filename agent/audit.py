@@ -12,17 +12,17 @@ can write the same log; each append is fsynced before it returns.
 
 from __future__ import annotations
 
-import datetime
 import fcntl
 import hashlib
 import json
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.clock import Clock, utcnow
 from agent.fsutil import write_atomic
 
 GENESIS = "0" * 64
@@ -36,10 +36,6 @@ def _hash(record: dict[str, Any]) -> str:
     return hashlib.sha256(_canonical({k: v for k, v in record.items() if k != "hash"})).hexdigest()
 
 
-def _utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
-
-
 @dataclass(frozen=True)
 class AuditVerdict:
     ok: bool
@@ -48,7 +44,7 @@ class AuditVerdict:
 
 
 class AuditLog:
-    def __init__(self, path: Path, clock: Callable[[], datetime.datetime] = _utcnow) -> None:
+    def __init__(self, path: Path, clock: Clock = utcnow) -> None:
         self.path = path
         self.head_path = path.with_name(path.name + ".head")
         self._clock = clock

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from agent.errors import DevidError, ProtocolError
@@ -26,6 +26,14 @@ class _Unmarshallable(Protocol):
 T = TypeVar("T", bound=_Unmarshallable)
 # An error class, or any callable that turns a message into an error.
 ErrorFactory = Callable[[str], DevidError]
+
+
+def format_location(parts: Sequence[int | str]) -> str:
+    """`key[0].sub` for a path into a decoded document (config or message)."""
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
 def decode_json_object(data: bytes, where: str,

@@ -12,6 +12,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from agent.errors import StateError
+
 PRIVATE_FILE_MODE = 0o600
 PRIVATE_DIR_MODE = 0o700
 
@@ -44,6 +46,16 @@ def write_atomic(path: Path, data: bytes, mode: int = PRIVATE_FILE_MODE) -> None
             os.unlink(tmp_name)
         raise
     fsync_dir(directory)
+
+
+def read_state_file(path: Path) -> bytes | None:
+    """A state file's bytes; None if it does not exist, StateError if it cannot be read."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise StateError(f"{path}: cannot read: {e.strerror}") from None
 
 
 def ensure_private_dir(path: Path) -> None:

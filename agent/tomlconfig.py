@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ValidationError
 
+from agent.codec import format_location
 from agent.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
@@ -49,9 +50,7 @@ def _location(loc: tuple[int | str, ...], root: type[BaseModel]) -> str:
         if len(parts) > 1 and isinstance(parts[1], int):
             break  # an array of tables reads better as key[i]
         head.append(str(parts.pop(0)))
-    key = ""
-    for part in parts:
-        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    key = format_location(parts)
     if not head:
         return key or "(top level)"
     section = f"[{'.'.join(head)}]"

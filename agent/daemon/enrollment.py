@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 from cryptography import x509
 
 from agent.backoff import Backoff
+from agent.clock import Clock, utcnow
 from agent.config import EnrollmentSection
 from agent.diagnostics.enrollment import (
     ENROLLED,
@@ -31,19 +31,12 @@ from agent.diagnostics.enrollment import (
 from agent.enroll.client import enroll
 from agent.enroll.http import RegistrarClient, ThreadedRegistrar
 from agent.enroll.state import EnrollmentStore, StoredEnrollment
-from agent.enroll.tpmport import CustodyTpm
+from agent.enroll.tpmport import CustodyTpm, Runner
 from agent.errors import ConfigError, DevidError, Problem, StateError, TpmUnreachable
-from agent.pki.certinfo import public_key_sha256, summarize
+from agent.pki.certinfo import spki_der, summarize
 from agent.tpm.custody import TpmCustody
 
 log = logging.getLogger(__name__)
-
-Runner = Callable[..., Awaitable[object]]
-
-
-def _utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
-
 
 def load_pinned_ca(path: Path) -> list[x509.Certificate]:
     try:
@@ -56,7 +49,7 @@ def load_pinned_ca(path: Path) -> list[x509.Certificate]:
 
 class EnrollmentManager:
     def __init__(self, section: EnrollmentSection | None, state_dir: Path,
-                 clock: Callable[[], datetime.datetime] = _utcnow) -> None:
+                 clock: Clock = utcnow) -> None:
         self.section = section
         self.store = EnrollmentStore(state_dir)
         self._clock = clock
@@ -112,8 +105,7 @@ class EnrollmentManager:
         if self.stored is None:
             return False
         identity = await run_tpm(custody.identity_key)
-        ours = public_key_sha256(self.stored.certificate) == \
-            hashlib.sha256(identity.public_key_der).hexdigest()  # type: ignore[attr-defined]
+        ours = spki_der(self.stored.certificate) == identity.public_key_der  # type: ignore[attr-defined]
         self.key_matches = ours
         if ours:
             log.info("enrolled as %s (certificate serial %s, valid until %s)",
@@ -127,7 +119,6 @@ class EnrollmentManager:
 
     async def _attempt(self, custody: TpmCustody, run_tpm: Runner) -> None:
         assert self.section is not None
-        self.state = PENDING if self.attempts == 0 else self.state
         log.info("enrolling with %s (attempt %d)", self.section.url, self.attempts + 1)
         token = self.section.read_token()
         client = RegistrarClient(self.section.url, self.section.ca, self.section.timeout)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,6 @@ class EnrollmentFacts:
     next_attempt: datetime.datetime | None = None
     certificate: dict[str, Any] | None = None  # certinfo.summarize() of the leaf
     key_matches: bool | None = None  # the certificate's key is this TPM's identity key
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def enrollment_section(facts: EnrollmentFacts) -> dict[str, Any]:

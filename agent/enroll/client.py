@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import verification as v
 
 from agent.enroll.evidence import activation_proof
@@ -28,6 +27,7 @@ from agent.enroll.messages import (
     StartRequest,
 )
 from agent.errors import ProtocolError
+from agent.pki.certinfo import spki_der
 from agent.secret import SecretBytes
 
 
@@ -66,11 +66,14 @@ class EnrollmentResult:
     device_id: str
     chain: tuple[x509.Certificate, ...]  # leaf first
     serial: str
-    not_after: datetime.datetime
 
     @property
     def certificate(self) -> x509.Certificate:
         return self.chain[0]
+
+    @property
+    def not_after(self) -> datetime.datetime:
+        return self.certificate.not_valid_after_utc
 
 
 async def enroll(tpm: EnrollmentTpm, registrar: Registrar, token: str | None,
@@ -94,11 +97,6 @@ async def enroll(tpm: EnrollmentTpm, registrar: Registrar, token: str | None,
     return check_issued(issued, challenge.device_id, csr, pinned_ca)
 
 
-def _leaf_public(cert: x509.Certificate) -> bytes:
-    return cert.public_key().public_bytes(serialization.Encoding.DER,
-                                          serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
 def check_issued(issued: Issued, device_id: str, csr_der: bytes,
                  pinned_ca: Sequence[x509.Certificate],
                  now: datetime.datetime | None = None) -> EnrollmentResult:
@@ -111,8 +109,7 @@ def check_issued(issued: Issued, device_id: str, csr_der: bytes,
     if issued.device_id != device_id:
         raise ProtocolError(f"the registrar issued for {issued.device_id}, expected {device_id}")
     csr = x509.load_der_x509_csr(csr_der)
-    if _leaf_public(leaf) != csr.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+    if spki_der(leaf) != spki_der(csr.public_key()):
         raise ProtocolError("the issued certificate is not for this TPM's identity key")
     try:
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -122,7 +119,7 @@ def check_issued(issued: Issued, device_id: str, csr_der: bytes,
     if device_id not in uris:
         raise ProtocolError(f"the issued certificate does not name {device_id} in its SAN")
     verify_chain(chain, pinned_ca, now)
-    return EnrollmentResult(device_id, chain, issued.serial, leaf.not_valid_after_utc)
+    return EnrollmentResult(device_id, chain, issued.serial)
 
 
 def verify_chain(chain: Sequence[x509.Certificate], anchors: Sequence[x509.Certificate],

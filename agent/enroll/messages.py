@@ -22,7 +22,7 @@ from pydantic import (
     WithJsonSchema,
 )
 
-from agent.codec import ErrorFactory, b64encode, decode_json_object
+from agent.codec import ErrorFactory, b64encode, decode_json_object, format_location
 from agent.enroll.problems import problem
 from agent.errors import Problem
 
@@ -130,13 +130,6 @@ class Issued(_Message):
 M = TypeVar("M", bound=_Message)
 
 
-def _location(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "body"
-
-
 def describe_validation_error(e: ValidationError) -> str:
     parts = []
     for err in e.errors()[:5]:
@@ -145,7 +138,7 @@ def describe_validation_error(e: ValidationError) -> str:
             msg = "required field missing"
         elif err["type"] == "extra_forbidden":
             msg = "unknown field"
-        parts.append(f"{_location(tuple(err['loc']))}: {msg}")
+        parts.append(f"{format_location(err['loc']) or 'body'}: {msg}")
     return "; ".join(parts)
 
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from agent.codec import decode_json_object
 from agent.enroll.client import EnrollmentResult
 from agent.errors import StateError
-from agent.fsutil import ensure_private_dir, write_atomic
+from agent.fsutil import ensure_private_dir, read_state_file, write_atomic
 
 FORMAT_VERSION = 1
 FILE_NAME = "enrollment.json"
@@ -82,13 +82,8 @@ class EnrollmentStore:
         self.path = state_dir / FILE_NAME
 
     def load(self) -> StoredEnrollment | None:
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise StateError(f"{self.path}: cannot read: {e.strerror}") from None
-        return StoredEnrollment.from_json(data, str(self.path))
+        data = read_state_file(self.path)
+        return None if data is None else StoredEnrollment.from_json(data, str(self.path))
 
     def save(self, enrollment: StoredEnrollment) -> None:
         ensure_private_dir(self.path.parent)

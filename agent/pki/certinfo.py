@@ -8,14 +8,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 
-def public_key_sha256(cert_or_key: x509.Certificate | object) -> str:
-    """SHA-256 of the DER SubjectPublicKeyInfo, the stable fingerprint of a key."""
+def spki_der(cert_or_key: x509.Certificate | object) -> bytes:
+    """The DER SubjectPublicKeyInfo of a certificate's (or a public key's) key."""
     key = cert_or_key.public_key() if isinstance(cert_or_key, x509.Certificate) else cert_or_key
-    spki = key.public_bytes(  # type: ignore[attr-defined]
+    return key.public_bytes(  # type: ignore[attr-defined,no-any-return]
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+
+
+def public_key_sha256(cert_or_key: x509.Certificate | object) -> str:
+    """SHA-256 of the DER SubjectPublicKeyInfo, the stable fingerprint of a key."""
     digest = hashes.Hash(hashes.SHA256())
-    digest.update(spki)
+    digest.update(spki_der(cert_or_key))
     return digest.finalize().hex()
 
 

@@ -60,21 +60,20 @@ def _peer(request: Request) -> str:
 
 
 def create_app(service: EnrollmentService, max_body: int) -> Starlette:
-    async def respond(request: Request, handler: Any, *args: str) -> Response:
+    async def respond(request: Request, status: int, handler: Any, *args: str) -> Response:
         began = time.perf_counter()
         try:
             body = await read_body(request, max_body)
             message = await run_in_threadpool(handler, *args, body, _peer(request))
         except Problem as p:
             return problem_response(p, request.url.path)
-        status = 201 if request.url.path.endswith("/enrollments") else 200
         elapsed_ms = (time.perf_counter() - began) * 1000
         return JSONResponse(encode(message), status_code=status,
                             headers={"Server-Timing": f"app;dur={elapsed_ms:.2f}",
                                      "Cache-Control": "no-store"})
 
     async def start(request: Request) -> Response:
-        return await respond(request, service.start)
+        return await respond(request, 201, service.start)
 
     async def complete(request: Request) -> Response:
         challenge_id = request.path_params["challenge_id"]
@@ -82,7 +81,7 @@ def create_app(service: EnrollmentService, max_body: int) -> Starlette:
             return problem_response(problem("challenge-unknown",
                                             "challenge id must be 32 hex digits"),
                                     request.url.path)
-        return await respond(request, service.complete, challenge_id)
+        return await respond(request, 200, service.complete, challenge_id)
 
     async def health(_request: Request) -> Response:
         return JSONResponse({"status": "ok", "version": __version__})

@@ -32,10 +32,6 @@ from agent.tomlconfig import parse_toml_model
 log = logging.getLogger(__name__)
 
 
-def _toml_list(items: list[str]) -> str:
-    return json.dumps(items)
-
-
 @dataclass(frozen=True)
 class RegistrarHome:
     directory: Path
@@ -63,8 +59,8 @@ class RegistrarHome:
         if self.config_path.exists():
             raise ConfigError(f"{self.config_path}: already exists; not overwriting it")
         text = DEFAULT_CONFIG.format(
-            listen=json.dumps(listen), server_names=_toml_list(server_names),
-            ek_roots=_toml_list([str(p.resolve()) for p in ek_roots]),
+            listen=json.dumps(listen), server_names=json.dumps(server_names),
+            ek_roots=json.dumps([str(p.resolve()) for p in ek_roots]),
             pcrs=json.dumps(pcrs), allowed=allowed_toml)
         parse_toml_model(RegistrarConfig, text, self.config_path, (("ek_roots",),))  # check first
         ensure_private_dir(self.directory)

@@ -16,11 +16,11 @@ from collections.abc import Callable
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC, TPMT_PUBLIC
 from tpm2_pytss.utils import make_credential
 
 from agent.audit import AuditLog
+from agent.clock import Clock, utcnow
 from agent.enroll import evidence
 from agent.enroll.messages import (
     Challenge,
@@ -32,6 +32,7 @@ from agent.enroll.messages import (
 )
 from agent.enroll.problems import problem
 from agent.errors import Problem
+from agent.pki.certinfo import public_key_sha256
 from agent.pki.ekchain import TrustStore, tpm_claims, verify_ek_chain
 from agent.registrar.ca import CertificateAuthority
 from agent.registrar.config import RegistrarConfig
@@ -46,15 +47,9 @@ NONCE_BYTES = 32
 MAX_AUDIT_DETAIL = 500
 
 
-def _utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
-
-
 def device_id_for(ek_certificate: x509.Certificate) -> str:
     """Stable device ID: a hash of the EK's public key (so another TPM is another device)."""
-    spki = ek_certificate.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return DEVICE_ID_PREFIX + hashlib.sha256(spki).hexdigest()[:32]
+    return DEVICE_ID_PREFIX + public_key_sha256(ek_certificate)[:32]
 
 
 def token_hash(token: str) -> str:
@@ -73,7 +68,7 @@ def _parse_certificate(der: bytes, field: str) -> x509.Certificate:
 class EnrollmentService:
     def __init__(self, config: RegistrarConfig, ca: CertificateAuthority, store: Store,
                  audit: AuditLog, trust: TrustStore,
-                 clock: Callable[[], datetime.datetime] = _utcnow,
+                 clock: Clock = utcnow,
                  random_bytes: Callable[[int], bytes] = secrets.token_bytes) -> None:
         self.config = config
         self.ca = ca

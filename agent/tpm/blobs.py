@@ -18,7 +18,7 @@ from tpm2_pytss.types import TPM2B_PRIVATE, TPM2B_PUBLIC
 
 from agent.codec import T, b64decode_strict, b64encode, decode_json_object, unmarshal_exact
 from agent.errors import StateError
-from agent.fsutil import ensure_private_dir, write_atomic
+from agent.fsutil import ensure_private_dir, read_state_file, write_atomic
 
 FORMAT_VERSION = 1
 
@@ -115,13 +115,8 @@ class BlobStore:
 
     def load(self, name: str) -> KeyBlob | None:
         path = self.path(name)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise StateError(f"{path}: cannot read: {e.strerror}") from None
-        return KeyBlob.from_json(data, str(path))
+        data = read_state_file(path)
+        return None if data is None else KeyBlob.from_json(data, str(path))
 
     def save(self, name: str, blob: KeyBlob) -> None:
         ensure_private_dir(self.directory)

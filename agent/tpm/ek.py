@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from tpm2_pytss.internal.templates import ek_template
 from tpm2_pytss.types import TPM2B_PUBLIC
 
 from agent.errors import EkMismatch
+from agent.pki.certinfo import spki_der
 
 # ECC first: on real TPMs an RSA primary takes seconds, an ECC one milliseconds.
 EK_PREFERENCE = (
@@ -47,14 +47,11 @@ def public_matches_certificate(public: TPM2B_PUBLIC, cert: x509.Certificate) -> 
 
     A public area that is not a valid key (e.g. an EC point off the curve) matches nothing.
     """
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
     try:
         ours = public.to_der()
     except (ValueError, TypeError):
         return False
-    return bool(ours == spki)
+    return bool(ours == spki_der(cert))
 
 
 def check_ek(kind: str, public: TPM2B_PUBLIC, cert: x509.Certificate) -> None:

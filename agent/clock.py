@@ -1,0 +1,12 @@
+"""The wall clock, injected wherever time matters so tests and benchmarks can set it."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+
+Clock = Callable[[], datetime.datetime]
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
