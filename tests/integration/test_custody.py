@@ -229,3 +229,26 @@ def test_sealed_blob_on_disk_does_not_contain_the_secret(custody, tmp_path):
     path = Path(tmp_path / "sealed.json")
     path.write_bytes(blob.to_json())
     assert secret not in path.read_bytes()
+
+
+def test_garbage_credentials_are_refused_without_leaking_handles(custody):
+    from tpm2_pytss.types import TPM2B_NAME
+    from tpm2_pytss.utils import make_credential
+
+    from agent.errors import ProtocolError, TpmError
+
+    ek = custody.endorsement_keys(1)[0]
+    ak = custody.attestation_key()
+    blob, secret = (bytes(x.marshal()) for x in make_credential(ek.public, b"S" * 32,
+                                                                  TPM2B_NAME(ak.name)))
+    before = _transient_handles(custody)
+    for bad_blob, bad_secret, error in (
+        (blob[:-3], secret, ProtocolError),  # truncated TPM2B_ID_OBJECT
+        (blob, secret + b"\0", ProtocolError),  # trailing bytes
+        (b"\xff" * 10, secret, ProtocolError),  # garbage
+        (blob[:10] + bytes([blob[10] ^ 1]) + blob[11:], secret, TpmError),  # HMAC fails
+    ):
+        with pytest.raises(error):
+            custody.activate_credential(ek, bad_blob, bad_secret)
+    assert _transient_handles(custody) == before
+    assert custody.activate_credential(ek, blob, secret).reveal() == b"S" * 32

@@ -54,3 +54,28 @@ def test_missing_and_unreadable_files(tmp_path):
     bad.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("section, needle", [
+    ('url = "http://r:8443"\nca = "ca.pem"', "[enrollment] url: expected an https:// URL"),
+    ('url = "https://r:8443/?x=1"\nca = "ca.pem"', "must not have a query"),
+    ('url = "https://r:8443"', "[enrollment] ca: Field required"),
+    ('url = "https://r:8443"\nca = "missing.pem"', "[enrollment] ca: "),
+    ('url = "https://r:8443"\nca = "ca.pem"\ntoken = "t"\ntoken_file = "t"',
+     "set token or token_file, not both"),
+    ('url = "https://r:8443"\nca = "ca.pem"\ntimeout = "soon"', "[enrollment] timeout: "),
+    ('url = "https://r:8443"\nca = "ca.pem"\ntoekn = "t"', "[enrollment] toekn: unknown key"),
+])
+def test_bad_enrollment_section_names_the_key(tmp_path, section, needle):
+    (tmp_path / "ca.pem").write_text("x")
+    with pytest.raises(ConfigError) as exc:
+        parse_config(f"[enrollment]\n{section}\n", tmp_path / "agent.toml")
+    assert needle in exc.value.message
+
+
+def test_enrollment_token_is_never_shown(tmp_path):
+    (tmp_path / "ca.pem").write_text("x")
+    cfg = parse_config('[enrollment]\nurl = "https://r:8443"\nca = "ca.pem"\n'
+                       'token = "s3cr3t-token-value"\n', tmp_path / "agent.toml")
+    assert "s3cr3t" not in repr(cfg) and "s3cr3t" not in str(cfg.enrollment)
+    assert cfg.enrollment.read_token() == "s3cr3t-token-value"

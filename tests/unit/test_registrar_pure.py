@@ -14,8 +14,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from agent.config import parse_config
 from agent.daemon.enrollment import EnrollmentManager
 from agent.enroll.client import verify_chain
+from agent.enroll.http import _bad_response
+from agent.enroll.messages import Challenge, decode
 from agent.enroll.problems import problem
-from agent.errors import ConfigError, Problem
+from agent.enroll.state import EnrollmentStore
+from agent.errors import ConfigError, Problem, ProtocolError, StateError
 from agent.registrar import cli
 from agent.registrar.ca import CertificateAuthority
 from agent.registrar.config import RegistrarConfig
@@ -143,3 +146,30 @@ def test_agent_waits_at_least_retry_after(tmp_path):
     assert manager.facts().state == "failed"
     assert manager.facts().last_error["type"] == "token-used"
     assert manager.attempts == 2
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"{not json", "not valid JSON"),
+    (b'{"version": 9}', "unsupported format version 9"),
+    (b'{"version": 1, "device_id": "urn:devid:x"}', "registrar: expected a non-empty string"),
+    (b'{"version": 1, "device_id": "d", "registrar": "r", "enrolled_at": "yesterday", '
+     b'"serial": "1", "certificate_chain": "x"}', "enrolled_at: not an ISO 8601 time"),
+    (b'{"version": 1, "device_id": "d", "registrar": "r", "enrolled_at": "2026-11-21", '
+     b'"serial": "1", "certificate_chain": "not pem"}', "certificate_chain: not PEM"),
+])
+def test_damaged_enrollment_state_is_set_aside_not_trusted(tmp_path, content, needle):
+    state = tmp_path / "enrollment.json"
+    state.write_bytes(content)
+    with pytest.raises(StateError) as exc:
+        EnrollmentStore(tmp_path).load()
+    assert needle in exc.value.message
+    manager = EnrollmentManager(None, tmp_path)
+    manager.load()  # logs, moves the damage aside, and enrolls again
+    assert manager.stored is None and not state.exists()
+    assert (tmp_path / "enrollment.json.damaged").read_bytes() == content
+
+
+@pytest.mark.parametrize("body", [b"[]", b'{"challenge_id": 1}', b"<html>"])
+def test_garbage_from_the_registrar_is_a_protocol_error(body):
+    with pytest.raises(ProtocolError, match="registrar's response is not valid"):
+        decode(Challenge, body, _bad_response)
