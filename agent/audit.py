@@ -26,6 +26,7 @@ from agent.clock import Clock, utcnow
 from agent.fsutil import write_atomic
 
 GENESIS = "0" * 64
+AGENT_AUDIT_LOG = "audit.log"  # in the agent's state directory
 
 
 def _canonical(record: dict[str, Any]) -> bytes:
@@ -83,10 +84,18 @@ class AuditLog:
         return int(last["seq"]), str(last["hash"])
 
     def records(self) -> Iterator[dict[str, Any]]:
+        """The records as written, up to the first line that is not a JSON object
+        (verify() says whether the chain holds)."""
         try:
             with open(self.path, "rb") as f:
                 for line in f:
-                    yield json.loads(line)
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        return
+                    if not isinstance(record, dict):
+                        return
+                    yield record
         except FileNotFoundError:
             return
 
@@ -118,3 +127,13 @@ class AuditLog:
             return AuditVerdict(False, seq, f"the log ends at record {seq} but the head says "
                                             f"{head.get('seq')} (lines removed from the end)")
         return AuditVerdict(True, seq)
+
+    def report(self, limit: int | None = None) -> dict[str, Any]:
+        """The last `limit` records and whether the chain verifies (devidctl audit)."""
+        verdict = self.verify()
+        records = list(self.records())
+        if limit is not None and limit > 0:
+            records = records[-limit:]
+        return {"path": str(self.path), "intact": verdict.ok,
+                "problem": verdict.problem or None, "count": verdict.records,
+                "records": records}

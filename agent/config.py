@@ -23,11 +23,16 @@ Example:
     url = "https://registrar.example:8443"
     ca = "/etc/devid-agent/registrar-ca.pem"
     token_file = "/etc/devid-agent/enrollment-token"
+
+    [rotation]
+    renew_fraction = 0.667
+    reload_hooks = ["/usr/bin/systemctl reload my-uplink"]
 """
 
 from __future__ import annotations
 
 import grp
+import shlex
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -122,6 +127,40 @@ class EnrollmentSection(_Section):
         return token or None
 
 
+class RotationSection(_Section):
+    # Renew at this fraction of the certificate lifetime, moved by up to ±jitter of it.
+    renew_fraction: Annotated[float, Field(ge=0.1, le=0.95)] = 2 / 3
+    jitter: Annotated[float, Field(ge=0.0, le=0.5)] = 0.1
+    # Backoff after a failed renewal (capped exponential with jitter).
+    retry_initial: Duration = 5.0
+    retry_max: Duration = 300.0
+    # How far the local clock may lag the registrar's before a fresh certificate is
+    # reported as "not yet valid because of the local clock".
+    clock_skew: Duration = 300.0
+    # PCRs (sha256) the TLS key is sealed to; a changed value makes the agent rotate.
+    seal_pcrs: list[Annotated[int, Field(ge=0, le=23)]] = Field(
+        default_factory=lambda: [0, 1, 2, 3, 4, 5, 6, 7], min_length=1, max_length=24)
+    # Commands run (no shell) after each successful rotation, e.g. "systemctl reload x".
+    reload_hooks: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    hook_timeout: Duration = 30.0
+
+    @field_validator("reload_hooks")
+    @classmethod
+    def _commands(cls, v: list[str]) -> list[str]:
+        for i, command in enumerate(v):
+            try:
+                argv = shlex.split(command)
+            except ValueError as e:
+                raise ValueError(f"[{i}]: {e}") from None
+            if not argv or not Path(argv[0]).is_absolute():
+                raise ValueError(f"[{i}]: {command!r}: start with an absolute path to the "
+                                 "program (hooks run without a shell or PATH lookup)")
+        return v
+
+    def hook_argvs(self) -> list[list[str]]:
+        return [shlex.split(c) for c in self.reload_hooks]
+
+
 class LogSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -133,6 +172,7 @@ class AgentConfig(_Section):
     control: ControlSection = Field(default_factory=ControlSection)
     log: LogSection = Field(default_factory=LogSection)
     enrollment: EnrollmentSection | None = None
+    rotation: RotationSection = Field(default_factory=RotationSection)
     source: Path | None = Field(default=None, exclude=True)
 
 

@@ -12,6 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from agent import faults
 from agent.errors import StateError
 
 PRIVATE_FILE_MODE = 0o600
@@ -40,11 +41,13 @@ def write_atomic(path: Path, data: bytes, mode: int = PRIVATE_FILE_MODE) -> None
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        faults.point(f"write.{path.name}.before_rename")
         os.replace(tmp_name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+    faults.point(f"write.{path.name}.after_rename")
     fsync_dir(directory)
 
 

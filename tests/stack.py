@@ -20,8 +20,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -214,23 +216,39 @@ class AgentProcess:
             time.sleep(0.1)
         raise TimeoutError(f"devid-agent not ready after {timeout}s:\n" + self.log_path.read_text())
 
-    def wait_enrollment(self, state: str = "enrolled", timeout: float = 30.0) -> dict[str, object]:
-        """Poll status until enrollment.state is `state`; returns the status document."""
+    def wait_status(self, what: str, predicate: Callable[[dict[str, Any]], bool],
+                    timeout: float = 30.0) -> dict[str, Any]:
+        """Poll status until `predicate(doc)`; returns the status document."""
         deadline = time.monotonic() + timeout
-        doc: dict[str, object] = {}
+        doc: dict[str, Any] = {}
         while time.monotonic() < deadline:
             doc = self.ctl_json("status")[1]
-            if (doc.get("enrollment") or {}).get("state") == state:  # type: ignore[union-attr]
+            if doc and predicate(doc):
                 return doc
             time.sleep(0.1)
-        raise TimeoutError(f"enrollment not {state} after {timeout}s: {doc}\n"
+        raise TimeoutError(f"not {what} after {timeout}s: {json.dumps(doc, indent=1)}\n"
                            + self.log_path.read_text())
+
+    def wait_enrollment(self, state: str = "enrolled", timeout: float = 30.0) -> dict[str, Any]:
+        """Until enrollment.state is `state`; "enrolled" also waits for the first TLS
+        certificate (the renewal that follows enrollment at once)."""
+        def reached(doc: dict[str, Any]) -> bool:
+            if (doc.get("enrollment") or {}).get("state") != state:
+                return False
+            return state != "enrolled" or bool((doc.get("tls_certificate") or {}).get(
+                "presented"))
+        return self.wait_status(f"enrollment {state}", reached, timeout)
+
+    def wait_generation(self, generation: int, timeout: float = 30.0) -> dict[str, Any]:
+        """Until at least `generation` renewals have completed since enrollment."""
+        return self.wait_status(f"renewed {generation} times", lambda d: (d.get("rotation") or {})
+                                .get("generation", 0) >= generation, timeout)
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(BIN / "devidctl"), "--config", str(self.config), *args],
                               capture_output=True, text=True, timeout=60)
 
-    def ctl_json(self, *args: str) -> tuple[int, dict[str, object]]:
+    def ctl_json(self, *args: str) -> tuple[int, dict[str, Any]]:
         proc = self.ctl(*args, "--json")
         return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else {}
 

@@ -1,6 +1,7 @@
 """devidctl: the field engineer's view of a gateway's identity agent.
 
-Exit codes: 0 OK, 1 WARN, 2 FAIL, 3 cannot reach the daemon, 64 usage error.
+Exit codes: 0 OK, 1 WARN, 2 FAIL (for renew/decommission: the action failed),
+3 cannot reach the daemon, 64 usage error.
 """
 
 from __future__ import annotations
@@ -13,9 +14,18 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from agent import __version__
-from agent.cli.render import render_check, render_error, render_status
+from agent.audit import AGENT_AUDIT_LOG, AuditLog
+from agent.cli.render import (
+    render_audit,
+    render_check,
+    render_decommission,
+    render_error,
+    render_renew,
+    render_status,
+)
 from agent.config import AgentConfig, load_config
 from agent.control import client
+from agent.control.protocol import RENEW_WAIT_MAX
 from agent.diagnostics.checks import check_daemon_down
 from agent.diagnostics.enrollment import (
     check_enrollment,
@@ -53,7 +63,33 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="diagnostics with a hint for each problem "
                            "(runs locally when the daemon is down)")
     check.add_argument("--json", action="store_true", help="print one JSON object")
+    renew = sub.add_parser("renew", help="renew the certificates now (re-attesting)")
+    renew.add_argument("--wait", action="store_true",
+                       help="wait for the outcome and report it (exit 2 if it failed)")
+    renew.add_argument("--json", action="store_true", help="print one JSON object")
+    decom = sub.add_parser("decommission", help="retire this gateway: tell the registrar, "
+                           "then destroy its identity state and TPM keys")
+    decom.add_argument("--yes", action="store_true", help="do it (required: this cannot be "
+                       "undone)")
+    decom.add_argument("--force", action="store_true", help="wipe locally even if the "
+                       "registrar cannot be told")
+    decom.add_argument("--json", action="store_true", help="print one JSON object")
+    audit = sub.add_parser("audit", help="the agent's hash-chained audit log")
+    audit.add_argument("--limit", type=_positive, default=50, help="show the last N "
+                       "records (default 50)")
+    audit.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") \
+            from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def _emit(doc: dict[str, Any], as_json: bool, render: Any) -> None:
@@ -104,15 +140,66 @@ def cmd_check(config: AgentConfig, as_json: bool) -> int:
     return EXIT_BY_STATE.get(str(doc.get("state")), 2)
 
 
+def cmd_renew(config: AgentConfig, args: argparse.Namespace) -> int:
+    timeout = RENEW_WAIT_MAX + 10 if args.wait else client.DEFAULT_TIMEOUT_S
+    try:
+        doc = client.call(config.paths.control_socket, "renew", {"wait": args.wait},
+                          timeout=timeout)
+    except DaemonNotRunning as e:
+        return _fail(e, args.json, EXIT_NO_DAEMON)
+    except DevidError as e:
+        return _fail(e, args.json, EXIT_BY_STATE["FAIL"])
+    _emit(doc, args.json, render_renew)
+    outcome = doc.get("outcome")
+    return 0 if outcome is None or outcome.get("result") == "renewed" else EXIT_BY_STATE["FAIL"]
+
+
+def cmd_decommission(config: AgentConfig, args: argparse.Namespace) -> int:
+    if not args.yes:
+        print("devidctl: decommissioning destroys this gateway's identity and TPM keys and "
+              "tells the registrar to revoke it; it cannot be undone. Add --yes to proceed.",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        doc = client.call(config.paths.control_socket, "decommission", {"force": args.force},
+                          timeout=120.0)
+    except DaemonNotRunning as e:
+        return _fail(e, args.json, EXIT_NO_DAEMON)
+    except DevidError as e:
+        return _fail(e, args.json, EXIT_BY_STATE["FAIL"])
+    _emit(doc, args.json, render_decommission)
+    return 0
+
+
+def cmd_audit(config: AgentConfig, args: argparse.Namespace) -> int:
+    try:
+        doc = client.call(config.paths.control_socket, "audit", {"limit": args.limit})
+    except DaemonNotRunning:
+        # The log is a file: read it directly when the daemon is down (needs access
+        # to the state directory).
+        doc = AuditLog(config.paths.state_dir / AGENT_AUDIT_LOG).report(args.limit)
+    except DevidError as e:
+        return _fail(e, args.json, EXIT_NO_DAEMON)
+    _emit(doc, args.json, render_audit)
+    return 0 if doc.get("intact") else EXIT_BY_STATE["FAIL"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config)
     except ConfigError as e:
         return _fail(e, args.json, EXIT_BY_STATE["FAIL"])
-    if args.command == "status":
-        return cmd_status(config, args.json)
-    return cmd_check(config, args.json)
+    commands = {"status": lambda: cmd_status(config, args.json),
+                "check": lambda: cmd_check(config, args.json),
+                "renew": lambda: cmd_renew(config, args),
+                "decommission": lambda: cmd_decommission(config, args),
+                "audit": lambda: cmd_audit(config, args)}
+    try:
+        return commands[args.command]()
+    except OSError as e:
+        return _fail(DevidError(f"{e.filename or ''}: {e.strerror}".lstrip(": ")), args.json,
+                     EXIT_BY_STATE["FAIL"])
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from agent.errors import DevidError, ProtocolError
 
 VERSION = 1
 MAX_LINE = 1 << 20  # responses carry status documents; requests are tiny
-METHODS = ("status", "check")
+METHODS = ("status", "check", "renew", "decommission", "audit")
+RENEW_WAIT_MAX = 300.0  # seconds `renew` with wait=true may take before the daemon gives up
 
 
 @dataclass(frozen=True)

@@ -18,19 +18,28 @@ from pathlib import Path
 
 from cryptography import x509
 
+from agent.audit import AuditLog
 from agent.backoff import Backoff
 from agent.clock import Clock, utcnow
 from agent.config import EnrollmentSection
 from agent.diagnostics.enrollment import (
+    DECOMMISSIONED,
     ENROLLED,
     FAILED,
     NOT_CONFIGURED,
     PENDING,
+    REVOKED,
     EnrollmentFacts,
 )
 from agent.enroll.client import enroll
 from agent.enroll.http import RegistrarClient, ThreadedRegistrar
-from agent.enroll.state import EnrollmentStore, StoredEnrollment
+from agent.enroll.state import (
+    ACTIVE,
+    Decommissioned,
+    DecommissionStore,
+    EnrollmentStore,
+    StoredEnrollment,
+)
 from agent.enroll.tpmport import CustodyTpm, Runner
 from agent.errors import ConfigError, DevidError, Problem, StateError, TpmUnreachable
 from agent.pki.certinfo import spki_der, summarize
@@ -48,15 +57,19 @@ def load_pinned_ca(path: Path) -> list[x509.Certificate]:
 
 
 class EnrollmentManager:
-    def __init__(self, section: EnrollmentSection | None, state_dir: Path,
-                 clock: Clock = utcnow) -> None:
+    def __init__(self, section: EnrollmentSection | None, state_dir: Path, audit: AuditLog,
+                 clock: Clock = utcnow, skew: float = 0.0) -> None:
         self.section = section
         self.store = EnrollmentStore(state_dir)
-        self._clock = clock
+        self.decommission_store = DecommissionStore(state_dir)
+        self.audit = audit
+        self.skew = skew
+        self.clock = clock
         self.pinned = load_pinned_ca(section.ca) if section else []
         self.backoff = Backoff(initial=section.retry_initial if section else 5.0,
                                cap=section.retry_max if section else 600.0)
         self.stored: StoredEnrollment | None = None
+        self.decommissioned: Decommissioned | None = None
         self.state = NOT_CONFIGURED if section is None else PENDING
         self.attempts = 0
         self.last_error: DevidError | None = None
@@ -66,6 +79,11 @@ class EnrollmentManager:
 
     def load(self) -> None:
         """Read the stored enrollment; a damaged file is set aside, not trusted."""
+        self.decommissioned = self.decommission_store.load()
+        if self.decommissioned is not None:
+            self.state = DECOMMISSIONED
+            self.store.remove()  # finishes a decommissioning interrupted by a crash
+            return
         try:
             self.stored = self.store.load()
         except StateError as e:
@@ -74,14 +92,14 @@ class EnrollmentManager:
             self.store.path.replace(damaged)
             self.stored = None
         if self.stored is not None:
-            self.state = ENROLLED
+            self.state = ENROLLED if self.stored.lifecycle == ACTIVE else REVOKED
 
     # --- the task ---------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event,
                   custody_ready: Callable[[], Awaitable[TpmCustody | None]],
                   run_tpm: Runner, tpm_lost: Callable[[], None]) -> None:
-        while not stop.is_set():
+        while not stop.is_set() and self.decommissioned is None:
             custody = await custody_ready()
             if custody is None:
                 return
@@ -124,16 +142,22 @@ class EnrollmentManager:
         client = RegistrarClient(self.section.url, self.section.ca, self.section.timeout)
         try:
             result = await enroll(CustodyTpm(custody, run_tpm), ThreadedRegistrar(client),
-                                  token, self.pinned)
+                                  token, self.pinned, self.skew)
         finally:
             client.close()
-        stored = StoredEnrollment.from_result(result, self.section.url, self._clock())
+        stored = StoredEnrollment.from_result(result, self.section.url, self.clock())
         await asyncio.to_thread(self.store.save, stored)
         self.stored, self.state, self.key_matches = stored, ENROLLED, True
         self.last_error, self.next_attempt = None, None
         self.backoff.reset()
         log.info("enrolled as %s: certificate serial %s valid until %s", result.device_id,
                  result.serial, result.not_after.isoformat())
+        try:
+            self.audit.append("enrolled", device_id=result.device_id, registrar=self.section.url,
+                              identity_serial=result.serial,
+                              not_after=result.not_after.isoformat(timespec="seconds"))
+        except OSError as e:
+            log.error("cannot write the audit log %s: %s", self.audit.path, e.strerror)
 
     def _failed(self, e: DevidError) -> float:
         self.attempts += 1
@@ -142,7 +166,7 @@ class EnrollmentManager:
         delay = self.backoff.next_delay()
         if isinstance(e, Problem) and e.retry_after is not None:
             delay = max(delay, e.retry_after)
-        self.next_attempt = self._clock() + datetime.timedelta(seconds=delay)
+        self.next_attempt = self.clock() + datetime.timedelta(seconds=delay)
         log.warning("enrollment attempt %d failed: %s; retrying in %.0fs", self.attempts, e,
                     delay)
         return delay
@@ -151,14 +175,21 @@ class EnrollmentManager:
 
     def facts(self) -> EnrollmentFacts:
         stored = self.stored
+        if self.decommissioned is not None:
+            return EnrollmentFacts(state=DECOMMISSIONED, device_id=self.decommissioned.device_id,
+                                   decommissioned_at=self.decommissioned.at)
+        state = self.state
+        if stored is not None and stored.lifecycle != ACTIVE:
+            state = REVOKED
         return EnrollmentFacts(
-            state=self.state,
+            state=state,
             registrar=self.section.url if self.section else (stored.registrar if stored
                                                                else None),
             device_id=stored.device_id if stored else None,
             last_error=self.last_error.to_dict() if self.last_error else None,
             attempts=self.attempts,
             next_attempt=self.next_attempt if self.state == FAILED else None,
-            certificate=summarize(stored.certificate, self._clock()) if stored else None,
+            certificate=summarize(stored.certificate, self.clock()) if stored else None,
             key_matches=self.key_matches,
+            revoked_reason=stored.revoked_reason if stored else None,
         )

@@ -32,7 +32,9 @@ async def run(config: AgentConfig) -> int:
     service.enrollment.load()
     gid = grp.getgrnam(config.control.group).gr_gid if config.control.group else None
     server = ControlServer(config.paths.control_socket,
-                          {"status": service.status, "check": service.check}, gid)
+                           {"status": service.status, "check": service.check,
+                            "renew": service.renew, "decommission": service.decommission,
+                            "audit": service.audit_log}, gid)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -40,7 +42,7 @@ async def run(config: AgentConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     log.info("devid-agent %s started (config %s)", __version__, config.source)
     tasks = [asyncio.create_task(service.maintain_tpm(stop)),
-             asyncio.create_task(service.maintain_enrollment(stop))]
+             asyncio.create_task(service.maintain_identity(stop))]
     try:
         await stop.wait()
         log.info("shutting down")

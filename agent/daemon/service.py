@@ -16,9 +16,13 @@ import time
 from typing import Any
 
 from agent import __version__
+from agent.audit import AGENT_AUDIT_LOG, AuditLog
 from agent.backoff import Backoff
 from agent.config import AgentConfig
+from agent.control.protocol import RENEW_WAIT_MAX
+from agent.daemon.decommission import decommission_gateway
 from agent.daemon.enrollment import EnrollmentManager
+from agent.daemon.rotation import RotationManager
 from agent.daemon.tpmworker import TpmWorker
 from agent.diagnostics.checks import CheckResult, Level
 from agent.diagnostics.enrollment import check_enrollment, probe_registrar
@@ -29,9 +33,12 @@ from agent.diagnostics.facts import (
     try_endorsement_facts,
 )
 from agent.diagnostics.report import check_report
+from agent.diagnostics.rotation import RotationFacts, check_rotation
 from agent.diagnostics.status import build_status
-from agent.errors import DevidError, TpmUnreachable
+from agent.errors import DevidError, StateError, TpmUnreachable
+from agent.pki.certinfo import summarize
 from agent.pki.ekchain import TrustStore
+from agent.rotation.credentials import CredentialHolder
 from agent.tpm.custody import TpmCustody
 
 log = logging.getLogger(__name__)
@@ -58,7 +65,13 @@ class AgentService:
         self._last_error: DevidError | None = None
         self._lost = asyncio.Event()
         self._ready = asyncio.Event()
-        self.enrollment = EnrollmentManager(config.enrollment, config.paths.state_dir)
+        state_dir = config.paths.state_dir
+        self.audit = AuditLog(state_dir / AGENT_AUDIT_LOG)
+        self.holder = CredentialHolder()
+        self.enrollment = EnrollmentManager(config.enrollment, state_dir, self.audit,
+                                            skew=config.rotation.clock_skew)
+        self.rotation = RotationManager(config.rotation, config.enrollment, self.enrollment,
+                                        self.holder, self.audit)
 
     # --- TPM connection -------------------------------------------------------
 
@@ -86,7 +99,8 @@ class AgentService:
 
     async def _connect(self) -> None:
         tcti, state_dir = self.config.tpm.tcti, self.config.paths.state_dir
-        custody = await self.worker.call(TpmCustody.open, tcti, state_dir)
+        custody = await self.worker.call(TpmCustody.open, tcti, state_dir, False,
+                                         self.enrollment.decommissioned is None)
         self._endorsement = await self.worker.call(try_endorsement_facts, custody, self.trust)
         self._custody = custody
         self._lost.clear()
@@ -114,9 +128,13 @@ class AgentService:
             await _first_of(stop, self._ready)
         return None
 
-    async def maintain_enrollment(self, stop: asyncio.Event) -> None:
-        await self.enrollment.run(stop, lambda: self.custody_ready(stop), self.worker.call,
-                                  self._lost.set)
+    async def maintain_identity(self, stop: asyncio.Event) -> None:
+        """Enroll if needed, then rotate until the agent stops."""
+        ready = lambda: self.custody_ready(stop)  # noqa: E731
+        await self.enrollment.run(stop, ready, self.worker.call, self._lost.set)
+        if self.enrollment.enrolled.is_set():
+            await self.rotation.run(stop, ready, self.worker.call, self._lost.set)
+        self.rotation.cancel_waiters("the agent is stopping")
 
     async def close(self) -> None:
         await self._disconnect()
@@ -129,6 +147,7 @@ class AgentService:
             return TpmFacts(tcti=self.config.tpm.tcti, error=err)
         facts = await self.worker.call(collect_tpm_facts, custody, self.trust,
                                        self._endorsement)
+        facts.keys_destroyed = self.enrollment.decommissioned is not None
         if isinstance(facts.error, TpmUnreachable):
             self._last_error = facts.error
             self._lost.set()
@@ -144,10 +163,25 @@ class AgentService:
             "config": str(self.config.source) if self.config.source else None,
         }
 
+    def rotation_facts(self) -> RotationFacts:
+        stored, rotation = self.enrollment.stored, self.rotation
+        now = datetime.datetime.now(datetime.UTC)
+        tls = stored.tls if stored else None
+        return RotationFacts(
+            state=rotation.state, enrolled=stored is not None, renew_at=rotation.renew_at(),
+            next_attempt=rotation.next_attempt, failures=rotation.failures,
+            last=rotation.last.to_dict() if rotation.last else None,
+            generation=stored.generation if stored else 0,
+            tls_certificate=summarize(tls.certificate, now) if tls else None,
+            presented=self.holder.current(now) is not None,
+            clock_offset=rotation.clock_offset,
+            restore_error=rotation.restore_error.to_dict() if rotation.restore_error else None)
+
     async def status(self, _params: dict[str, Any]) -> dict[str, Any]:
         facts = await self._tpm_facts()
         return build_status(facts, self._agent_section(), bool(self.config.trust.ek_roots),
-                            self.enrollment.facts())
+                            self.enrollment.facts(), rotation=self.rotation_facts(),
+                            skew=self.config.rotation.clock_skew)
 
     async def check(self, _params: dict[str, Any]) -> dict[str, Any]:
         facts = await self._tpm_facts()
@@ -156,5 +190,40 @@ class AgentService:
                               f"devid-agent {agent['version']} running (pid {agent['pid']}, "
                               f"up {agent['uptime_s']:.0f}s)")
         registrar = await asyncio.to_thread(probe_registrar, self.config.enrollment)
-        enrollment = check_enrollment(self.enrollment.facts(), datetime.datetime.now(datetime.UTC))
-        return check_report(facts, self.config, os.geteuid(), (running, registrar, enrollment))
+        now, skew = datetime.datetime.now(datetime.UTC), self.config.rotation.clock_skew
+        enrollment = check_enrollment(self.enrollment.facts(), now, skew)
+        rotation = check_rotation(self.rotation_facts(), now, skew)
+        return check_report(facts, self.config, os.geteuid(),
+                            (running, registrar, enrollment, rotation))
+
+    async def renew(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Renew now; with `wait`, report the outcome of that attempt."""
+        if self.enrollment.stored is None or not self.enrollment.enrolled.is_set():
+            raise StateError("not enrolled yet: there is nothing to renew",
+                             "see `devidctl status` for the enrollment state")
+        if self.rotation.state in ("revoked", "not_configured", "stopped"):
+            raise StateError(f"rotation is {self.rotation.state}: not renewing",
+                             "see `devidctl status`")
+        outcome = self.rotation.kick()
+        if not params.get("wait"):
+            return {"requested": True}
+        try:
+            result = await asyncio.wait_for(asyncio.shield(outcome), RENEW_WAIT_MAX)
+        except TimeoutError:
+            raise StateError(f"no renewal outcome within {RENEW_WAIT_MAX:.0f}s",
+                             "the TPM or registrar may be slow; see `devidctl status`") from None
+        return {"requested": True, "outcome": result.to_dict()}
+
+    async def decommission(self, params: dict[str, Any]) -> dict[str, Any]:
+        custody = self._custody
+        if custody is None:
+            raise TpmUnreachable("the TPM is not connected; the identity key is needed to "
+                                 "sign the decommissioning request")
+        return await decommission_gateway(self.enrollment, self.rotation, custody,
+                                          self.worker.call, bool(params.get("force")))
+
+    async def audit_log(self, params: dict[str, Any]) -> dict[str, Any]:
+        limit = params.get("limit")
+        return await asyncio.to_thread(self.audit.report,
+                                       limit if isinstance(limit, int) else None)
+

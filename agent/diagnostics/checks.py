@@ -78,6 +78,9 @@ def check_ek(facts: TpmFacts, roots_configured: bool) -> CheckResult:
 
 
 def check_identity(facts: TpmFacts) -> CheckResult:
+    if facts.keys_destroyed:
+        return CheckResult("identity-key", Level.WARN, "identity key and AK destroyed: the "
+                           "gateway was decommissioned", "enroll it again to get new keys")
     if facts.identity is None:
         err = facts.identity_error
         return CheckResult("identity-key", Level.FAIL,

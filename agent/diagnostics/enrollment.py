@@ -10,14 +10,18 @@ from typing import Any
 
 from agent.config import EnrollmentSection
 from agent.diagnostics.checks import CheckResult, Level
-from agent.enroll.state import EnrollmentStore
+from agent.enroll.state import ACTIVE, DecommissionStore, EnrollmentStore
 from agent.errors import DevidError
 from agent.pki.certinfo import summarize
+from agent.pki.devicecert import Validity
+from agent.rotation.schedule import Health, health
 
 NOT_CONFIGURED = "not_configured"
 PENDING = "pending"
 FAILED = "failed"
 ENROLLED = "enrolled"
+REVOKED = "revoked"
+DECOMMISSIONED = "decommissioned"
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,8 @@ class EnrollmentFacts:
     next_attempt: datetime.datetime | None = None
     certificate: dict[str, Any] | None = None  # certinfo.summarize() of the leaf
     key_matches: bool | None = None  # the certificate's key is this TPM's identity key
+    revoked_reason: str | None = None
+    decommissioned_at: datetime.datetime | None = None
 
 
 def enrollment_section(facts: EnrollmentFacts) -> dict[str, Any]:
@@ -41,6 +47,9 @@ def enrollment_section(facts: EnrollmentFacts) -> dict[str, Any]:
         "attempts": facts.attempts,
         "next_attempt": facts.next_attempt.isoformat(timespec="seconds")
         if facts.next_attempt else None,
+        "revoked_reason": facts.revoked_reason,
+        "decommissioned_at": facts.decommissioned_at.isoformat(timespec="seconds")
+        if facts.decommissioned_at else None,
     }
 
 
@@ -54,7 +63,8 @@ def _stamp(when: datetime.datetime) -> str:
     return when.strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def check_enrollment(facts: EnrollmentFacts, now: datetime.datetime) -> CheckResult:
+def check_enrollment(facts: EnrollmentFacts, now: datetime.datetime,
+                     skew: float = 0.0) -> CheckResult:
     name = "enrollment"
     err = facts.last_error or {}
     why = f"{err.get('type')}: {err.get('message')}" if err else ""
@@ -71,36 +81,81 @@ def check_enrollment(facts: EnrollmentFacts, now: datetime.datetime) -> CheckRes
         when = f"; next attempt {facts.next_attempt:%H:%M:%S}Z" if facts.next_attempt else ""
         return CheckResult(name, Level.FAIL, f"enrollment failed after {facts.attempts} "
                            f"attempt(s): {why}{when}", str(err.get("hint", "")))
-    cert = facts.certificate or {}
+    if facts.state == REVOKED:
+        return CheckResult(name, Level.FAIL, f"revoked by the registrar ({facts.revoked_reason})"
+                           "; the identity is no longer presented and the TLS key is destroyed",
+                           "ask the fleet operator; the device cannot renew or re-enroll")
+    if facts.state == DECOMMISSIONED:
+        at = f" at {_stamp(facts.decommissioned_at)}" if facts.decommissioned_at else ""
+        return CheckResult(name, Level.WARN, f"decommissioned{at}: this gateway has no "
+                           "identity on purpose",
+                           "to enroll it again, stop the agent, delete decommissioned.json in "
+                           "the state directory and configure a new token")
     if facts.key_matches is False:
         return CheckResult(name, Level.FAIL, "the stored certificate is not for this TPM's "
                            "identity key", "state copied from another device; the agent "
                                           "re-enrolls")
-    not_after = datetime.datetime.fromisoformat(str(cert.get("not_after")))
-    not_before = datetime.datetime.fromisoformat(str(cert.get("not_before")))
-    if now > not_after:
-        return CheckResult(name, Level.FAIL, f"certificate expired at {_stamp(not_after)}",
-                           "it must be renewed; check the registrar and clock")
-    if now < not_before:
-        return CheckResult(name, Level.FAIL, f"certificate not valid until "
-                           f"{_stamp(not_before)} by the local clock",
-                           "the local clock is behind; fix NTP")
-    return CheckResult(name, Level.PASS, f"enrolled as {facts.device_id}, certificate serial "
-                       f"{cert.get('serial')} valid until {_stamp(not_after)}")
+    cert = facts.certificate or {}
+    return judge_certificate(name, "identity certificate", cert, now, skew,
+                             f"enrolled as {facts.device_id}, ")
+
+
+def judge_certificate(name: str, what: str, cert: dict[str, Any], now: datetime.datetime,
+                      skew: float, prefix: str = "") -> CheckResult:
+    """PASS while fresh, WARN with under 1/6 of its lifetime left, FAIL when expired or
+    (beyond the tolerated skew) not yet valid by the local clock."""
+    validity = Validity(datetime.datetime.fromisoformat(str(cert.get("not_before"))),
+                        datetime.datetime.fromisoformat(str(cert.get("not_after"))))
+    state = health(validity, now, skew)
+    serial = cert.get("serial")
+    if state is Health.EXPIRED:
+        return CheckResult(name, Level.FAIL, f"{prefix}{what} {serial} expired at "
+                           f"{_stamp(validity.not_after)}",
+                           "renewal has not succeeded; check the registrar, the network and "
+                           "the rotation error in `devidctl status`")
+    if state is Health.NOT_YET_VALID:
+        return CheckResult(name, Level.FAIL, f"{prefix}{what} {serial} is not valid until "
+                           f"{_stamp(validity.not_before)} by the local clock: the clock is "
+                           f"behind by more than the tolerated {skew:.0f}s",
+                           "fix the gateway's time synchronization (NTP)")
+    left = _left(validity.remaining(now))
+    if state is Health.EXPIRING:
+        return CheckResult(name, Level.WARN, f"{prefix}{what} {serial} expires in {left} "
+                           f"({_stamp(validity.not_after)}) and has not been renewed",
+                           "renewal keeps failing; see the rotation error in `devidctl status`")
+    return CheckResult(name, Level.PASS, f"{prefix}{what} {serial} valid until "
+                       f"{_stamp(validity.not_after)} ({left} left)")
+
+
+def _left(delta: datetime.timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    if seconds >= 86400:
+        return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h {seconds % 3600 // 60}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m {seconds % 60}s"
+    return f"{seconds}s"
 
 
 def stored_enrollment_facts(section: EnrollmentSection | None, state_dir: Path,
                             now: datetime.datetime) -> EnrollmentFacts:
     """What the state directory says, for checks run while the daemon is down."""
     try:
-        stored = EnrollmentStore(state_dir).load()
+        marker = DecommissionStore(state_dir).load()
+        stored = EnrollmentStore(state_dir).load() if marker is None else None
     except DevidError as e:
         return EnrollmentFacts(FAILED, section.url if section else None, last_error=e.to_dict())
+    if marker is not None:
+        return EnrollmentFacts(DECOMMISSIONED, device_id=marker.device_id,
+                               decommissioned_at=marker.at)
     if stored is None:
         return EnrollmentFacts(NOT_CONFIGURED if section is None else PENDING,
                                section.url if section else None)
-    return EnrollmentFacts(ENROLLED, stored.registrar, stored.device_id,
-                           certificate=summarize(stored.certificate, now))
+    return EnrollmentFacts(ENROLLED if stored.lifecycle == ACTIVE else REVOKED,
+                           stored.registrar, stored.device_id,
+                           certificate=summarize(stored.certificate, now),
+                           revoked_reason=stored.revoked_reason)
 
 
 def probe_registrar(section: EnrollmentSection | None) -> CheckResult:

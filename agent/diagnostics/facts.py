@@ -46,6 +46,7 @@ class TpmFacts:
     ek_error: DevidError | None = None
     identity: IdentityFacts | None = None
     identity_error: DevidError | None = None
+    keys_destroyed: bool = False  # decommissioned on purpose
 
     @property
     def reachable(self) -> bool:

@@ -18,6 +18,12 @@ from agent.diagnostics.enrollment import (
     enrollment_section,
 )
 from agent.diagnostics.facts import TpmFacts
+from agent.diagnostics.rotation import (
+    RotationFacts,
+    check_rotation,
+    rotation_section,
+    tls_certificate_section,
+)
 
 HEADLINE = {Level.PASS: "OK", Level.WARN: "WARN", Level.FAIL: "FAIL"}
 
@@ -56,12 +62,18 @@ def _identity_section(facts: TpmFacts) -> dict[str, Any]:
 
 
 def build_status(facts: TpmFacts, agent: dict[str, Any], roots_configured: bool,
-                 enrollment: EnrollmentFacts, now: datetime.datetime | None = None
+                 enrollment: EnrollmentFacts, now: datetime.datetime | None = None,
+                 rotation: RotationFacts | None = None, skew: float = 0.0
                  ) -> dict[str, Any]:
     when = now or datetime.datetime.now(datetime.UTC)
     judged = [check_tpm(facts), check_ek(facts, roots_configured), check_identity(facts),
-              check_enrollment(enrollment, when)]
+              check_enrollment(enrollment, when, skew)]
+    if rotation is not None:
+        judged.append(check_rotation(rotation, when, skew))
     level = max(r.level for r in judged)
+    certificate = certificate_section(enrollment)
+    if certificate is not None and rotation is not None:
+        certificate["renew_at"] = rotation_section(rotation)["renew_at"]
     return {
         "state": HEADLINE[level],
         "reasons": [r.summary for r in judged if r.level > Level.PASS],
@@ -69,5 +81,7 @@ def build_status(facts: TpmFacts, agent: dict[str, Any], roots_configured: bool,
         "tpm": _tpm_section(facts),
         "identity": _identity_section(facts),
         "enrollment": enrollment_section(enrollment),
-        "certificate": certificate_section(enrollment),
+        "certificate": certificate,
+        "tls_certificate": tls_certificate_section(rotation) if rotation else None,
+        "rotation": rotation_section(rotation) if rotation else None,
     }

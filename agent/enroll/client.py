@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cryptography import x509
-from cryptography.x509 import verification as v
 
 from agent.enroll.evidence import activation_proof
 from agent.enroll.messages import (
@@ -28,6 +27,7 @@ from agent.enroll.messages import (
 )
 from agent.errors import ProtocolError
 from agent.pki.certinfo import spki_der
+from agent.pki.devicecert import check_device_chain, parse_chain
 from agent.secret import SecretBytes
 
 
@@ -77,7 +77,7 @@ class EnrollmentResult:
 
 
 async def enroll(tpm: EnrollmentTpm, registrar: Registrar, token: str | None,
-                 pinned_ca: Sequence[x509.Certificate]) -> EnrollmentResult:
+                 pinned_ca: Sequence[x509.Certificate], skew: float = 0.0) -> EnrollmentResult:
     ek = await tpm.endorsement()
     challenge = await registrar.start(StartRequest(
         ek_certificate=ek.ek_certificate, ek_chain=list(ek.ek_chain), ek_public=ek.ek_public,
@@ -94,42 +94,17 @@ async def enroll(tpm: EnrollmentTpm, registrar: Registrar, token: str | None,
     issued = await registrar.complete(challenge.challenge_id, CompleteRequest(
         proof=proof, quote=quote.evidence, pcr_values=list(quote.pcr_values), certify=certify,
         identity_public=identity_public, csr=csr))
-    return check_issued(issued, challenge.device_id, csr, pinned_ca)
+    return check_issued(issued, challenge.device_id, csr, pinned_ca, skew=skew)
 
 
 def check_issued(issued: Issued, device_id: str, csr_der: bytes,
                  pinned_ca: Sequence[x509.Certificate],
-                 now: datetime.datetime | None = None) -> EnrollmentResult:
+                 now: datetime.datetime | None = None, skew: float = 0.0) -> EnrollmentResult:
     """Trust but verify: what the registrar returned is for us and chains to the pinned CA."""
-    try:
-        chain = tuple(x509.load_pem_x509_certificates(issued.certificate_chain.encode()))
-    except ValueError:
-        raise ProtocolError("the issued certificate_chain is not PEM certificates") from None
-    leaf = chain[0]
     if issued.device_id != device_id:
         raise ProtocolError(f"the registrar issued for {issued.device_id}, expected {device_id}")
+    chain = parse_chain(issued.certificate_chain, "identity")
     csr = x509.load_der_x509_csr(csr_der)
-    if spki_der(leaf) != spki_der(csr.public_key()):
-        raise ProtocolError("the issued certificate is not for this TPM's identity key")
-    try:
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    except x509.ExtensionNotFound:
-        uris = []
-    if device_id not in uris:
-        raise ProtocolError(f"the issued certificate does not name {device_id} in its SAN")
-    verify_chain(chain, pinned_ca, now)
+    check_device_chain(chain, "identity", device_id, spki_der(csr.public_key()), pinned_ca,
+                       now or datetime.datetime.now(datetime.UTC), skew)
     return EnrollmentResult(device_id, chain, issued.serial)
-
-
-def verify_chain(chain: Sequence[x509.Certificate], anchors: Sequence[x509.Certificate],
-                 now: datetime.datetime | None = None) -> None:
-    """The device certificate chains to the pinned registrar CA (RFC 5280, clientAuth)."""
-    verifier = (v.PolicyBuilder().store(v.Store(list(anchors)))
-                .time(now or datetime.datetime.now(datetime.UTC))
-                .build_client_verifier())
-    try:
-        verifier.verify(chain[0], list(chain[1:]))
-    except v.VerificationError as e:
-        raise ProtocolError(f"the issued certificate does not chain to the pinned registrar "
-                            f"CA: {e}") from None

@@ -190,3 +190,50 @@ def check_csr(data: bytes,
     if not csr.is_signature_valid:
         raise problem("csr-invalid", "csr: signature does not verify with its own key")
     return csr
+
+
+def check_tls_csr(data: bytes) -> ec.EllipticCurvePublicKey:
+    """The CSR for the agent's software TLS key: P-256 or P-384, self-signed correctly."""
+    try:
+        csr = x509.load_der_x509_csr(data)
+        key = csr.public_key()
+    except (ValueError, TypeError):
+        raise problem("csr-invalid", "tls_csr: not a DER PKCS#10 request with a supported "
+                                     "key") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or \
+            key.curve.name not in ("secp256r1", "secp384r1"):
+        raise problem("csr-invalid", "tls_csr: expected an ECC P-256 or P-384 key")
+    if not csr.is_signature_valid:
+        raise problem("csr-invalid", "tls_csr: signature does not verify with its own key")
+    return key
+
+
+# --- requests signed by the identity key (renewal, decommissioning) -------------------
+
+REQUEST_LABEL = b"devid-device-request-v1"
+
+
+def device_request_message(purpose: str, device_id: str, challenge_id: str, nonce: bytes,
+                           *parts: bytes) -> bytes:
+    """The bytes the identity key signs for a device request.
+
+    Every field is length-prefixed, so no two different requests share a
+    signing input; the registrar's nonce makes each signature single-use and the
+    purpose keeps a renewal signature from serving as a decommissioning one.
+    """
+    out = bytearray()
+    for field in (REQUEST_LABEL, purpose.encode(), device_id.encode(), challenge_id.encode(),
+                  nonce, *parts):
+        out += len(field).to_bytes(4, "big") + field
+    return bytes(out)
+
+
+def check_request_signature(signature: bytes, message: bytes,
+                            identity_key: ec.EllipticCurvePublicKey) -> None:
+    """An ECDSA-SHA256 signature (DER) by the device's certified identity key."""
+    try:
+        identity_key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError):
+        raise problem("request-signature-invalid",
+                      "signature: does not verify with the identity key certified at "
+                      "enrollment") from None

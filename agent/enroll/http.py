@@ -22,7 +22,13 @@ from agent.enroll.messages import (
     API_PREFIX,
     Challenge,
     CompleteRequest,
+    Decommissioned,
+    DecommissionRequest,
+    DeviceChallenge,
+    DeviceChallengeRequest,
     Issued,
+    Renewed,
+    RenewRequest,
     StartRequest,
     decode,
     encode,
@@ -35,7 +41,7 @@ from agent.errors import (
     RegistrarUnreachable,
 )
 
-M = TypeVar("M", Challenge, Issued)
+M = TypeVar("M", Challenge, Issued, DeviceChallenge, Renewed, Decommissioned)
 MAX_RESPONSE = 256 * 1024
 
 
@@ -62,6 +68,9 @@ class RegistrarClient:
         self._session.headers["User-Agent"] = f"devid-agent/{__version__}"
         # Server-Timing of the last response, in ms (benchmarks split network from server work)
         self.last_server_ms: float | None = None
+        # The registrar's clock minus ours, from the last response's Date header (seconds,
+        # ±1 s resolution): what status shows when a certificate is "not yet valid".
+        self.clock_offset: float | None = None
 
     def close(self) -> None:
         self._session.close()
@@ -82,6 +91,7 @@ class RegistrarClient:
         except requests.exceptions.RequestException as e:
             raise RegistrarUnreachable(f"{self.base}: {_reason(e)}") from None
         self.last_server_ms = _server_ms(response.headers.get("Server-Timing"))
+        self.clock_offset = _clock_offset(response.headers.get("Date"))
         return response
 
     def _body(self, response: requests.Response) -> bytes:
@@ -125,6 +135,16 @@ class RegistrarClient:
     def complete(self, challenge_id: str, request: CompleteRequest) -> Issued:
         return self._exchange(f"/enrollments/{challenge_id}/complete", encode(request), Issued)
 
+    def challenge(self, request: DeviceChallengeRequest) -> DeviceChallenge:
+        return self._exchange("/challenges", encode(request), DeviceChallenge)
+
+    def renew(self, challenge_id: str, request: RenewRequest) -> Renewed:
+        return self._exchange(f"/challenges/{challenge_id}/renew", encode(request), Renewed)
+
+    def decommission(self, challenge_id: str, request: DecommissionRequest) -> Decommissioned:
+        return self._exchange(f"/challenges/{challenge_id}/decommission", encode(request),
+                              Decommissioned)
+
 
 def _bad_response(message: str) -> ProtocolError:
     return ProtocolError(f"the registrar's response is not valid: {message}",
@@ -139,6 +159,16 @@ def _reason(e: Exception) -> str:
         if marker in text:
             return marker if marker != "hostname" else "hostname mismatch"
     return text[:200]
+
+
+def _clock_offset(header: str | None, now: float | None = None) -> float | None:
+    if not header:
+        return None
+    try:
+        server = email.utils.parsedate_to_datetime(header).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return server - (now if now is not None else time.time())
 
 
 def _server_ms(header: str | None) -> float | None:
@@ -156,7 +186,7 @@ def _server_ms(header: str | None) -> float | None:
 
 
 class ThreadedRegistrar:
-    """The Registrar port for `enroll`: each blocking exchange runs in a thread."""
+    """The Registrar and LifecycleRegistrar ports: each blocking exchange runs in a thread."""
 
     def __init__(self, client: RegistrarClient) -> None:
         self.client = client
@@ -166,3 +196,13 @@ class ThreadedRegistrar:
 
     async def complete(self, challenge_id: str, request: CompleteRequest) -> Issued:
         return await asyncio.to_thread(self.client.complete, challenge_id, request)
+
+    async def challenge(self, request: DeviceChallengeRequest) -> DeviceChallenge:
+        return await asyncio.to_thread(self.client.challenge, request)
+
+    async def renew(self, challenge_id: str, request: RenewRequest) -> Renewed:
+        return await asyncio.to_thread(self.client.renew, challenge_id, request)
+
+    async def decommission(self, challenge_id: str,
+                           request: DecommissionRequest) -> Decommissioned:
+        return await asyncio.to_thread(self.client.decommission, challenge_id, request)

@@ -127,6 +127,62 @@ class Issued(_Message):
     not_after: str = Field(max_length=40)
 
 
+# --- an enrolled device's signed requests: renewal and decommissioning -------------------
+
+DEVICE_ID_FIELD = Field(min_length=1, max_length=128, description="the device ID from "
+                                                                   "enrollment")
+Purpose = Literal["renew", "decommission"]
+
+
+class DeviceChallengeRequest(_Message):
+    """Ask for a nonce to sign a renewal or decommissioning request with."""
+
+    device_id: str = DEVICE_ID_FIELD
+    purpose: Purpose
+
+
+class DeviceChallenge(_Message):
+    challenge_id: str = Field(max_length=64)
+    device_id: str = Field(max_length=128)
+    purpose: Purpose
+    nonce: Binary = Field(description="fresh single-use nonce: quote qualifying data and "
+                                      "part of the signed request")
+    expires_at: str = Field(max_length=40)
+    pcr_selection: PcrSelection
+
+
+class RenewRequest(_Message):
+    """A re-attested renewal: a fresh quote, a CSR for a new TLS key, signed by the
+    identity key (see docs/protocol.md for the signing input)."""
+
+    ak_public: Binary = Field(description="the AK public area from enrollment, TPM2B_PUBLIC")
+    quote: Evidence
+    pcr_values: list[Binary] = Field(max_length=24)
+    tls_csr: Binary = Field(description="PKCS#10 request for the new TLS key, DER")
+    signature: Binary = Field(description="ECDSA-SHA256 by the identity key, DER")
+
+
+class Renewed(_Message):
+    device_id: str = Field(max_length=128)
+    identity_chain: str = Field(max_length=64 * 1024, description="PEM: the renewed identity "
+                                                                  "certificate, issuing CA")
+    tls_chain: str = Field(max_length=64 * 1024, description="PEM: the TLS certificate, "
+                                                             "issuing CA")
+    identity_serial: str = Field(max_length=64)
+    tls_serial: str = Field(max_length=64)
+    not_after: str = Field(max_length=40)
+
+
+class DecommissionRequest(_Message):
+    signature: Binary = Field(description="ECDSA-SHA256 by the identity key, DER")
+
+
+class Decommissioned(_Message):
+    device_id: str = Field(max_length=128)
+    status: Literal["decommissioned"] = "decommissioned"
+    revoked_serials: list[str] = Field(default_factory=list, max_length=1024)
+
+
 M = TypeVar("M", bound=_Message)
 
 

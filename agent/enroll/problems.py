@@ -50,7 +50,12 @@ _TYPES = (
                 "the AK must be a restricted ECC signing key with fixedTPM, fixedParent and "
                 "sensitiveDataOrigin; the gateway's TPM state may have been tampered with"),
     ProblemType("device-revoked", 403, "This device has been revoked",
-                "a revoked device cannot re-enroll; ask the fleet operator"),
+                "a revoked device cannot renew or re-enroll; ask the fleet operator"),
+    ProblemType("device-decommissioned", 403, "This device was decommissioned",
+                "it no longer renews; to return it to service, enroll it again with a new "
+                "token"),
+    ProblemType("device-unknown", 404, "No such enrolled device",
+                "the registrar has no record of this device; enroll it (again)"),
     # challenge
     ProblemType("challenge-unknown", 404, "No such enrollment challenge",
                 "start a new enrollment"),
@@ -66,6 +71,13 @@ _TYPES = (
                 "the evidence was not produced by a TPM for this request; see detail"),
     ProblemType("signature-invalid", 403, "The evidence is not signed by the enrolling AK",
                 "quote and certify must be signed by the AK that was activated"),
+    ProblemType("ak-unknown", 403, "The attestation key is not the one this device enrolled "
+                "with", "the gateway's TPM keys were replaced since enrollment; decommission "
+                "the device and enroll it again"),
+    ProblemType("request-signature-invalid", 403,
+                "The request is not signed by the device's identity key",
+                "renewal and decommission requests must be signed by the TPM identity key "
+                "that was certified at enrollment"),
     ProblemType("pcr-policy-violation", 403, "The platform state is outside the registrar's policy",
                 "the quoted PCR values are not in any allowed set: the boot chain changed; if "
                 "the new state is trusted, add it to the registrar's pcr_policy"),

@@ -1,4 +1,5 @@
-"""The TPM side of enrollment: TpmCustody behind the async EnrollmentTpm port.
+"""The TPM side of enrollment and renewal: TpmCustody behind the async EnrollmentTpm
+and RenewalTpm ports.
 
 `run` executes a blocking custody call off the event loop (the daemon passes
 its single TPM worker thread), so TPM commands never run concurrently.
@@ -15,6 +16,7 @@ from agent.enroll.client import EndorsementEvidence, Quote
 from agent.enroll.messages import Evidence
 from agent.errors import TpmError
 from agent.secret import SecretBytes
+from agent.tpm.blobs import KeyBlob
 from agent.tpm.custody import TpmCustody
 from agent.tpm.ek import EndorsementKey
 
@@ -23,9 +25,11 @@ QUOTE_ATTEMPTS = 3
 
 
 class CustodyTpm:
-    def __init__(self, custody: TpmCustody, run: Runner) -> None:
+    def __init__(self, custody: TpmCustody, run: Runner,
+                 seal_pcrs: Sequence[int] = (0, 1, 2, 3, 4, 5, 6, 7)) -> None:
         self._custody = custody
         self._run = run
+        self._seal_pcrs = tuple(seal_pcrs)
         self._eks: dict[str, EndorsementKey] = {}
 
     async def endorsement(self) -> EndorsementEvidence:
@@ -70,3 +74,25 @@ class CustodyTpm:
     async def identity_csr(self) -> bytes:
         csr: bytes = await self._run(self._custody.identity_csr)
         return csr
+
+    # --- renewal ---------------------------------------------------------------
+
+    async def attestation_public(self) -> bytes:
+        key = await self._run(self._custody.attestation_key)
+        return bytes(key.public.marshal())
+
+    async def identity_public_der(self) -> bytes:
+        key = await self._run(self._custody.identity_key)
+        return bytes(key.public_key_der)
+
+    async def sign(self, message: bytes) -> bytes:
+        signature = await self._run(self._custody.sign, message)
+        return bytes(signature.der)
+
+    async def seal(self, secret: SecretBytes) -> KeyBlob:
+        blob: KeyBlob = await self._run(self._custody.seal, secret, self._seal_pcrs)
+        return blob
+
+    async def unseal(self, blob: KeyBlob) -> SecretBytes:
+        secret: SecretBytes = await self._run(self._custody.unseal, blob)
+        return secret

@@ -24,11 +24,13 @@ from agent import __version__
 from agent.enroll.messages import API_PREFIX, encode
 from agent.enroll.problems import PROBLEM_CONTENT_TYPE, problem, problem_document
 from agent.errors import Problem
+from agent.registrar.lifecycle import LifecycleService
 from agent.registrar.service import EnrollmentService
 
 log = logging.getLogger(__name__)
 
 CHALLENGE_ID = re.compile(r"^[0-9a-f]{32}$")
+CRL_CONTENT_TYPE = "application/pkix-crl"
 
 
 def problem_response(p: Problem, instance: str | None = None) -> Response:
@@ -59,7 +61,8 @@ def _peer(request: Request) -> str:
     return f"{request.client.host}:{request.client.port}" if request.client else "unknown"
 
 
-def create_app(service: EnrollmentService, max_body: int) -> Starlette:
+def create_app(service: EnrollmentService, lifecycle: LifecycleService,
+               max_body: int) -> Starlette:
     async def respond(request: Request, status: int, handler: Any, *args: str) -> Response:
         began = time.perf_counter()
         try:
@@ -75,13 +78,30 @@ def create_app(service: EnrollmentService, max_body: int) -> Starlette:
     async def start(request: Request) -> Response:
         return await respond(request, 201, service.start)
 
-    async def complete(request: Request) -> Response:
+    async def answer(request: Request, handler: Any) -> Response:
         challenge_id = request.path_params["challenge_id"]
         if not CHALLENGE_ID.match(challenge_id):
             return problem_response(problem("challenge-unknown",
                                             "challenge id must be 32 hex digits"),
                                     request.url.path)
-        return await respond(request, 200, service.complete, challenge_id)
+        return await respond(request, 200, handler, challenge_id)
+
+    async def complete(request: Request) -> Response:
+        return await answer(request, service.complete)
+
+    async def device_challenge(request: Request) -> Response:
+        return await respond(request, 201, lifecycle.challenge)
+
+    async def renew(request: Request) -> Response:
+        return await answer(request, lifecycle.renew)
+
+    async def decommission(request: Request) -> Response:
+        return await answer(request, lifecycle.decommission)
+
+    async def crl(_request: Request) -> Response:
+        der = await run_in_threadpool(lifecycle.crl_der)
+        return Response(der, media_type=CRL_CONTENT_TYPE,
+                        headers={"Cache-Control": "max-age=60"})
 
     async def health(_request: Request) -> Response:
         return JSONResponse({"status": "ok", "version": __version__})
@@ -105,6 +125,11 @@ def create_app(service: EnrollmentService, max_body: int) -> Starlette:
             Route(f"{API_PREFIX}/enrollments", start, methods=["POST"]),
             Route(f"{API_PREFIX}/enrollments/{{challenge_id}}/complete", complete,
                   methods=["POST"]),
+            Route(f"{API_PREFIX}/challenges", device_challenge, methods=["POST"]),
+            Route(f"{API_PREFIX}/challenges/{{challenge_id}}/renew", renew, methods=["POST"]),
+            Route(f"{API_PREFIX}/challenges/{{challenge_id}}/decommission", decommission,
+                  methods=["POST"]),
+            Route(f"{API_PREFIX}/crl", crl, methods=["GET"]),
         ],
         exception_handlers={HTTPException: http_error, Exception: crash},
     )

@@ -31,7 +31,15 @@ ROOT_LIFETIME = datetime.timedelta(days=20 * 365)
 ISSUING_LIFETIME = datetime.timedelta(days=5 * 365)
 SERVER_LIFETIME = datetime.timedelta(days=365)
 SERVER_RENEW_BEFORE = datetime.timedelta(days=30)
-BACKDATE = datetime.timedelta(minutes=5)  # tolerate gateways whose clocks lag a little
+# notBefore is backdated to tolerate relying parties whose clocks lag a little: by 5
+# minutes, but never more than a tenth of the lifetime, so that the agent's renewal
+# schedule (a fraction of notAfter - notBefore) stays close to the issuing time.
+BACKDATE = datetime.timedelta(minutes=5)
+DEVICE_KINDS = ("identity", "tls")
+
+
+def backdate(lifetime: datetime.timedelta) -> datetime.timedelta:
+    return min(BACKDATE, lifetime / 10)
 
 
 def _name(common_name: str) -> x509.Name:
@@ -175,16 +183,24 @@ class CertificateAuthority:
         return True
 
     def issue_device(self, device_id: str, public_key: ec.EllipticCurvePublicKey,
-                     lifetime: datetime.timedelta, now: datetime.datetime) -> x509.Certificate:
-        """An LDevID-style certificate; subject and SAN come from `device_id` only."""
+                     lifetime: datetime.timedelta, now: datetime.datetime,
+                     kind: str = "identity") -> x509.Certificate:
+        """An LDevID-style certificate; subject and SAN come from `device_id` only.
+
+        `identity` certifies the TPM identity key; `tls` the short-lived TLS key the
+        agent makes at every rotation. Both name the same device, so a relying party
+        authorizes either the same way; the CN tells them apart for people.
+        """
+        assert kind in DEVICE_KINDS
         serial_hex = device_id.rsplit(":", 1)[-1]
         not_after = min(now + lifetime, self.issuing.not_valid_after_utc)
+        label = "devid" if kind == "identity" else "devid-tls"
         subject = x509.Name([
             x509.NameAttribute(NameOID.SERIAL_NUMBER, serial_hex),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"devid {serial_hex[:16]}"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"{label} {serial_hex[:16]}"),
         ])
         builder = (x509.CertificateBuilder().subject_name(subject)
-                   .not_valid_before(now - BACKDATE).not_valid_after(not_after)
+                   .not_valid_before(now - backdate(lifetime)).not_valid_after(not_after)
                    .add_extension(x509.SubjectAlternativeName(
                        [x509.UniformResourceIdentifier(device_id)]), critical=False))
         return _leaf(builder, self.issuing, self.issuing_key, public_key,
@@ -192,3 +208,22 @@ class CertificateAuthority:
 
     def chain_pem(self, cert: x509.Certificate) -> str:
         return _pem(cert, self.issuing).decode("ascii")
+
+    def crl(self, revoked: Sequence[tuple[int, datetime.datetime]], now: datetime.datetime,
+            next_update: datetime.timedelta) -> x509.CertificateRevocationList:
+        """A CRL over (serial, revocation time) pairs, signed by the issuing CA.
+
+        The CRL number is the issuing time in milliseconds: increasing without a
+        counter to keep, as long as the registrar's clock does not step back.
+        """
+        builder = (x509.CertificateRevocationListBuilder()
+                   .issuer_name(self.issuing.subject)
+                   .last_update(now).next_update(now + next_update)
+                   .add_extension(x509.CRLNumber(int(now.timestamp() * 1000)), critical=False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                       self.issuing_key.public_key()), critical=False))
+        for serial, when in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial)
+                .revocation_date(when).build())
+        return builder.sign(self.issuing_key, hashes.SHA256())

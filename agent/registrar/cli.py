@@ -4,6 +4,9 @@
     devid-registrar serve --dir DIR
     devid-registrar token create --dir DIR [--ttl 1h] [--label TEXT]
     devid-registrar devices list --dir DIR [--json]
+    devid-registrar devices show --dir DIR ID [--json]
+    devid-registrar devices revoke --dir DIR ID [--reason TEXT]
+    devid-registrar crl --dir DIR [-o FILE]
     devid-registrar audit verify --dir DIR
 
 Exit codes: 0 success, 1 failure (e.g. a broken audit chain), 64 usage,
@@ -15,13 +18,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import secrets
 import sys
 import time
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+
 from agent import __version__, logsetup
-from agent.errors import ConfigError, DevidError
+from agent.errors import ConfigError, DevidError, Problem
+from agent.fsutil import write_atomic
 from agent.registrar.home import RegistrarHome
 from agent.registrar.service import token_hash
 from agent.tomlconfig import parse_duration
@@ -88,6 +95,18 @@ def _parser() -> argparse.ArgumentParser:
         dest="action", required=True)
     listing = with_dir(devices.add_parser("list", help="list enrolled devices"))
     listing.add_argument("--json", action="store_true")
+    show = with_dir(devices.add_parser("show", help="one device and its certificates"))
+    show.add_argument("device_id", metavar="ID")
+    show.add_argument("--json", action="store_true")
+    revoke = with_dir(devices.add_parser(
+        "revoke", help="stop all renewals for a device and put its certificates on the CRL"))
+    revoke.add_argument("device_id", metavar="ID")
+    revoke.add_argument("--reason", default="revoked by the operator",
+                        help="recorded in the audit log and shown to the device")
+
+    crl = with_dir(sub.add_parser("crl", help="write the current CRL (DER)"))
+    crl.add_argument("-o", "--output", type=Path,
+                     help="file to write (default: PEM on standard output)")
 
     audit = sub.add_parser("audit", help="the audit log").add_subparsers(
         dest="action", required=True)
@@ -145,6 +164,68 @@ def _devices_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _devices_show(args: argparse.Namespace) -> int:
+    store = RegistrarHome(args.dir).store()
+    try:
+        device = store.device(args.device_id)
+        if device is None:
+            raise DevidError(f"{args.device_id}: no such device",
+                             "see `devid-registrar devices list`")
+        certificates = store.certificates_of(args.device_id)
+    finally:
+        store.close()
+    doc = {**device.summary(), "certificates": [
+        {"serial": c.serial, "kind": c.kind, "issued_at": _iso(c.issued_at),
+         "not_after": _iso(c.not_after),
+         "revoked_at": _iso(c.revoked_at) if c.revoked_at is not None else None,
+         "reason": c.reason} for c in certificates]}
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    for key, value in doc.items():
+        if key != "certificates":
+            print(f"{key + ':':18} {value if value is not None else '-'}")
+    print(f"certificates ({len(certificates)}):")
+    for c in doc["certificates"][-10:]:  # type: ignore[index]
+        revoked = f"  revoked {c['revoked_at']}" if c["revoked_at"] else ""
+        print(f"  {c['serial']}  {c['kind']:8}  until {c['not_after']}{revoked}")
+    return 0
+
+
+def _devices_revoke(args: argparse.Namespace) -> int:
+    home = RegistrarHome(args.dir)
+    lifecycle = home.lifecycle()
+    try:
+        serials = lifecycle.revoke(args.device_id, args.reason,
+                                   operator=f"uid {os.getuid()} via devid-registrar")
+    except Problem as p:
+        raise DevidError(p.message, "see `devid-registrar devices list`") from None
+    finally:
+        lifecycle.store.close()
+    print(f"revoked {args.device_id}: renewals refused from now on; {len(serials)} unexpired "
+          "certificate(s) added to the CRL")
+    return 0
+
+
+def _crl(args: argparse.Namespace) -> int:
+    lifecycle = RegistrarHome(args.dir).lifecycle()
+    try:
+        crl = lifecycle.crl()
+    finally:
+        lifecycle.store.close()
+    if args.output:
+        write_atomic(args.output, crl.public_bytes(serialization.Encoding.DER), mode=0o644)
+        print(f"wrote {args.output}: {len(crl)} revoked certificate(s), next update "
+              f"{crl.next_update_utc.isoformat(timespec='seconds')}")
+    else:
+        sys.stdout.write(crl.public_bytes(serialization.Encoding.PEM).decode())
+    return 0
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat(timespec="seconds")
+
+
 def _audit_verify(args: argparse.Namespace) -> int:
     home = RegistrarHome(args.dir)
     verdict = home.audit().verify()
@@ -173,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "token":
             return _token_create(args)
         if args.command == "devices":
-            return _devices_list(args)
+            actions = {"list": _devices_list, "show": _devices_show, "revoke": _devices_revoke}
+            return actions[args.action](args)
+        if args.command == "crl":
+            return _crl(args)
         return _audit_verify(args)
     except ConfigError as e:
         print(f"devid-registrar: configuration error: {e}", file=sys.stderr)

@@ -16,6 +16,9 @@ from agent.errors import ConfigError
 from agent.tomlconfig import Duration, parse_toml_model, read_config_text
 
 CONFIG_NAME = "registrar.toml"
+# Certificates this short are for tests and demonstrations; `serve` warns below 5 minutes.
+MIN_CERT_LIFETIME = 5.0
+SHORT_CERT_LIFETIME = 300.0
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -70,6 +73,7 @@ class RegistrarConfig(_Strict):
     challenge_ttl: Duration = 120.0
     max_pending_challenges: Annotated[int, Field(ge=1)] = 1000
     max_body_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 64 * 1024
+    crl_next_update: Duration = 3600.0
     pcr_policy: PcrPolicyConfig = Field(default_factory=PcrPolicyConfig)
     source: Path | None = Field(default=None, exclude=True)
 
@@ -82,8 +86,15 @@ class RegistrarConfig(_Strict):
     @field_validator("cert_lifetime")
     @classmethod
     def _lifetime(cls, v: float) -> float:
-        if not 60 <= v <= 366 * 86400:
-            raise ValueError("must be between 1m and 366d")
+        if not MIN_CERT_LIFETIME <= v <= 366 * 86400:
+            raise ValueError("must be between 5s and 366d")
+        return v
+
+    @field_validator("crl_next_update")
+    @classmethod
+    def _crl_next_update(cls, v: float) -> float:
+        if not 60 <= v <= 7 * 86400:
+            raise ValueError("must be between 1m and 7d")
         return v
 
 
@@ -136,8 +147,12 @@ ek_roots = {ek_roots}
 # Require a one-time token (`devid-registrar token create`) for each enrollment.
 require_token = true
 
-# Lifetime of issued device certificates.
+# Lifetime of issued device certificates (identity and TLS). Gateways renew at about
+# two thirds of it, re-attesting each time. 5s is allowed, for tests.
 cert_lifetime = "24h"
+
+# How far ahead the CRL (GET /v1/crl) announces its next update.
+crl_next_update = "1h"
 
 # How long an enrollment challenge may be answered.
 challenge_ttl = "2m"

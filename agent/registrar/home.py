@@ -22,9 +22,11 @@ from agent.registrar.ca import CertificateAuthority
 from agent.registrar.config import (
     CONFIG_NAME,
     DEFAULT_CONFIG,
+    SHORT_CERT_LIFETIME,
     RegistrarConfig,
     load_registrar_config,
 )
+from agent.registrar.lifecycle import LifecycleService
 from agent.registrar.service import EnrollmentService
 from agent.registrar.store import Store
 from agent.tomlconfig import parse_toml_model
@@ -72,7 +74,13 @@ class RegistrarHome:
         self.audit().append("registrar-initialized", root_ca=ca.root.subject.rfc4514_string())
         return ca
 
-    def open_service(self) -> tuple[RegistrarConfig, EnrollmentService]:
+    def lifecycle(self) -> LifecycleService:
+        """The lifecycle operations alone (the CLI's revoke and crl)."""
+        config = load_registrar_config(self.directory)
+        return LifecycleService(config, CertificateAuthority.load(self.ca_dir), self.store(),
+                                self.audit())
+
+    def open_service(self) -> tuple[RegistrarConfig, EnrollmentService, LifecycleService]:
         config = load_registrar_config(self.directory)
         trust = load_trust_store(config.ek_roots, "ek_roots")
         ca = CertificateAuthority.load(self.ca_dir)
@@ -85,5 +93,11 @@ class RegistrarHome:
         elif not config.pcr_policy.allowed:
             log.warning("pcr_policy has no allowed sets: every enrollment will be refused with "
                         "pcr-policy-violation until one is added")
-        service = EnrollmentService(config, ca, self.store(), self.audit(), trust)
-        return config, service
+        if config.cert_lifetime < SHORT_CERT_LIFETIME:
+            log.warning("cert_lifetime is %.0fs: certificates this short are for tests; "
+                        "gateways will renew every %.0fs", config.cert_lifetime,
+                        config.cert_lifetime * 2 / 3)
+        store, audit = self.store(), self.audit()
+        service = EnrollmentService(config, ca, store, audit, trust)
+        lifecycle = LifecycleService(config, ca, store, audit, trust)
+        return config, service, lifecycle

@@ -15,9 +15,9 @@ log = logging.getLogger(__name__)
 
 
 def serve(home: RegistrarHome, log_level: str = "info") -> None:
-    config, service = home.open_service()
+    config, service, lifecycle = home.open_service()
     host, port = host_port(config.listen)
-    app = create_app(service, config.max_body_bytes)
+    app = create_app(service, lifecycle, config.max_body_bytes)
     ca = service.ca
     server_config = uvicorn.Config(
         app, host=host, port=port, ssl_certfile=str(ca.server_cert_path),

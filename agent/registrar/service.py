@@ -11,40 +11,32 @@ from __future__ import annotations
 import datetime
 import hashlib
 import logging
-import secrets
-from collections.abc import Callable
-from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC, TPMT_PUBLIC
 from tpm2_pytss.utils import make_credential
 
-from agent.audit import AuditLog
-from agent.clock import Clock, utcnow
 from agent.enroll import evidence
 from agent.enroll.messages import (
     Challenge,
     CompleteRequest,
     Issued,
-    PcrSelection,
     StartRequest,
     decode,
 )
 from agent.enroll.problems import problem
 from agent.errors import Problem
 from agent.pki.certinfo import public_key_sha256
-from agent.pki.ekchain import TrustStore, tpm_claims, verify_ek_chain
-from agent.registrar.ca import CertificateAuthority
-from agent.registrar.config import RegistrarConfig
+from agent.pki.ekchain import tpm_claims, verify_ek_chain
+from agent.registrar.base import NONCE_BYTES, RegistrarParts
 from agent.registrar.pcrpolicy import judge_pcrs
-from agent.registrar.store import ChallengeRow, DeviceRow, Store
+from agent.registrar.store import ChallengeRow, DeviceRow
 
 log = logging.getLogger(__name__)
 
 DEVICE_ID_PREFIX = "urn:devid:"
 SECRET_BYTES = 32
-NONCE_BYTES = 32
-MAX_AUDIT_DETAIL = 500
 
 
 def device_id_for(ek_certificate: x509.Certificate) -> str:
@@ -60,31 +52,18 @@ def token_hash(token: str) -> str:
 
 def _parse_certificate(der: bytes, field: str) -> x509.Certificate:
     try:
-        return x509.load_der_x509_certificate(der)
+        cert = x509.load_der_x509_certificate(der)
     except ValueError:
         raise problem("malformed-request", f"{field}: not a DER X.509 certificate") from None
+    try:
+        cert.public_key()  # parsed lazily: a bad key would surface later as a 500
+    except (ValueError, UnsupportedAlgorithm):
+        raise problem("malformed-request", f"{field}: unsupported or malformed public key") \
+            from None
+    return cert
 
 
-class EnrollmentService:
-    def __init__(self, config: RegistrarConfig, ca: CertificateAuthority, store: Store,
-                 audit: AuditLog, trust: TrustStore,
-                 clock: Clock = utcnow,
-                 random_bytes: Callable[[int], bytes] = secrets.token_bytes) -> None:
-        self.config = config
-        self.ca = ca
-        self.store = store
-        self.audit = audit
-        self.trust = trust
-        self._clock = clock
-        self._random = random_bytes
-
-    # --- helpers --------------------------------------------------------------
-
-    def _refused(self, stage: str, p: Problem, peer: str, **fields: Any) -> None:
-        self.audit.append("enrollment-refused", stage=stage, problem=p.code,
-                          detail=p.message[:MAX_AUDIT_DETAIL], peer=peer, **fields)
-        log.info("refused %s from %s: %s: %s", stage, peer, p.code, p.message)
-
+class EnrollmentService(RegistrarParts):
     # --- round trip 1 ------------------------------------------------------------
 
     def start(self, body: bytes, peer: str) -> Challenge:
@@ -97,6 +76,7 @@ class EnrollmentService:
             device_id = device_id_for(ek_cert)
             chain = [_parse_certificate(c, f"ek_chain[{i}]")
                      for i, c in enumerate(request.ek_chain)]
+            assert self.trust is not None
             verdict = verify_ek_chain(ek_cert, self.trust, chain, now)
             if not verdict.verified:
                 raise problem("ek-untrusted", f"ek_certificate: {verdict.reason}")
@@ -112,7 +92,7 @@ class EnrollmentService:
             return self._issue_challenge(request, ek_cert, ek_public, ak_public, device_id,
                                          now, peer)
         except Problem as p:
-            self._refused("start", p, peer, device_id=device_id)
+            self._refused("enrollment-refused", "start", p, peer, device_id=device_id)
             raise
 
     def _check_token(self, token: str | None, now: float) -> None:
@@ -126,7 +106,7 @@ class EnrollmentService:
                          ek_public: TPMT_PUBLIC, ak_public: TPMT_PUBLIC, device_id: str,
                          now: datetime.datetime, peer: str) -> Challenge:
         secret, nonce = self._random(SECRET_BYTES), self._random(NONCE_BYTES)
-        challenge_id = self._random(16).hex()
+        challenge_id = self._new_challenge_id()
         try:
             blob, encrypted = make_credential(TPM2B_PUBLIC(publicArea=ek_public), secret,
                                               TPM2B_NAME(evidence.tpm_name(ak_public)))
@@ -145,7 +125,7 @@ class EnrollmentService:
             challenge_id=challenge_id, device_id=device_id,
             credential_blob=bytes(blob.marshal()), encrypted_secret=bytes(encrypted.marshal()),
             nonce=nonce, expires_at=expires.isoformat(timespec="seconds"),
-            pcr_selection=PcrSelection(pcrs=sorted(set(self.config.pcr_policy.pcrs))))
+            pcr_selection=self._pcr_selection())
 
     # --- round trip 2 ------------------------------------------------------------
 
@@ -161,7 +141,8 @@ class EnrollmentService:
         except Problem as p:
             if claimed:
                 self.store.fail_challenge(challenge_id)
-            self._refused("complete", p, peer, challenge=challenge_id, device_id=device_id)
+            self._refused("enrollment-refused", "complete", p, peer, challenge=challenge_id,
+                          device_id=device_id)
             raise
         return issued
 
@@ -181,10 +162,9 @@ class EnrollmentService:
         evidence.check_certify(certify, nonce, identity_public)
         evidence.check_csr(request.csr, identity_key)
 
-        lifetime = datetime.timedelta(seconds=self.config.cert_lifetime)
-        cert = self.ca.issue_device(challenge.device_id, identity_key, lifetime, now)
+        cert, record = self._issue(challenge.device_id, identity_key, "identity", now)
         ek_cert = x509.load_der_x509_certificate(challenge.ek_certificate)
-        serial = f"{cert.serial_number:x}"
+        serial = record.serial
         not_after = cert.not_valid_after_utc.isoformat(timespec="seconds")
         stamp = now.isoformat(timespec="seconds")
         count = self.store.complete_enrollment(challenge, DeviceRow(
@@ -192,7 +172,7 @@ class EnrollmentService:
             ak_name=evidence.tpm_name(ak_public), identity_public=request.identity_public,
             status="active", tpm_manufacturer=tpm_claims(ek_cert).manufacturer,
             enrolled_at=stamp, updated_at=stamp, enrollments=1, cert_serial=serial,
-            cert_not_after=not_after), now.timestamp())
+            cert_not_after=not_after), record, now.timestamp())
         self.audit.append("certificate-issued", challenge=challenge.id,
                           device_id=challenge.device_id, serial=serial, not_after=not_after,
                           pcr_state=pcr_state, enrollments=count, peer=peer)

@@ -1,13 +1,19 @@
 """The registrar's database: SQLite in WAL mode, safe across threads and processes.
 
-Tables: devices, challenges, tokens. State changes that must not race (claim
-a challenge, consume a token, record a device) run in BEGIN IMMEDIATE
-transactions, so two concurrent requests can never both use one challenge or
-one token. Challenge secrets are wiped as soon as the challenge is settled.
+Tables: devices, challenges (enrollment), device_challenges (renewal and
+decommissioning nonces), certificates (every certificate issued, for the
+CRL), tokens. State changes that must not race (claim a challenge, consume
+a token, record a device) run in BEGIN IMMEDIATE transactions, so two
+concurrent requests can never both use one challenge or one token. Challenge
+secrets are wiped as soon as the challenge is settled.
+
+The schema version is PRAGMA user_version; `_migrate` upgrades older files
+in one transaction.
 """
 
 from __future__ import annotations
 
+import datetime
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -16,21 +22,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.enroll.problems import problem
+from agent.errors import StateError
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS devices (
+SCHEMA_VERSION = 2
+DEVICE_STATUSES = ("active", "revoked", "decommissioned")
+DEVICES_TABLE = """
+CREATE TABLE devices (
     device_id TEXT PRIMARY KEY,
     ek_certificate BLOB NOT NULL,
     ak_name BLOB NOT NULL,
     identity_public BLOB NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
+    status TEXT NOT NULL CHECK (status IN ('active', 'revoked', 'decommissioned')),
     tpm_manufacturer TEXT,
     enrolled_at TEXT NOT NULL,
     updated_at TEXT NOT NULL,
     enrollments INTEGER NOT NULL DEFAULT 1,
     cert_serial TEXT NOT NULL,
-    cert_not_after TEXT NOT NULL
-);
+    cert_not_after TEXT NOT NULL,
+    renewals INTEGER NOT NULL DEFAULT 0,
+    status_reason TEXT
+)"""
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS challenges (
     id TEXT PRIMARY KEY,
     device_id TEXT NOT NULL,
@@ -44,6 +56,26 @@ CREATE TABLE IF NOT EXISTS challenges (
     state TEXT NOT NULL CHECK (state IN ('pending', 'claimed', 'completed', 'failed'))
 );
 CREATE INDEX IF NOT EXISTS challenges_pending ON challenges (state, expires_at);
+CREATE TABLE IF NOT EXISTS device_challenges (
+    id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    purpose TEXT NOT NULL CHECK (purpose IN ('renew', 'decommission')),
+    nonce BLOB NOT NULL UNIQUE,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'claimed', 'completed', 'failed'))
+);
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('identity', 'tls')),
+    issued_at REAL NOT NULL,
+    not_after REAL NOT NULL,
+    revoked_at REAL,
+    reason TEXT
+);
+CREATE INDEX IF NOT EXISTS certificates_device ON certificates (device_id);
+CREATE INDEX IF NOT EXISTS certificates_revoked ON certificates (revoked_at, not_after);
 CREATE TABLE IF NOT EXISTS tokens (
     hash TEXT PRIMARY KEY,
     label TEXT,
@@ -69,6 +101,18 @@ class ChallengeRow:
 
 
 @dataclass(frozen=True)
+class DeviceChallengeRow:
+    """A nonce for one signed request by an enrolled device (renew or decommission)."""
+
+    id: str
+    device_id: str
+    purpose: str
+    nonce: bytes
+    created_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True)
 class DeviceRow:
     device_id: str
     ek_certificate: bytes
@@ -81,12 +125,27 @@ class DeviceRow:
     enrollments: int
     cert_serial: str
     cert_not_after: str
+    renewals: int = 0
+    status_reason: str | None = None
 
     def summary(self) -> dict[str, object]:
         return {"device_id": self.device_id, "status": self.status,
+                "status_reason": self.status_reason,
                 "tpm_manufacturer": self.tpm_manufacturer, "enrolled_at": self.enrolled_at,
                 "updated_at": self.updated_at, "enrollments": self.enrollments,
-                "cert_serial": self.cert_serial, "cert_not_after": self.cert_not_after}
+                "renewals": self.renewals, "cert_serial": self.cert_serial,
+                "cert_not_after": self.cert_not_after}
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    serial: str  # hex, as in the certificate
+    device_id: str
+    kind: str  # identity | tls
+    issued_at: float
+    not_after: float
+    revoked_at: float | None = None
+    reason: str | None = None
 
 
 class Store:
@@ -98,7 +157,37 @@ class Store:
         self._lock = threading.Lock()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._transaction() as db:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise StateError(f"{self.path}: schema version {version} is newer than this "
+                                 f"registrar ({SCHEMA_VERSION})", "upgrade devid-registrar")
+            has_devices = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                                     "name = 'devices'").fetchone() is not None
+            if not has_devices:
+                db.execute(DEVICES_TABLE)
+            elif version < 2:
+                # v1 -> v2: more device statuses (a CHECK change needs a table rebuild),
+                # renewal counter, status reason; the current certificates are recorded.
+                db.execute(DEVICES_TABLE.replace("TABLE devices", "TABLE devices_v2"))
+                db.execute(f"INSERT INTO devices_v2 ({_V1_COLUMNS}) SELECT {_V1_COLUMNS} "
+                           "FROM devices")
+                db.execute("DROP TABLE devices")
+                db.execute("ALTER TABLE devices_v2 RENAME TO devices")
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            if has_devices and version < 2:
+                for device_id, serial, not_after in db.execute(
+                        "SELECT device_id, cert_serial, cert_not_after FROM devices").fetchall():
+                    stamp = datetime.datetime.fromisoformat(not_after).timestamp()
+                    db.execute("INSERT OR IGNORE INTO certificates (serial, device_id, kind, "
+                               "issued_at, not_after) VALUES (?, ?, 'identity', ?, ?)",
+                               (serial, device_id, stamp, stamp))
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
         self._db.close()
@@ -138,11 +227,13 @@ class Store:
         if float(expires_at) <= now:  # type: ignore[arg-type]
             raise problem("token-invalid", "token: expired")
 
-    # --- challenges ----------------------------------------------------------
+    # --- enrollment challenges -------------------------------------------------
 
     def pending_challenges(self, now: float) -> int:
-        rows = self._query("SELECT count(*) FROM challenges WHERE state = 'pending' "
-                           "AND expires_at > ?", (now,))
+        rows = self._query(
+            "SELECT (SELECT count(*) FROM challenges WHERE state = 'pending' AND expires_at > ?)"
+            " + (SELECT count(*) FROM device_challenges WHERE state = 'pending' "
+            "AND expires_at > ?)", (now, now))
         return int(rows[0][0])  # type: ignore[call-overload]
 
     def add_challenge(self, row: ChallengeRow) -> None:
@@ -163,25 +254,41 @@ class Store:
                 "SELECT id, device_id, ek_certificate, ak_public, secret, nonce, token_hash, "
                 "created_at, expires_at, state FROM challenges WHERE id = ?",
                 (challenge_id,)).fetchone()
-            if found is None:
-                raise problem("challenge-unknown", f"challenge {challenge_id!r} does not exist")
-            *fields, state = found
-            if state != "pending":
-                raise problem("challenge-used",
-                              f"challenge {challenge_id!r} was already answered ({state})")
-            row = ChallengeRow(*fields)
-            if row.expires_at <= now:
-                db.execute("UPDATE challenges SET state = 'failed', secret = NULL WHERE id = ?",
-                           (challenge_id,))
-                raise problem("challenge-expired", f"challenge {challenge_id!r} expired "
-                                                   f"{now - row.expires_at:.0f}s ago")
-            db.execute("UPDATE challenges SET state = 'claimed' WHERE id = ?", (challenge_id,))
-        return row
+            *fields, _ = _claimable(found, challenge_id, now, db, "challenges")
+        return ChallengeRow(*fields)
 
     def fail_challenge(self, challenge_id: str) -> None:
         with self._transaction() as db:
             db.execute("UPDATE challenges SET state = 'failed', secret = NULL WHERE id = ?",
                        (challenge_id,))
+
+    # --- device challenges (renewal, decommissioning) -----------------------------
+
+    def add_device_challenge(self, row: DeviceChallengeRow) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM device_challenges WHERE expires_at < ?",
+                       (row.created_at - 3600,))
+            db.execute("INSERT INTO device_challenges (id, device_id, purpose, nonce, "
+                       "created_at, expires_at, state) VALUES (?, ?, ?, ?, ?, ?, 'pending')",
+                       (row.id, row.device_id, row.purpose, row.nonce, row.created_at,
+                        row.expires_at))
+
+    def claim_device_challenge(self, challenge_id: str, purpose: str,
+                               now: float) -> DeviceChallengeRow:
+        with self._transaction() as db:
+            found = db.execute(
+                "SELECT id, device_id, purpose, nonce, created_at, expires_at, state "
+                "FROM device_challenges WHERE id = ?", (challenge_id,)).fetchone()
+            if found is not None and found[2] != purpose:
+                raise problem("challenge-unknown", f"challenge {challenge_id!r} was issued for "
+                                                   f"{found[2]}, not {purpose}")
+            *fields, _ = _claimable(found, challenge_id, now, db, "device_challenges")
+        return DeviceChallengeRow(*fields)
+
+    def settle_device_challenge(self, challenge_id: str, state: str) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE device_challenges SET state = ? WHERE id = ?",
+                       (state, challenge_id))
 
     # --- devices -----------------------------------------------------------
 
@@ -194,11 +301,10 @@ class Store:
         rows = self._query(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY enrolled_at")
         return [DeviceRow(*r) for r in rows]  # type: ignore[arg-type]
 
-    def complete_enrollment(self, challenge: ChallengeRow, device: DeviceRow, now: float) -> int:
-        """Consume the token, record the device and settle the challenge, all or nothing.
-
-        Returns how many times this device has enrolled.
-        """
+    def complete_enrollment(self, challenge: ChallengeRow, device: DeviceRow,
+                            certificate: IssuedCertificate, now: float) -> int:
+        """Consume the token, record the device and its certificate and settle the
+        challenge, all or nothing. Returns how many times this device has enrolled."""
         with self._transaction() as db:
             if challenge.token_hash is not None:
                 used = db.execute(
@@ -214,21 +320,100 @@ class Store:
             db.execute(
                 f"INSERT OR REPLACE INTO devices ({_DEVICE_COLUMNS}) "
                 "VALUES (?, ?, ?, ?, ?, ?, COALESCE((SELECT enrolled_at FROM devices "
-                "WHERE device_id = ?), ?), ?, ?, ?, ?)",
+                "WHERE device_id = ?), ?), ?, ?, ?, ?, 0, NULL)",
                 (device.device_id, device.ek_certificate, device.ak_name,
                  device.identity_public, "active", device.tpm_manufacturer, device.device_id,
                  device.enrolled_at, device.updated_at, count, device.cert_serial,
                  device.cert_not_after))
+            _record(db, certificate)
             db.execute("UPDATE challenges SET state = 'completed', secret = NULL WHERE id = ?",
                        (challenge.id,))
         return count
 
-    def set_device_status(self, device_id: str, status: str) -> bool:
+    def record_renewal(self, challenge_id: str, device_id: str,
+                       certificates: list[IssuedCertificate], updated_at: str) -> int:
+        """Record renewed certificates, unless the device was revoked meanwhile.
+        Returns the device's renewal count."""
+        identity = next(c for c in certificates if c.kind == "identity")
         with self._transaction() as db:
-            return db.execute("UPDATE devices SET status = ? WHERE device_id = ?",
-                              (status, device_id)).rowcount == 1
+            status = db.execute("SELECT status FROM devices WHERE device_id = ?",
+                                (device_id,)).fetchone()
+            if status is None or status[0] != "active":
+                raise problem("device-revoked", f"{device_id} was revoked during the renewal")
+            for cert in certificates:
+                _record(db, cert)
+            db.execute("UPDATE devices SET renewals = renewals + 1, cert_serial = ?, "
+                       "cert_not_after = ?, updated_at = ? WHERE device_id = ?",
+                       (identity.serial, _iso(identity.not_after), updated_at, device_id))
+            db.execute("UPDATE device_challenges SET state = 'completed' WHERE id = ?",
+                       (challenge_id,))
+            return int(db.execute("SELECT renewals FROM devices WHERE device_id = ?",
+                                  (device_id,)).fetchone()[0])
+
+    def retire_device(self, device_id: str, status: str, reason: str, now: float) -> list[str]:
+        """Set a device revoked or decommissioned and revoke its unexpired certificates.
+
+        Returns the serials revoked now (empty if the device had none left)."""
+        assert status in DEVICE_STATUSES and status != "active"
+        with self._transaction() as db:
+            changed = db.execute(
+                "UPDATE devices SET status = ?, status_reason = ?, updated_at = ? "
+                "WHERE device_id = ?", (status, reason, _iso(now), device_id)).rowcount
+            if changed != 1:
+                raise problem("device-unknown", f"{device_id}: no such device")
+            serials = [r[0] for r in db.execute(
+                "SELECT serial FROM certificates WHERE device_id = ? AND revoked_at IS NULL "
+                "AND not_after > ?", (device_id, now)).fetchall()]
+            db.execute("UPDATE certificates SET revoked_at = ?, reason = ? WHERE device_id = ? "
+                       "AND revoked_at IS NULL AND not_after > ?",
+                       (now, status, device_id, now))
+        return serials
+
+    # --- certificates ------------------------------------------------------
+
+    def revoked_certificates(self, now: float) -> list[IssuedCertificate]:
+        """Revoked certificates that have not expired yet: the CRL's entries."""
+        rows = self._query("SELECT serial, device_id, kind, issued_at, not_after, revoked_at, "
+                           "reason FROM certificates WHERE revoked_at IS NOT NULL "
+                           "AND not_after > ? ORDER BY revoked_at", (now,))
+        return [IssuedCertificate(*r) for r in rows]  # type: ignore[arg-type]
+
+    def certificates_of(self, device_id: str) -> list[IssuedCertificate]:
+        rows = self._query("SELECT serial, device_id, kind, issued_at, not_after, revoked_at, "
+                           "reason FROM certificates WHERE device_id = ? ORDER BY issued_at",
+                           (device_id,))
+        return [IssuedCertificate(*r) for r in rows]  # type: ignore[arg-type]
 
 
-_DEVICE_COLUMNS = ("device_id, ek_certificate, ak_name, identity_public, status, "
-                   "tpm_manufacturer, enrolled_at, updated_at, enrollments, cert_serial, "
-                   "cert_not_after")
+def _claimable(found: tuple[object, ...] | None, challenge_id: str, now: float,
+               db: sqlite3.Connection, table: str) -> tuple[object, ...]:
+    """Check a fetched challenge row (state last, expires_at before it) and mark it claimed."""
+    if found is None:
+        raise problem("challenge-unknown", f"challenge {challenge_id!r} does not exist")
+    state, expires_at = found[-1], float(found[-2])  # type: ignore[arg-type]
+    if state != "pending":
+        raise problem("challenge-used",
+                      f"challenge {challenge_id!r} was already answered ({state})")
+    wipe = ", secret = NULL" if table == "challenges" else ""
+    if expires_at <= now:
+        db.execute(f"UPDATE {table} SET state = 'failed'{wipe} WHERE id = ?", (challenge_id,))
+        raise problem("challenge-expired", f"challenge {challenge_id!r} expired "
+                                           f"{now - expires_at:.0f}s ago")
+    db.execute(f"UPDATE {table} SET state = 'claimed' WHERE id = ?", (challenge_id,))
+    return found
+
+
+def _record(db: sqlite3.Connection, cert: IssuedCertificate) -> None:
+    db.execute("INSERT INTO certificates (serial, device_id, kind, issued_at, not_after) "
+               "VALUES (?, ?, ?, ?, ?)",
+               (cert.serial, cert.device_id, cert.kind, cert.issued_at, cert.not_after))
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat(timespec="seconds")
+
+
+_V1_COLUMNS = ("device_id, ek_certificate, ak_name, identity_public, status, "
+               "tpm_manufacturer, enrolled_at, updated_at, enrollments, cert_serial, "
+               "cert_not_after")
+_DEVICE_COLUMNS = _V1_COLUMNS + ", renewals, status_reason"

@@ -18,7 +18,7 @@ from tpm2_pytss.types import TPM2B_PRIVATE, TPM2B_PUBLIC
 
 from agent.codec import T, b64decode_strict, b64encode, decode_json_object, unmarshal_exact
 from agent.errors import StateError
-from agent.fsutil import ensure_private_dir, read_state_file, write_atomic
+from agent.fsutil import ensure_private_dir, fsync_dir, read_state_file, write_atomic
 
 FORMAT_VERSION = 1
 
@@ -50,6 +50,9 @@ class KeyBlob:
         return _unmarshal(TPM2B_PRIVATE, self.private, "private")
 
     def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=1).encode() + b"\n"
+
+    def to_dict(self) -> dict[str, object]:
         doc: dict[str, object] = {
             "version": FORMAT_VERSION,
             "public": b64encode(self.public),
@@ -61,11 +64,16 @@ class KeyBlob:
                 "pcrs": list(self.pcrs),
                 "values_at_seal": [v.hex() for v in self.pcr_values],
             }
-        return json.dumps(doc, indent=1).encode() + b"\n"
+        return doc
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> KeyBlob:
-        doc = decode_json_object(data, where, StateError)
+        return cls.from_dict(decode_json_object(data, where, StateError), where)
+
+    @classmethod
+    def from_dict(cls, doc: object, where: str) -> KeyBlob:
+        if not isinstance(doc, dict):
+            raise StateError(f"{where}: expected an object")
         if doc.get("version") != FORMAT_VERSION:
             raise StateError(f"{where}: unsupported format version {doc.get('version')!r}")
         public = _unb64(doc.get("public"), f"{where}: public")
@@ -121,6 +129,14 @@ class BlobStore:
     def save(self, name: str, blob: KeyBlob) -> None:
         ensure_private_dir(self.directory)
         write_atomic(self.path(name), blob.to_json())
+
+    def remove(self, name: str) -> None:
+        path = self.path(name)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        fsync_dir(self.directory)
 
     def load_bytes(self, name: str) -> bytes | None:
         try:

@@ -147,10 +147,12 @@ class TpmCustody:
     # --- lifecycle ----------------------------------------------------------
 
     @classmethod
-    def open(cls, tcti: str, state_dir: Path, readonly: bool = False) -> TpmCustody:
+    def open(cls, tcti: str, state_dir: Path, readonly: bool = False,
+             create_keys: bool = True) -> TpmCustody:
         """Connect, load the SRK, and create the AK and identity key on first use.
 
         `readonly` (diagnostics from outside the daemon): create nothing, write nothing.
+        `create_keys=False` (a decommissioned gateway): pin the SRK, make no keys.
         """
         try:
             esapi = ESAPI(tcti)
@@ -159,7 +161,7 @@ class TpmCustody:
         custody = cls(esapi, tcti, state_dir)
         try:
             custody._load_srk(pin=not readonly)
-            if not readonly:
+            if not readonly and create_keys:
                 custody._ensure_key(AK_BLOB, templates.ak_template())
                 custody._ensure_key(IDENTITY_BLOB, templates.identity_key_template())
         except BaseException:
@@ -221,6 +223,16 @@ class TpmCustody:
             private, public, _, _, _ = tpm.create(self._srk, TPM2B_SENSITIVE_CREATE(), template)
         self._blobs.save(name, KeyBlob(bytes(public.marshal()), bytes(private.marshal())))
         log.info("created %s key in the TPM", name)
+
+    def forget_keys(self) -> None:
+        """Destroy the AK and identity key (decommissioning).
+
+        They are never persistent in the TPM (no NV or persistent handle to
+        evict) and are flushed after each use; what makes them usable is the
+        SRK-wrapped blob, so deleting the blobs destroys the keys for good.
+        """
+        for name in (IDENTITY_BLOB, AK_BLOB):
+            self._blobs.remove(name)
 
     def _blob(self, name: str) -> KeyBlob:
         blob = self._blobs.load(name)

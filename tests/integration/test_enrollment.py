@@ -10,7 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from stack import AgentProcess, enrollment_toml, write_agent_config
 
-from agent.enroll.client import verify_chain
+from agent.pki.devicecert import verify_chain
 
 
 def _state(agent: AgentProcess) -> dict:
@@ -25,7 +25,7 @@ def test_agent_enrolls_with_a_certificate_for_its_tpm_key(tpm, registrar_factory
 
     chain = x509.load_pem_x509_certificates(_state(agent)["certificate_chain"].encode())
     anchors = x509.load_pem_x509_certificates(registrar.ca.read_bytes())
-    verify_chain(chain, anchors, datetime.datetime.now(datetime.UTC))  # raises if not
+    verify_chain(chain, anchors, "identity", datetime.datetime.now(datetime.UTC))  # raises if not
     spki = chain[0].public_key().public_bytes(serialization.Encoding.DER,
                                               serialization.PublicFormat.SubjectPublicKeyInfo)
     digest = hashes.Hash(hashes.SHA256())

@@ -80,7 +80,7 @@ def test_status_warn_without_roots_and_fail_when_untrusted():
      "enrollment failed after 3 attempt(s): token-used: token: already used"),
     (EnrollmentFacts("enrolled", "https://r", "urn:devid:ab",
                      certificate={**LEAF, "not_after": "2026-11-21T11:00:00+00:00"}), "FAIL",
-     "certificate expired at 2026-11-21 11:00:00Z"),
+     "expired at 2026-11-21 11:00:00Z"),
     (EnrollmentFacts("enrolled", "https://r", "urn:devid:ab",
                      certificate={**LEAF, "not_before": "2026-11-21T13:00:00+00:00"}), "FAIL",
      "not valid until 2026-11-21 13:00:00Z by the local clock"),

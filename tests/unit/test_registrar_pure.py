@@ -11,14 +11,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from agent.audit import AuditLog
 from agent.config import parse_config
 from agent.daemon.enrollment import EnrollmentManager
-from agent.enroll.client import verify_chain
 from agent.enroll.http import _bad_response
 from agent.enroll.messages import Challenge, decode
 from agent.enroll.problems import problem
 from agent.enroll.state import EnrollmentStore
 from agent.errors import ConfigError, Problem, ProtocolError, StateError
+from agent.pki.devicecert import verify_chain
 from agent.registrar import cli
 from agent.registrar.ca import CertificateAuthority
 from agent.registrar.config import RegistrarConfig
@@ -45,7 +46,7 @@ def test_device_certificate_is_built_from_the_device_id_only(ca):
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert ExtendedKeyUsageOID.CLIENT_AUTH in eku
     assert cert.not_valid_after_utc - NOW == datetime.timedelta(hours=24)
-    verify_chain([cert, ca.issuing], [ca.root], NOW + datetime.timedelta(hours=1))
+    verify_chain([cert, ca.issuing], [ca.root], "identity", NOW + datetime.timedelta(hours=1))
 
 
 def test_ca_is_never_overwritten_and_loads_back(ca, tmp_path):
@@ -108,7 +109,8 @@ def test_tokens_are_checked_for_existence_expiry_and_use(tmp_path):
 
 @pytest.mark.parametrize("text, needle", [
     ("listen = 'nowhere'", "listen: expected HOST:PORT"),
-    ("cert_lifetime = '1s'", "cert_lifetime: must be between 1m and 366d"),
+    ("cert_lifetime = '1s'", "cert_lifetime: must be between 5s and 366d"),
+    ("crl_next_update = '10s'", "crl_next_update: must be between 1m and 7d"),
     ("cert_lifetime = 'soon'", "cert_lifetime: expected a duration"),
     ("requier_token = true", "requier_token: unknown key (known: listen"),
     ("[pcr_policy]\nmode = 'lenient'", "[pcr_policy] mode"),
@@ -138,7 +140,8 @@ def test_agent_waits_at_least_retry_after(tmp_path):
     CertificateAuthority.create(tmp_path / "ca", NOW).root_path.replace(ca)
     config = parse_config(f'[enrollment]\nurl = "https://r:8443"\nca = "{ca}"\n'
                           'retry_initial = "1s"\nretry_max = "2s"\n', tmp_path / "agent.toml")
-    manager = EnrollmentManager(config.enrollment, tmp_path, clock=lambda: NOW)
+    manager = EnrollmentManager(config.enrollment, tmp_path, AuditLog(tmp_path / "audit.log"),
+                                clock=lambda: NOW)
     busy = problem("registrar-busy", "busy", retry_after=30)
     assert manager._failed(busy) >= 30
     assert manager.facts().next_attempt >= NOW + datetime.timedelta(seconds=30)
@@ -154,8 +157,9 @@ def test_agent_waits_at_least_retry_after(tmp_path):
     (b'{"version": 1, "device_id": "urn:devid:x"}', "registrar: expected a non-empty string"),
     (b'{"version": 1, "device_id": "d", "registrar": "r", "enrolled_at": "yesterday", '
      b'"serial": "1", "certificate_chain": "x"}', "enrolled_at: not an ISO 8601 time"),
-    (b'{"version": 1, "device_id": "d", "registrar": "r", "enrolled_at": "2026-11-21", '
-     b'"serial": "1", "certificate_chain": "not pem"}', "certificate_chain: not PEM"),
+    (b'{"version": 1, "device_id": "d", "registrar": "r", "enrolled_at": '
+     b'"2026-11-21T00:00:00+00:00", "serial": "1", "certificate_chain": "not pem"}',
+     "certificate_chain: not PEM"),
 ])
 def test_damaged_enrollment_state_is_set_aside_not_trusted(tmp_path, content, needle):
     state = tmp_path / "enrollment.json"
@@ -163,7 +167,7 @@ def test_damaged_enrollment_state_is_set_aside_not_trusted(tmp_path, content, ne
     with pytest.raises(StateError) as exc:
         EnrollmentStore(tmp_path).load()
     assert needle in exc.value.message
-    manager = EnrollmentManager(None, tmp_path)
+    manager = EnrollmentManager(None, tmp_path, AuditLog(tmp_path / "audit.log"))
     manager.load()  # logs, moves the damage aside, and enrolls again
     assert manager.stored is None and not state.exists()
     assert (tmp_path / "enrollment.json.damaged").read_bytes() == content

@@ -1,0 +1,352 @@
+"""The daemon's rotation task: keep short-lived certificates fresh, forever.
+
+After enrollment it restores the TLS key (unsealing it from the TPM) and
+then loops: wait until the renewal point (agent.rotation.schedule), renew
+(agent.rotation.client), save the identity record atomically, swap the
+credentials in memory, write an audit record, run the reload hooks.
+
+- A failed renewal keeps the current credentials in use and retries with
+  capped backoff; the status shows the error and the next attempt.
+- A revoked or decommissioned device (the registrar says so at renewal)
+  stops presenting its identity, destroys the sealed TLS key and stops.
+- The wait is re-planned against the wall clock every few seconds, so a
+  clock jump neither skips a renewal nor renews early, and is logged.
+- `devidctl renew` kicks the loop; `--wait` gets the outcome of the attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent import faults
+from agent.audit import AuditLog
+from agent.backoff import Backoff
+from agent.clock import Clock, utcnow
+from agent.config import EnrollmentSection, RotationSection
+from agent.daemon.enrollment import EnrollmentManager
+from agent.daemon.hooks import HookResult, run_hooks
+from agent.enroll.http import RegistrarClient, ThreadedRegistrar
+from agent.enroll.state import ACTIVE, StoredEnrollment, StoredTls
+from agent.enroll.tpmport import CustodyTpm, Runner
+from agent.errors import DevidError, Problem, StateError, TpmUnreachable
+from agent.pki.certinfo import spki_der
+from agent.pki.devicecert import validity_of
+from agent.rotation import schedule
+from agent.rotation.client import renew
+from agent.rotation.credentials import CredentialHolder, TlsCredentials
+from agent.rotation.tlskey import key_from_secret
+from agent.tpm.custody import TpmCustody
+
+log = logging.getLogger(__name__)
+
+RETIRED_PROBLEMS = ("device-revoked", "device-decommissioned")
+
+# Rotation states, as status shows them.
+WAITING = "waiting"  # for the TPM or enrollment
+SCHEDULED = "scheduled"
+RENEWING = "renewing"
+RETRYING = "retrying"
+REVOKED = "revoked"
+NOT_CONFIGURED = "not_configured"
+STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class RotationOutcome:
+    time: datetime.datetime
+    result: str  # renewed | failed | revoked
+    error: dict[str, str] | None = None
+    duration_ms: float | None = None
+    tls_serial: str | None = None
+    hooks: tuple[HookResult, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"time": self.time.isoformat(timespec="seconds"), "result": self.result,
+                "error": self.error, "duration_ms": self.duration_ms,
+                "tls_serial": self.tls_serial, "hooks": [h.to_dict() for h in self.hooks]}
+
+
+@dataclass
+class _Kick:
+    """`devidctl renew`: renew now; waiters get the outcome of that attempt."""
+
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    waiters: list[asyncio.Future[RotationOutcome]] = field(default_factory=list)
+
+
+class RotationManager:
+    def __init__(self, section: RotationSection, enrollment_section: EnrollmentSection | None,
+                 enrollment: EnrollmentManager, holder: CredentialHolder, audit: AuditLog,
+                 clock: Clock = utcnow,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.section = section
+        self.registrar = enrollment_section
+        self.enrollment = enrollment
+        self.holder = holder
+        self.audit = audit
+        self._clock = clock
+        self._monotonic = monotonic
+        self.backoff = Backoff(initial=section.retry_initial, cap=section.retry_max)
+        self.state = WAITING
+        self.last: RotationOutcome | None = None
+        self.next_attempt: datetime.datetime | None = None  # after a failure
+        self.failures = 0
+        self.clock_offset: float | None = None  # registrar minus local, last response
+        self.restore_error: DevidError | None = None
+        self._kick = _Kick()
+        # Held while renewing; decommissioning takes it too, so the two never interleave.
+        self.lock = asyncio.Lock()
+        self._last_wall = clock()
+        self._last_mono = monotonic()
+
+    # --- what status needs ------------------------------------------------------
+
+    def renew_at(self) -> datetime.datetime | None:
+        """The planned renewal; None when there is nothing to plan (not enrolled, revoked)
+        or no usable TLS credentials, which means: renew at once."""
+        stored = self.enrollment.stored
+        if stored is None or stored.lifecycle != ACTIVE:
+            return None
+        if stored.tls is None or self.holder.held is None:
+            return None
+        points = [schedule.renew_at(validity_of(c), format(c.serial_number, "x"),
+                                    self.section.renew_fraction, self.section.jitter)
+                  for c in (stored.certificate, stored.tls.certificate)]
+        return min(points)
+
+    def _target(self, now: datetime.datetime) -> datetime.datetime:
+        if self.next_attempt is not None:
+            return self.next_attempt
+        return self.renew_at() or now
+
+    # --- the task ---------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event,
+                  custody_ready: Callable[[], Awaitable[TpmCustody | None]],
+                  run_tpm: Runner, tpm_lost: Callable[[], None]) -> None:
+        if self.registrar is None:
+            self.state = NOT_CONFIGURED
+            log.warning("no [enrollment] registrar configured: certificates will not be "
+                        "renewed")
+            return
+        restored = False
+        while not stop.is_set():
+            stored = self.enrollment.stored
+            if stored is None or stored.lifecycle != ACTIVE:
+                self.state = REVOKED if stored is not None else STOPPED
+                return
+            custody = await custody_ready()
+            if custody is None:
+                return
+            if not restored:
+                await self._restore(custody, run_tpm, stored)
+                restored = True
+            self.state = RETRYING if self.next_attempt else SCHEDULED
+            if not await self._wait(stop):
+                return
+            custody = await custody_ready()
+            if custody is None:
+                return
+            async with self.lock:
+                stored = self.enrollment.stored
+                if stored is None or stored.lifecycle != ACTIVE:
+                    continue  # decommissioned while we waited
+                self.state = RENEWING
+                outcome = await self._rotate(custody, run_tpm, tpm_lost)
+            self._settle_kick(outcome)
+        self.state = STOPPED
+
+    async def _wait(self, stop: asyncio.Event) -> bool:
+        """Sleep until the renewal point (re-planned each tick); False if stopping."""
+        while not stop.is_set():
+            now = self._clock()
+            self._note_clock_jump(now)
+            stored = self.enrollment.stored
+            target = self._target(now)
+            if stored is None or stored.lifecycle != ACTIVE or self._kick.event.is_set() \
+                    or now >= target:
+                return True
+            delay = schedule.wait_seconds(now, target)
+            stopper = asyncio.ensure_future(stop.wait())
+            kicker = asyncio.ensure_future(self._kick.event.wait())
+            _, pending = await asyncio.wait([stopper, kicker], timeout=delay,
+                                            return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+        return False
+
+    def _note_clock_jump(self, wall: datetime.datetime) -> None:
+        mono = self._monotonic()
+        jump = schedule.clock_jump(self._last_wall, self._last_mono, wall, mono)
+        self._last_wall, self._last_mono = wall, mono
+        if jump is not None:
+            target = self._target(wall)
+            log.warning("the wall clock jumped %+.0fs; re-planned: renewal %s", jump,
+                        "now" if target <= wall else f"at {target:%Y-%m-%d %H:%M:%SZ}")
+            self._audit("clock-jump", seconds=round(jump, 1),
+                        renew_at=target.isoformat(timespec="seconds"))
+
+    async def _restore(self, custody: TpmCustody, run_tpm: Runner,
+                       stored: StoredEnrollment) -> None:
+        """Unseal the TLS key and present it again, or leave it to a renewal."""
+        if stored.tls is None:
+            log.info("no TLS credentials yet; renewing now to get them")
+            return
+        try:
+            secret = await CustodyTpm(custody, run_tpm).unseal(stored.tls.sealed_key)
+            key = key_from_secret(secret)
+            if spki_der(key.public_key()) != spki_der(stored.tls.certificate):
+                raise StateError("the unsealed TLS key does not match the TLS certificate")
+        except DevidError as e:
+            self.restore_error = e
+            log.warning("cannot restore the TLS key: %s; renewing now for a new one", e)
+            return
+        self.restore_error = None
+        self.holder.publish(TlsCredentials(stored.device_id, stored.tls.chain, key))
+        now = self._clock()
+        if now > stored.tls.certificate.not_valid_after_utc:
+            log.warning("the TLS certificate expired at %s (offline too long?); it is not "
+                        "presented; renewing now", stored.tls.certificate.not_valid_after_utc)
+        else:
+            log.info("TLS certificate %s restored, valid until %s", stored.tls.serial,
+                     stored.tls.certificate.not_valid_after_utc.isoformat())
+
+    async def _rotate(self, custody: TpmCustody, run_tpm: Runner,
+                      tpm_lost: Callable[[], None]) -> RotationOutcome:
+        stored = self.enrollment.stored
+        assert stored is not None and self.registrar is not None
+        began = self._monotonic()
+        client = RegistrarClient(self.registrar.url, self.registrar.ca, self.registrar.timeout)
+        try:
+            result = await renew(
+                CustodyTpm(custody, run_tpm, self.section.seal_pcrs), ThreadedRegistrar(client),
+                stored.device_id, self.enrollment.pinned, self._clock,
+                self.section.clock_skew, self._progress)
+            now = self._clock()
+            renewed = stored.renewed(result.identity_chain, result.identity_serial,
+                                     StoredTls(result.tls_chain, result.tls_serial,
+                                               result.sealed_tls_key), now)
+            await self._save(renewed)
+            faults.point("rotation.saved")
+            self.enrollment.stored = renewed
+            self.holder.publish(TlsCredentials(stored.device_id, result.tls_chain,
+                                               result.tls_key))
+            faults.point("rotation.published")
+        except Problem as p:
+            self.clock_offset = client.clock_offset
+            if p.code in RETIRED_PROBLEMS:
+                return await self._retired(p)
+            return self._failed(p, began)
+        except DevidError as e:
+            self.clock_offset = client.clock_offset
+            if isinstance(e, TpmUnreachable):
+                tpm_lost()
+            return self._failed(e, began)
+        finally:
+            client.close()
+        self.clock_offset = client.clock_offset
+        elapsed = round((self._monotonic() - began) * 1000, 1)
+        not_after = result.tls_chain[0].not_valid_after_utc
+        self._audit("rotated", generation=renewed.generation,
+                    identity_serial=result.identity_serial, tls_serial=result.tls_serial,
+                    not_after=not_after.isoformat(timespec="seconds"), duration_ms=elapsed)
+        log.info("renewed: TLS certificate %s and identity certificate %s valid until %s "
+                 "(%.0f ms)", result.tls_serial, result.identity_serial, not_after.isoformat(),
+                 elapsed)
+        self.backoff.reset()
+        self.failures, self.next_attempt, self.restore_error = 0, None, None
+        hooks = await run_hooks(self.section.hook_argvs(), {
+            "DEVID_DEVICE_ID": stored.device_id, "DEVID_TLS_SERIAL": result.tls_serial,
+            "DEVID_IDENTITY_SERIAL": result.identity_serial,
+            "DEVID_NOT_AFTER": not_after.isoformat(timespec="seconds"),
+            "DEVID_GENERATION": str(renewed.generation)}, self.section.hook_timeout)
+        faults.point("rotation.done")
+        self.last = RotationOutcome(now, "renewed", duration_ms=elapsed,
+                                    tls_serial=result.tls_serial, hooks=tuple(hooks))
+        return self.last
+
+    def _progress(self, step: str) -> None:
+        log.debug("renewal: %s", step)
+        faults.point(f"rotation.{step}")
+
+    async def _save(self, stored: StoredEnrollment) -> None:
+        try:
+            await asyncio.to_thread(self.enrollment.store.save, stored)
+        except OSError as e:
+            raise StateError(f"cannot save {self.enrollment.store.path}: {e.strerror}; the "
+                             "previous certificates stay in use",
+                             "free space in the state directory") from None
+
+    def _failed(self, e: DevidError, began: float) -> RotationOutcome:
+        self.failures += 1
+        now = self._clock()
+        delay = self.backoff.next_delay()
+        if isinstance(e, Problem) and e.retry_after is not None:
+            delay = max(delay, e.retry_after)
+        stored = self.enrollment.stored
+        tls = stored.tls if stored else None
+        self.next_attempt = schedule.retry_at(
+            now, delay, validity_of(tls.certificate) if tls else None)
+        wait = (self.next_attempt - now).total_seconds()
+        log.warning("renewal failed (%d in a row): %s; retrying in %.0fs, the current "
+                    "certificates stay in use", self.failures, e, wait)
+        self._audit("rotation-failed", error=e.code, detail=e.message[:300],
+                    failures=self.failures, retry_in_s=round(wait, 1))
+        self.last = RotationOutcome(now, "failed", error=e.to_dict(),
+                                    duration_ms=round((self._monotonic() - began) * 1000, 1))
+        return self.last
+
+    async def _retired(self, p: Problem) -> RotationOutcome:
+        """The registrar revoked (or decommissioned) us: stop presenting, destroy the key."""
+        stored = self.enrollment.stored
+        assert stored is not None
+        self.holder.withdraw()
+        revoked = stored.revoked(f"{p.code}: {p.message}")
+        try:
+            await self._save(revoked)
+        except StateError as e:
+            log.error("%s", e)  # in memory we are revoked regardless; retried at restart
+        self.enrollment.stored = revoked
+        self.state, self.next_attempt = REVOKED, None
+        log.error("the registrar refused renewal: %s. This gateway no longer presents its "
+                  "identity; the sealed TLS key is destroyed", p.message)
+        self._audit("revoked", problem=p.code, detail=p.message[:300],
+                    tls_key="destroyed")
+        self.last = RotationOutcome(self._clock(), "revoked", error=p.to_dict())
+        return self.last
+
+    def _audit(self, event: str, **fields: Any) -> None:
+        device = self.enrollment.stored.device_id if self.enrollment.stored else None
+        try:
+            self.audit.append(event, device_id=device, **fields)
+        except OSError as e:
+            log.error("cannot write the audit log %s: %s", self.audit.path, e.strerror)
+
+    # --- devidctl renew ------------------------------------------------------------
+
+    def kick(self) -> asyncio.Future[RotationOutcome]:
+        """Renew now; the future resolves with the outcome of that attempt."""
+        future: asyncio.Future[RotationOutcome] = asyncio.get_running_loop().create_future()
+        self._kick.waiters.append(future)
+        self._kick.event.set()
+        return future
+
+    def _settle_kick(self, outcome: RotationOutcome) -> None:
+        kick, self._kick = self._kick, _Kick()
+        for future in kick.waiters:
+            if not future.done():
+                future.set_result(outcome)
+
+    def cancel_waiters(self, reason: str) -> None:
+        for future in self._kick.waiters:
+            if not future.done():
+                future.set_exception(StateError(reason))
+        with contextlib.suppress(Exception):
+            self._kick.waiters.clear()

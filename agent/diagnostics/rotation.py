@@ -1,0 +1,77 @@
+"""Rotation facts, their judgement, and the status sections built from them. Pure."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any
+
+from agent.diagnostics.checks import CheckResult, Level
+from agent.diagnostics.enrollment import judge_certificate
+
+
+@dataclass(frozen=True)
+class RotationFacts:
+    state: str  # see agent.daemon.rotation: scheduled, renewing, retrying, revoked, ...
+    enrolled: bool
+    renew_at: datetime.datetime | None = None
+    next_attempt: datetime.datetime | None = None
+    failures: int = 0
+    last: dict[str, Any] | None = None
+    generation: int = 0
+    tls_certificate: dict[str, Any] | None = None  # certinfo.summarize() of the TLS leaf
+    presented: bool = False  # the TLS credentials are in memory and unexpired
+    clock_offset: float | None = None  # registrar minus local clock, seconds
+    restore_error: dict[str, str] | None = None
+
+
+def _iso(when: datetime.datetime | None) -> str | None:
+    return when.isoformat(timespec="seconds") if when else None
+
+
+def rotation_section(facts: RotationFacts) -> dict[str, Any]:
+    return {
+        "state": facts.state,
+        "renew_at": _iso(facts.renew_at),
+        "next_attempt": _iso(facts.next_attempt),
+        "failures": facts.failures,
+        "last": facts.last,
+        "generation": facts.generation,
+        "registrar_clock_offset_s": round(facts.clock_offset, 1)
+        if facts.clock_offset is not None else None,
+        "restore_error": facts.restore_error,
+    }
+
+
+def tls_certificate_section(facts: RotationFacts) -> dict[str, Any] | None:
+    if facts.tls_certificate is None:
+        return None
+    return {**facts.tls_certificate, "presented": facts.presented}
+
+
+def check_rotation(facts: RotationFacts, now: datetime.datetime, skew: float) -> CheckResult:
+    name = "rotation"
+    if not facts.enrolled or facts.state == "revoked":
+        return CheckResult(name, Level.PASS, "nothing to rotate (see enrollment)")
+    if facts.state == "not_configured":
+        return CheckResult(name, Level.WARN, "no registrar configured: certificates will not "
+                           "be renewed", "configure [enrollment] url and ca")
+    last = facts.last or {}
+    error = last.get("error") if last.get("result") == "failed" else None
+    why = f"; last renewal failed: {error.get('type')}: {error.get('message')}" if error \
+        else ""
+    retry = f", retrying at {facts.next_attempt:%H:%M:%S}Z" if facts.next_attempt else ""
+    if facts.tls_certificate is None:
+        return CheckResult(name, Level.WARN, f"no TLS certificate yet{why}{retry}",
+                           str(error.get("hint", "")) if error else "the first renewal is "
+                                                                      "in progress")
+    result = judge_certificate(name, "TLS certificate", facts.tls_certificate, now, skew)
+    if facts.clock_offset is not None and result.level is Level.FAIL and \
+            abs(facts.clock_offset) > skew:
+        result = CheckResult(name, result.level, f"{result.summary}; the registrar's clock is "
+                             f"{facts.clock_offset:+.0f}s from ours", result.hint)
+    if error:
+        hint = result.hint or str(error.get("hint", ""))
+        return CheckResult(name, result.level, f"{result.summary}{why}{retry}", hint)
+    renew = f", renewal at {facts.renew_at:%Y-%m-%d %H:%M:%S}Z" if facts.renew_at else ""
+    return CheckResult(name, result.level, f"{result.summary}{renew}", result.hint)

@@ -1,0 +1,188 @@
+"""The registrar's side of an enrolled device's life: renewal, decommissioning,
+revocation and the CRL. Pure decisions with the parts injected, like enrollment.
+
+A device asks for a nonce (`challenge`), then sends a request signed by the
+TPM identity key certified at enrollment. A renewal also carries a fresh
+quote by the enrolled AK, judged against the PCR policy exactly as at
+enrollment, and a CSR for a new TLS key; both the identity and the TLS
+certificate are re-issued. The order of checks is in docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.enroll import evidence
+from agent.enroll.messages import (
+    Decommissioned,
+    DecommissionRequest,
+    DeviceChallenge,
+    DeviceChallengeRequest,
+    Renewed,
+    RenewRequest,
+    decode,
+)
+from agent.enroll.problems import problem
+from agent.errors import Problem
+from agent.registrar.base import NONCE_BYTES, RegistrarParts
+from agent.registrar.pcrpolicy import judge_pcrs
+from agent.registrar.store import DeviceChallengeRow, DeviceRow
+
+log = logging.getLogger(__name__)
+
+REFUSED_EVENT = {"renew": "renewal-refused", "decommission": "decommission-refused"}
+
+
+def check_active(device: DeviceRow | None, device_id: str) -> DeviceRow:
+    if device is None:
+        raise problem("device-unknown", f"{device_id}: not enrolled with this registrar")
+    if device.status == "revoked":
+        raise problem("device-revoked", f"{device_id} was revoked"
+                      + (f": {device.status_reason}" if device.status_reason else ""))
+    if device.status == "decommissioned":
+        raise problem("device-decommissioned", f"{device_id} was decommissioned")
+    return device
+
+
+class LifecycleService(RegistrarParts):
+    # --- round trip 1: a nonce for a signed request ------------------------------
+
+    def challenge(self, body: bytes, peer: str) -> DeviceChallenge:
+        device_id: str | None = None
+        purpose = "renew"
+        try:
+            request = decode(DeviceChallengeRequest, body)
+            device_id, purpose = request.device_id, request.purpose
+            check_active(self.store.device(device_id), device_id)
+            now = self._clock()
+            if self.store.pending_challenges(now.timestamp()) >= \
+                    self.config.max_pending_challenges:
+                raise problem("registrar-busy", "too many requests in progress",
+                              retry_after=5.0)
+            nonce, challenge_id = self._random(NONCE_BYTES), self._new_challenge_id()
+            expires = now + datetime.timedelta(seconds=self.config.challenge_ttl)
+            self.store.add_device_challenge(DeviceChallengeRow(
+                challenge_id, device_id, purpose, nonce, now.timestamp(), expires.timestamp()))
+        except Problem as p:
+            self._refused(REFUSED_EVENT[purpose], "challenge", p, peer, device_id=device_id)
+            raise
+        return DeviceChallenge(challenge_id=challenge_id, device_id=device_id, purpose=purpose,
+                               nonce=nonce, expires_at=expires.isoformat(timespec="seconds"),
+                               pcr_selection=self._pcr_selection())
+
+    def _claim(self, challenge_id: str, purpose: str,
+               now: datetime.datetime) -> tuple[DeviceChallengeRow, DeviceRow,
+                                                ec.EllipticCurvePublicKey]:
+        challenge = self.store.claim_device_challenge(challenge_id, purpose, now.timestamp())
+        device = check_active(self.store.device(challenge.device_id), challenge.device_id)
+        _, identity_key = evidence.check_identity_public(device.identity_public)
+        return challenge, device, identity_key
+
+    # --- round trip 2: renewal ----------------------------------------------------
+
+    def renew(self, challenge_id: str, body: bytes, peer: str) -> Renewed:
+        device_id: str | None = None
+        claimed = False
+        try:
+            request = decode(RenewRequest, body)
+            now = self._clock()
+            challenge, device, identity_key = self._claim(challenge_id, "renew", now)
+            claimed, device_id = True, device.device_id
+            renewed = self._verify_and_renew(challenge, device, identity_key, request, now,
+                                             peer)
+        except Problem as p:
+            if claimed:
+                self.store.settle_device_challenge(challenge_id, "failed")
+            self._refused("renewal-refused", "renew", p, peer, challenge=challenge_id,
+                          device_id=device_id)
+            raise
+        return renewed
+
+    def _verify_and_renew(self, challenge: DeviceChallengeRow, device: DeviceRow,
+                          identity_key: ec.EllipticCurvePublicKey, request: RenewRequest,
+                          now: datetime.datetime, peer: str) -> Renewed:
+        # Authenticate first: nothing else is looked at unless the identity key signed it.
+        message = evidence.device_request_message(
+            "renew", device.device_id, challenge.id, challenge.nonce, request.quote.attest,
+            request.tls_csr)
+        evidence.check_request_signature(request.signature, message, identity_key)
+        ak_public, ak_key = evidence.check_ak_public(request.ak_public)
+        if evidence.tpm_name(ak_public) != device.ak_name:
+            raise problem("ak-unknown", "ak_public: not the AK activated at enrollment")
+        pcrs = sorted(set(self.config.pcr_policy.pcrs))
+        quote = evidence.verify_signed("quote", request.quote.attest, request.quote.signature,
+                                       ak_key)
+        evidence.check_quote(quote, challenge.nonce, pcrs, request.pcr_values)
+        pcr_state = judge_pcrs(self.config.pcr_policy, request.pcr_values)
+        tls_key = evidence.check_tls_csr(request.tls_csr)
+
+        identity_cert, identity = self._issue(device.device_id, identity_key, "identity", now)
+        tls_cert, tls = self._issue(device.device_id, tls_key, "tls", now)
+        renewals = self.store.record_renewal(challenge.id, device.device_id, [identity, tls],
+                                             now.isoformat(timespec="seconds"))
+        not_after = tls_cert.not_valid_after_utc.isoformat(timespec="seconds")
+        self.audit.append("certificate-renewed", challenge=challenge.id,
+                          device_id=device.device_id, identity_serial=identity.serial,
+                          tls_serial=tls.serial, not_after=not_after, pcr_state=pcr_state,
+                          renewals=renewals, peer=peer)
+        log.info("renewed %s until %s (identity %s, tls %s, PCR state %r)", device.device_id,
+                 not_after, identity.serial, tls.serial, pcr_state)
+        return Renewed(device_id=device.device_id,
+                       identity_chain=self.ca.chain_pem(identity_cert),
+                       tls_chain=self.ca.chain_pem(tls_cert), identity_serial=identity.serial,
+                       tls_serial=tls.serial, not_after=not_after)
+
+    # --- round trip 2: decommissioning ---------------------------------------------
+
+    def decommission(self, challenge_id: str, body: bytes, peer: str) -> Decommissioned:
+        device_id: str | None = None
+        claimed = False
+        try:
+            request = decode(DecommissionRequest, body)
+            now = self._clock()
+            challenge, device, identity_key = self._claim(challenge_id, "decommission", now)
+            claimed, device_id = True, device.device_id
+            message = evidence.device_request_message(
+                "decommission", device.device_id, challenge.id, challenge.nonce)
+            evidence.check_request_signature(request.signature, message, identity_key)
+            serials = self.store.retire_device(device.device_id, "decommissioned",
+                                               "requested by the device", now.timestamp())
+            self.store.settle_device_challenge(challenge_id, "completed")
+        except Problem as p:
+            if claimed:
+                self.store.settle_device_challenge(challenge_id, "failed")
+            self._refused("decommission-refused", "decommission", p, peer,
+                          challenge=challenge_id, device_id=device_id)
+            raise
+        self.audit.append("device-decommissioned", device_id=device_id, revoked=serials,
+                          peer=peer)
+        log.info("decommissioned %s at its request; revoked %d certificates", device_id,
+                 len(serials))
+        return Decommissioned(device_id=device.device_id, revoked_serials=serials)
+
+    # --- operator actions and relying parties -----------------------------------------
+
+    def revoke(self, device_id: str, reason: str, operator: str) -> list[str]:
+        """Cut a device off: no more renewals, its unexpired certificates in the CRL."""
+        serials = self.store.retire_device(device_id, "revoked", reason,
+                                           self._clock().timestamp())
+        self.audit.append("device-revoked", device_id=device_id, reason=reason,
+                          revoked=serials, operator=operator)
+        log.warning("revoked %s (%s); %d certificates now on the CRL", device_id, reason,
+                    len(serials))
+        return serials
+
+    def crl(self) -> x509.CertificateRevocationList:
+        now = self._clock()
+        entries = [(int(c.serial, 16),
+                    datetime.datetime.fromtimestamp(c.revoked_at or 0, datetime.UTC))
+                   for c in self.store.revoked_certificates(now.timestamp())]
+        return self.ca.crl(entries, now, datetime.timedelta(seconds=self.config.crl_next_update))
+
+    def crl_der(self) -> bytes:
+        return self.crl().public_bytes(serialization.Encoding.DER)
