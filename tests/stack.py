@@ -53,7 +53,7 @@ def start_tpm(state_dir: Path) -> SimulatedTpm:
 
 
 def write_agent_config(path: Path, tcti: str, ek_roots: list[Path], extra: str = "",
-                       control_socket: Path | None = None) -> Path:
+                       control_socket: Path | None = None, state_dir: str = "state") -> Path:
     roots = ", ".join(json.dumps(str(r)) for r in ek_roots)
     sock = json.dumps(str(control_socket or "run/control.sock"))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,7 +61,7 @@ def write_agent_config(path: Path, tcti: str, ek_roots: list[Path], extra: str =
         "[tpm]\n"
         f"tcti = {json.dumps(tcti)}\n\n"
         "[paths]\n"
-        'state_dir = "state"\n'
+        f"state_dir = {json.dumps(state_dir)}\n"
         f"control_socket = {sock}\n\n"
         "[trust]\n"
         f"ek_roots = [{roots}]\n" + extra
@@ -182,11 +182,19 @@ def enrollment_toml(registrar: RegistrarProcess, token: str | None) -> str:
     return text
 
 
+def rotation_toml(retry_max: str = "2s", hooks: list[str] | None = None) -> str:
+    """The agent's [rotation] section with fast retries for tests."""
+    return (f'\n[rotation]\nretry_initial = "1s"\nretry_max = "{retry_max}"\n'
+            f"reload_hooks = {json.dumps(hooks or [])}\n")
+
+
 class AgentProcess:
     """devid-agent running as a child process, with its log captured to a file."""
 
-    def __init__(self, config: Path, control_socket: Path | None = None) -> None:
+    def __init__(self, config: Path, control_socket: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.config = config
+        self.env = env
         self.log_path = config.parent / "agent.log"
         self.socket = control_socket or config.parent / "run" / "control.sock"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -196,6 +204,7 @@ class AgentProcess:
         self.proc = subprocess.Popen(
             [str(BIN / "devid-agent"), "--config", str(self.config)],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.env} if self.env else None,
         )
         log.close()
         if wait:

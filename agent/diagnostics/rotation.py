@@ -66,6 +66,11 @@ def check_rotation(facts: RotationFacts, now: datetime.datetime, skew: float) ->
                            str(error.get("hint", "")) if error else "the first renewal is "
                                                                       "in progress")
     result = judge_certificate(name, "TLS certificate", facts.tls_certificate, now, skew)
+    if not facts.presented and result.level is Level.PASS:
+        restore = facts.restore_error or {}
+        reason = restore.get("message", "not restored yet")
+        result = CheckResult(name, Level.WARN, f"TLS certificate not presented: {reason}",
+                             "the agent renews to get a new TLS key; see the rotation error")
     if facts.clock_offset is not None and result.level is Level.FAIL and \
             abs(facts.clock_offset) > skew:
         result = CheckResult(name, result.level, f"{result.summary}; the registrar's clock is "
