@@ -17,6 +17,7 @@ from agent.errors import StateError
 
 PRIVATE_FILE_MODE = 0o600
 PRIVATE_DIR_MODE = 0o700
+TEMP_SUFFIX = ".tmp"
 
 
 def fsync_dir(path: Path) -> None:
@@ -34,7 +35,8 @@ def write_atomic(path: Path, data: bytes, mode: int = PRIVATE_FILE_MODE) -> None
     the temp file is removed.
     """
     directory = path.parent
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX,
+                                    dir=directory)
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
@@ -64,3 +66,19 @@ def read_state_file(path: Path) -> bytes | None:
 def ensure_private_dir(path: Path) -> None:
     """Create `path` (and parents) if needed; the leaf is made 0700."""
     path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+
+
+def remove_stale_temp_files(directory: Path) -> list[str]:
+    """Delete temp files `write_atomic` left in `directory` when the process was killed
+    mid-write (never read, but they would pile up); returns their names."""
+    removed = []
+    try:
+        names = [p for p in directory.iterdir() if p.name.startswith(".")
+                 and p.name.endswith(TEMP_SUFFIX)]
+    except FileNotFoundError:
+        return []
+    for path in names:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path.name)
+    return removed

@@ -219,7 +219,7 @@ class AgentProcess:
                 raise RuntimeError(f"devid-agent exited with {self.proc.returncode}:\n"
                                    + self.log_path.read_text())
             if self.socket.exists():
-                doc = self.ctl_json("status")[1]
+                doc = self.status()
                 if doc.get("tpm", {}).get("reachable"):
                     return
             time.sleep(0.1)
@@ -231,12 +231,23 @@ class AgentProcess:
         deadline = time.monotonic() + timeout
         doc: dict[str, Any] = {}
         while time.monotonic() < deadline:
-            doc = self.ctl_json("status")[1]
+            doc = self.status()
             if doc and predicate(doc):
                 return doc
             time.sleep(0.1)
         raise TimeoutError(f"not {what} after {timeout}s: {json.dumps(doc, indent=1)}\n"
                            + self.log_path.read_text())
+
+    def status(self) -> dict[str, Any]:
+        """The status document straight from the control socket (cheaper than spawning
+        devidctl, for polling); {} while the daemon does not answer."""
+        from agent.control import client
+        from agent.errors import DevidError
+
+        try:
+            return client.call(self.socket, "status", timeout=10)
+        except DevidError:
+            return {}
 
     def wait_enrollment(self, state: str = "enrolled", timeout: float = 30.0) -> dict[str, Any]:
         """Until enrollment.state is `state`; "enrolled" also waits for the first TLS

@@ -15,7 +15,7 @@ from agent.config import AgentConfig, load_config
 from agent.control.server import ControlServer
 from agent.daemon.service import AgentService
 from agent.errors import ConfigError, DevidError
-from agent.fsutil import ensure_private_dir
+from agent.fsutil import ensure_private_dir, remove_stale_temp_files
 from agent.pki.ekchain import load_trust_store
 
 log = logging.getLogger("agent.daemon")
@@ -28,6 +28,9 @@ EXIT_STARTUP = 1
 async def run(config: AgentConfig) -> int:
     trust = load_trust_store(config.trust.ek_roots)
     ensure_private_dir(config.paths.state_dir)
+    for directory in (config.paths.state_dir, config.paths.state_dir / "tpm"):
+        for name in remove_stale_temp_files(directory):
+            log.info("removed %s, left by an interrupted write", directory / name)
     service = AgentService(config, trust)
     service.enrollment.load()
     gid = grp.getgrnam(config.control.group).gr_gid if config.control.group else None

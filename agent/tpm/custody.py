@@ -13,7 +13,12 @@ Objects and their lifetimes:
 - EKs: re-derived on demand from the TCG templates and flushed after use.
 
 Sessions are started per command and flushed in `finally`, also when the
-command fails. Commands that carry secrets in or out (seal, unseal) run in a
+command fails. A process that is killed cannot flush: behind a resource
+manager (/dev/tpmrm0, tabrmd) the kernel or broker does it; with direct
+access (/dev/tpm0, swtpm, mssim) the agent is the TPM's only user, so on
+connecting it flushes the transient objects and sessions a killed
+predecessor left, instead of failing with "out of memory for object
+contexts" a few restarts later. Commands that carry secrets in or out (seal, unseal) run in a
 salted session with AES-CFB parameter encryption, so a bus sniffer sees only
 ciphertext.
 
@@ -98,6 +103,14 @@ AK_BLOB = "ak"
 IDENTITY_BLOB = "identity"
 SRK_NAME_FILE = "srk.name"
 MAX_SEALED_BYTES = 128  # TPM2B_SENSITIVE_DATA limit
+# Transient objects, and loaded sessions (HMAC and policy), by handle range.
+STALE_HANDLE_RANGES = (0x80000000, 0x02000000, 0x03000000)
+RESOURCE_MANAGED = ("device:/dev/tpmrm", "tabrmd")
+
+
+def behind_resource_manager(tcti: str) -> bool:
+    """Whether a resource manager flushes a dead client's handles for us."""
+    return tcti.startswith(RESOURCE_MANAGED)
 
 
 @dataclass(frozen=True)
@@ -160,6 +173,8 @@ class TpmCustody:
             raise TpmUnreachable(f"cannot open TPM via TCTI {tcti!r}: {e}", rc=int(e.rc)) from None
         custody = cls(esapi, tcti, state_dir)
         try:
+            if not behind_resource_manager(tcti):
+                custody._flush_stale_handles()
             custody._load_srk(pin=not readonly)
             if not readonly and create_keys:
                 custody._ensure_key(AK_BLOB, templates.ak_template())
@@ -185,6 +200,21 @@ class TpmCustody:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+    def _flush_stale_handles(self) -> None:
+        flushed = 0
+        with self._tpm("listing stale TPM handles") as tpm:
+            for first in STALE_HANDLE_RANGES:
+                _, data = tpm.get_capability(TPM2_CAP.HANDLES, first, 64)
+                for handle in (int(h) for h in data.data.handles):
+                    if handle >> 24 != first >> 24:
+                        continue
+                    with contextlib.suppress(TSS2_Exception):
+                        tpm.flush_context(tpm.tr_from_tpmpublic(handle))
+                        flushed += 1
+        if flushed:
+            log.warning("flushed %d transient TPM objects or sessions left by a previous "
+                        "process that did not exit cleanly", flushed)
 
     @contextlib.contextmanager
     def _tpm(self, action: str) -> Iterator[ESAPI]:
