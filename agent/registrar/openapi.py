@@ -16,7 +16,19 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from agent import __version__
-from agent.enroll.messages import API_PREFIX, Challenge, CompleteRequest, Issued, StartRequest
+from agent.enroll.messages import (
+    API_PREFIX,
+    Challenge,
+    CompleteRequest,
+    Decommissioned,
+    DecommissionRequest,
+    DeviceChallenge,
+    DeviceChallengeRequest,
+    Issued,
+    Renewed,
+    RenewRequest,
+    StartRequest,
+)
 from agent.enroll.problems import PROBLEM_CONTENT_TYPE, PROBLEM_TYPES, PROBLEM_URN_PREFIX
 
 
@@ -55,17 +67,24 @@ def _json_body(name: str) -> dict[str, Any]:
 
 
 COMMON = ("malformed-request", "unsupported-media-type", "body-too-large", "internal-error")
+DEVICE_REQUEST = ("challenge-unknown", "challenge-expired", "challenge-used", "device-unknown",
+                  "device-revoked", "device-decommissioned", "request-signature-invalid")
+CHALLENGE_PARAMETER = {"name": "challenge_id", "in": "path", "required": True,
+                       "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}
 
 
 def build() -> dict[str, Any]:
     _, defs = models_json_schema(
-        [(m, "validation") for m in (StartRequest, Challenge, CompleteRequest, Issued)],
+        [(m, "validation") for m in (StartRequest, Challenge, CompleteRequest, Issued,
+                                     DeviceChallengeRequest, DeviceChallenge, RenewRequest,
+                                     Renewed, DecommissionRequest, Decommissioned)],
         ref_template="#/components/schemas/{model}")
     schemas = {**defs["$defs"], "Problem": _problem_schema()}
     return {
         "openapi": "3.1.0",
-        "info": {"title": "devid-registrar enrollment API", "version": __version__,
-                 "description": "Attestation-backed enrollment of devid-agent gateways. "
+        "info": {"title": "devid-registrar API", "version": __version__,
+                 "description": "Attestation-backed enrollment, re-attested renewal, "
+                                "decommissioning and the CRL of devid-agent gateways. "
                                 "See docs/protocol.md for the protocol and the checks."},
         "paths": {
             f"{API_PREFIX}/health": {"get": {
@@ -96,6 +115,42 @@ def build() -> dict[str, Any]:
                                 "csr-key-mismatch", "csr-invalid", "token-used",
                                 "device-revoked"),
                 }}},
+            f"{API_PREFIX}/challenges": {"post": {
+                "summary": "An enrolled device asks for a nonce to sign a renewal or "
+                           "decommissioning request with",
+                "requestBody": {"required": True, **_json_body("DeviceChallengeRequest")},
+                "responses": {
+                    "201": {"description": "nonce issued", **_json_body("DeviceChallenge")},
+                    **_problems(*COMMON, "device-unknown", "device-revoked",
+                                "device-decommissioned", "registrar-busy"),
+                }}},
+            f"{API_PREFIX}/challenges/{{challenge_id}}/renew": {"post": {
+                "summary": "Re-attested renewal: fresh quote, CSR for a new TLS key, signed "
+                           "by the identity key; receive both certificates",
+                "parameters": [CHALLENGE_PARAMETER],
+                "requestBody": {"required": True, **_json_body("RenewRequest")},
+                "responses": {
+                    "200": {"description": "identity and TLS certificates issued",
+                            **_json_body("Renewed")},
+                    **_problems(*COMMON, *DEVICE_REQUEST, "ak-invalid", "ak-unknown",
+                                "nonce-mismatch", "evidence-invalid", "signature-invalid",
+                                "pcr-policy-violation", "csr-invalid"),
+                }}},
+            f"{API_PREFIX}/challenges/{{challenge_id}}/decommission": {"post": {
+                "summary": "The device retires itself (signed by the identity key); its "
+                           "certificates go on the CRL",
+                "parameters": [CHALLENGE_PARAMETER],
+                "requestBody": {"required": True, **_json_body("DecommissionRequest")},
+                "responses": {
+                    "200": {"description": "decommissioned", **_json_body("Decommissioned")},
+                    **_problems(*COMMON, *DEVICE_REQUEST),
+                }}},
+            f"{API_PREFIX}/crl": {"get": {
+                "summary": "The CRL of the issuing CA: revoked device certificates that "
+                           "have not expired yet",
+                "responses": {"200": {"description": "DER X.509 CRL", "content": {
+                    "application/pkix-crl": {"schema": {"type": "string",
+                                                        "contentEncoding": "binary"}}}}}}},
         },
         "components": {"schemas": schemas},
     }
