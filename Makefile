@@ -51,6 +51,7 @@ test: deps lint
 bench: deps
 	$(VPY) bench/tpm_ops.py
 	$(VPY) bench/enroll.py
+	$(VPY) bench/rotation.py
 
 demo: deps
 	$(VPY) tests/stack.py demo --dir .demo
