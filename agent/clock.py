@@ -10,3 +10,8 @@ Clock = Callable[[], datetime.datetime]
 
 def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
+
+
+def isoformat_utc(timestamp: float) -> str:
+    """A POSIX timestamp as RFC 3339 UTC, to the second."""
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat(timespec="seconds")

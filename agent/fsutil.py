@@ -53,6 +53,15 @@ def write_atomic(path: Path, data: bytes, mode: int = PRIVATE_FILE_MODE) -> None
     fsync_dir(directory)
 
 
+def remove_durably(path: Path) -> None:
+    """Delete `path` (if it exists) so that the deletion survives a crash."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    fsync_dir(path.parent)
+
+
 def read_state_file(path: Path) -> bytes | None:
     """A state file's bytes; None if it does not exist, StateError if it cannot be read."""
     try:

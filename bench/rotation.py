@@ -31,6 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from inprocess import agent_in_process  # noqa: E402
 from mtls import ClientLoad, MtlsServer  # noqa: E402
 from stack import (  # noqa: E402
     RegistrarProcess,
@@ -41,20 +42,11 @@ from stack import (  # noqa: E402
 )
 
 from agent.config import AgentConfig, load_config  # noqa: E402
-from agent.daemon.service import AgentService  # noqa: E402
-from agent.pki.ekchain import load_trust_store  # noqa: E402
 
 
 async def _measure(config: AgentConfig, server: MtlsServer, rotations: int,
                    seconds: float) -> dict[str, float]:
-    service = AgentService(config, load_trust_store(config.trust.ek_roots))
-    service.enrollment.load()
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(service.maintain_tpm(stop)),
-             asyncio.create_task(service.maintain_identity(stop))]
-    try:
-        while service.holder.current() is None:
-            await asyncio.sleep(0.05)
+    async with agent_in_process(config) as service:
         with ClientLoad(service.holder, server) as load:
             t0 = time.perf_counter()
             await asyncio.sleep(seconds)
@@ -64,10 +56,6 @@ async def _measure(config: AgentConfig, server: MtlsServer, rotations: int,
             rot_ok, rot_s = load.ok - base_ok, time.perf_counter() - t1
         failures = len(load.failures)
         quiet = [(await service.rotation.kick()) for _ in range(rotations)]
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks)
-        await service.close()
     assert all(o.result == "renewed" for o in loaded + quiet)
     return {
         "renew_ms_quiet": statistics.median(o.duration_ms or 0 for o in quiet),

@@ -17,7 +17,6 @@ credentials in memory, write an audit record, run the reload hooks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import logging
 import time
@@ -240,18 +239,16 @@ class RotationManager:
                                                result.tls_key))
             faults.point("rotation.published")
         except Problem as p:
-            self.clock_offset = client.clock_offset
             if p.code in RETIRED_PROBLEMS:
                 return await self._retired(p)
             return self._failed(p, began)
         except DevidError as e:
-            self.clock_offset = client.clock_offset
             if isinstance(e, TpmUnreachable):
                 tpm_lost()
             return self._failed(e, began)
         finally:
+            self.clock_offset = client.clock_offset
             client.close()
-        self.clock_offset = client.clock_offset
         elapsed = round((self._monotonic() - began) * 1000, 1)
         not_after = result.tls_chain[0].not_valid_after_utc
         self._audit("rotated", generation=renewed.generation,
@@ -348,5 +345,4 @@ class RotationManager:
         for future in self._kick.waiters:
             if not future.done():
                 future.set_exception(StateError(reason))
-        with contextlib.suppress(Exception):
-            self._kick.waiters.clear()
+        self._kick.waiters.clear()

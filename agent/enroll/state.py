@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import datetime
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from agent.codec import decode_json_object
 from agent.enroll.client import EnrollmentResult
 from agent.errors import StateError
-from agent.fsutil import ensure_private_dir, fsync_dir, read_state_file, write_atomic
+from agent.fsutil import ensure_private_dir, read_state_file, remove_durably, write_atomic
 from agent.tpm.blobs import KeyBlob
 
 FORMAT_VERSION = 2
@@ -171,25 +172,36 @@ def _tls(doc: object, where: str) -> StoredTls | None:
                                                       f"{where}: sealed_key"))
 
 
-class EnrollmentStore:
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / FILE_NAME
+class _Record(Protocol):
+    def to_json(self) -> bytes: ...
 
-    def load(self) -> StoredEnrollment | None:
+
+R = TypeVar("R", bound=_Record)
+
+
+class RecordFile(Generic[R]):
+    """One JSON record in the state directory: read strictly, written atomically (0600),
+    removed durably."""
+
+    def __init__(self, path: Path, parse: Callable[[bytes, str], R]) -> None:
+        self.path = path
+        self._parse = parse
+
+    def load(self) -> R | None:
         data = read_state_file(self.path)
-        return None if data is None else StoredEnrollment.from_json(data, str(self.path))
+        return None if data is None else self._parse(data, str(self.path))
 
-    def save(self, enrollment: StoredEnrollment) -> None:
+    def save(self, record: R) -> None:
         ensure_private_dir(self.path.parent)
-        write_atomic(self.path, enrollment.to_json())
+        write_atomic(self.path, record.to_json())
 
     def remove(self) -> None:
-        """Delete the record durably (decommissioning)."""
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            return
-        fsync_dir(self.path.parent)
+        remove_durably(self.path)
+
+
+class EnrollmentStore(RecordFile[StoredEnrollment]):
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__(state_dir / FILE_NAME, StoredEnrollment.from_json)
 
 
 DECOMMISSIONED_FILE = "decommissioned.json"
@@ -219,14 +231,6 @@ class Decommissioned:
                                                             f"{where}: at"), notified)
 
 
-class DecommissionStore:
+class DecommissionStore(RecordFile[Decommissioned]):
     def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / DECOMMISSIONED_FILE
-
-    def load(self) -> Decommissioned | None:
-        data = read_state_file(self.path)
-        return None if data is None else Decommissioned.from_json(data, str(self.path))
-
-    def save(self, marker: Decommissioned) -> None:
-        ensure_private_dir(self.path.parent)
-        write_atomic(self.path, marker.to_json())
+        super().__init__(state_dir / DECOMMISSIONED_FILE, Decommissioned.from_json)

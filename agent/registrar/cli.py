@@ -27,6 +27,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 
 from agent import __version__, logsetup
+from agent.clock import isoformat_utc
 from agent.errors import ConfigError, DevidError, Problem
 from agent.fsutil import write_atomic
 from agent.registrar.home import RegistrarHome
@@ -175,9 +176,9 @@ def _devices_show(args: argparse.Namespace) -> int:
     finally:
         store.close()
     doc = {**device.summary(), "certificates": [
-        {"serial": c.serial, "kind": c.kind, "issued_at": _iso(c.issued_at),
-         "not_after": _iso(c.not_after),
-         "revoked_at": _iso(c.revoked_at) if c.revoked_at is not None else None,
+        {"serial": c.serial, "kind": c.kind, "issued_at": isoformat_utc(c.issued_at),
+         "not_after": isoformat_utc(c.not_after),
+         "revoked_at": isoformat_utc(c.revoked_at) if c.revoked_at is not None else None,
          "reason": c.reason} for c in certificates]}
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -222,8 +223,6 @@ def _crl(args: argparse.Namespace) -> int:
     return 0
 
 
-def _iso(timestamp: float) -> str:
-    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat(timespec="seconds")
 
 
 def _audit_verify(args: argparse.Namespace) -> int:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import datetime
 import logging
+from collections.abc import Callable
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -34,6 +36,8 @@ from agent.registrar.pcrpolicy import judge_pcrs
 from agent.registrar.store import DeviceChallengeRow, DeviceRow
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", RenewRequest, DecommissionRequest)
+T = TypeVar("T")
 
 REFUSED_EVENT = {"renew": "renewal-refused", "decommission": "decommission-refused"}
 
@@ -75,33 +79,36 @@ class LifecycleService(RegistrarParts):
                                nonce=nonce, expires_at=expires.isoformat(timespec="seconds"),
                                pcr_selection=self._pcr_selection())
 
-    def _claim(self, challenge_id: str, purpose: str,
-               now: datetime.datetime) -> tuple[DeviceChallengeRow, DeviceRow,
-                                                ec.EllipticCurvePublicKey]:
-        challenge = self.store.claim_device_challenge(challenge_id, purpose, now.timestamp())
-        device = check_active(self.store.device(challenge.device_id), challenge.device_id)
-        _, identity_key = evidence.check_identity_public(device.identity_public)
-        return challenge, device, identity_key
+    def _answer(self, challenge_id: str, purpose: str, model: type[M], body: bytes,
+                peer: str, act: Callable[[DeviceChallengeRow, DeviceRow,
+                                          ec.EllipticCurvePublicKey, M, datetime.datetime,
+                                          str], T]) -> T:
+        """Round trip 2 for either purpose: decode, claim the challenge (single use), find
+        the active device and its identity key, then `act`. A refusal spends the challenge
+        and is audited."""
+        device_id: str | None = None
+        claimed = False
+        try:
+            request = decode(model, body)
+            now = self._clock()
+            challenge = self.store.claim_device_challenge(challenge_id, purpose,
+                                                          now.timestamp())
+            claimed, device_id = True, challenge.device_id
+            device = check_active(self.store.device(device_id), device_id)
+            _, identity_key = evidence.check_identity_public(device.identity_public)
+            return act(challenge, device, identity_key, request, now, peer)
+        except Problem as p:
+            if claimed:
+                self.store.settle_device_challenge(challenge_id, "failed")
+            self._refused(REFUSED_EVENT[purpose], purpose, p, peer, challenge=challenge_id,
+                          device_id=device_id)
+            raise
 
     # --- round trip 2: renewal ----------------------------------------------------
 
     def renew(self, challenge_id: str, body: bytes, peer: str) -> Renewed:
-        device_id: str | None = None
-        claimed = False
-        try:
-            request = decode(RenewRequest, body)
-            now = self._clock()
-            challenge, device, identity_key = self._claim(challenge_id, "renew", now)
-            claimed, device_id = True, device.device_id
-            renewed = self._verify_and_renew(challenge, device, identity_key, request, now,
-                                             peer)
-        except Problem as p:
-            if claimed:
-                self.store.settle_device_challenge(challenge_id, "failed")
-            self._refused("renewal-refused", "renew", p, peer, challenge=challenge_id,
-                          device_id=device_id)
-            raise
-        return renewed
+        return self._answer(challenge_id, "renew", RenewRequest, body, peer,
+                            self._verify_and_renew)
 
     def _verify_and_renew(self, challenge: DeviceChallengeRow, device: DeviceRow,
                           identity_key: ec.EllipticCurvePublicKey, request: RenewRequest,
@@ -140,29 +147,23 @@ class LifecycleService(RegistrarParts):
     # --- round trip 2: decommissioning ---------------------------------------------
 
     def decommission(self, challenge_id: str, body: bytes, peer: str) -> Decommissioned:
-        device_id: str | None = None
-        claimed = False
-        try:
-            request = decode(DecommissionRequest, body)
-            now = self._clock()
-            challenge, device, identity_key = self._claim(challenge_id, "decommission", now)
-            claimed, device_id = True, device.device_id
-            message = evidence.device_request_message(
-                "decommission", device.device_id, challenge.id, challenge.nonce)
-            evidence.check_request_signature(request.signature, message, identity_key)
-            serials = self.store.retire_device(device.device_id, "decommissioned",
-                                               "requested by the device", now.timestamp())
-            self.store.settle_device_challenge(challenge_id, "completed")
-        except Problem as p:
-            if claimed:
-                self.store.settle_device_challenge(challenge_id, "failed")
-            self._refused("decommission-refused", "decommission", p, peer,
-                          challenge=challenge_id, device_id=device_id)
-            raise
-        self.audit.append("device-decommissioned", device_id=device_id, revoked=serials,
-                          peer=peer)
-        log.info("decommissioned %s at its request; revoked %d certificates", device_id,
-                 len(serials))
+        return self._answer(challenge_id, "decommission", DecommissionRequest, body, peer,
+                            self._verify_and_retire)
+
+    def _verify_and_retire(self, challenge: DeviceChallengeRow, device: DeviceRow,
+                           identity_key: ec.EllipticCurvePublicKey,
+                           request: DecommissionRequest, now: datetime.datetime,
+                           peer: str) -> Decommissioned:
+        message = evidence.device_request_message(
+            "decommission", device.device_id, challenge.id, challenge.nonce)
+        evidence.check_request_signature(request.signature, message, identity_key)
+        serials = self.store.retire_device(device.device_id, "decommissioned",
+                                           "requested by the device", now.timestamp())
+        self.store.settle_device_challenge(challenge.id, "completed")
+        self.audit.append("device-decommissioned", device_id=device.device_id,
+                          revoked=serials, peer=peer)
+        log.info("decommissioned %s at its request; revoked %d certificates",
+                 device.device_id, len(serials))
         return Decommissioned(device_id=device.device_id, revoked_serials=serials)
 
     # --- operator actions and relying parties -----------------------------------------

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.clock import isoformat_utc
 from agent.enroll.problems import problem
 from agent.errors import StateError
 
@@ -344,7 +345,7 @@ class Store:
                 _record(db, cert)
             db.execute("UPDATE devices SET renewals = renewals + 1, cert_serial = ?, "
                        "cert_not_after = ?, updated_at = ? WHERE device_id = ?",
-                       (identity.serial, _iso(identity.not_after), updated_at, device_id))
+                       (identity.serial, isoformat_utc(identity.not_after), updated_at, device_id))
             db.execute("UPDATE device_challenges SET state = 'completed' WHERE id = ?",
                        (challenge_id,))
             return int(db.execute("SELECT renewals FROM devices WHERE device_id = ?",
@@ -358,7 +359,7 @@ class Store:
         with self._transaction() as db:
             changed = db.execute(
                 "UPDATE devices SET status = ?, status_reason = ?, updated_at = ? "
-                "WHERE device_id = ?", (status, reason, _iso(now), device_id)).rowcount
+                "WHERE device_id = ?", (status, reason, isoformat_utc(now), device_id)).rowcount
             if changed != 1:
                 raise problem("device-unknown", f"{device_id}: no such device")
             serials = [r[0] for r in db.execute(
@@ -409,8 +410,6 @@ def _record(db: sqlite3.Connection, cert: IssuedCertificate) -> None:
                (cert.serial, cert.device_id, cert.kind, cert.issued_at, cert.not_after))
 
 
-def _iso(timestamp: float) -> str:
-    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat(timespec="seconds")
 
 
 _V1_COLUMNS = ("device_id, ek_certificate, ak_name, identity_public, status, "

@@ -18,7 +18,7 @@ from tpm2_pytss.types import TPM2B_PRIVATE, TPM2B_PUBLIC
 
 from agent.codec import T, b64decode_strict, b64encode, decode_json_object, unmarshal_exact
 from agent.errors import StateError
-from agent.fsutil import ensure_private_dir, fsync_dir, read_state_file, write_atomic
+from agent.fsutil import ensure_private_dir, read_state_file, remove_durably, write_atomic
 
 FORMAT_VERSION = 1
 
@@ -131,12 +131,7 @@ class BlobStore:
         write_atomic(self.path(name), blob.to_json())
 
     def remove(self, name: str) -> None:
-        path = self.path(name)
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            return
-        fsync_dir(self.directory)
+        remove_durably(self.path(name))
 
     def load_bytes(self, name: str) -> bytes | None:
         try:

@@ -10,28 +10,17 @@ from __future__ import annotations
 import asyncio
 import json
 
+from inprocess import agent_in_process
 from mtls import ClientLoad, MtlsServer
 from stack import enrollment_toml, rotation_toml, write_agent_config
 
 from agent.config import load_config
-from agent.daemon.service import AgentService
-from agent.pki.ekchain import load_trust_store
 
 ROTATIONS = 50
 
 
 async def _run_agent_and_rotate(config, server: MtlsServer) -> tuple[list, ClientLoad]:
-    service = AgentService(config, load_trust_store(config.trust.ek_roots))
-    service.enrollment.load()
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(service.maintain_tpm(stop)),
-             asyncio.create_task(service.maintain_identity(stop))]
-    try:
-        for _ in range(600):
-            if service.holder.current() is not None:
-                break
-            await asyncio.sleep(0.05)
-        assert service.holder.current() is not None, "no TLS credentials after enrollment"
+    async with agent_in_process(config) as service:
         outcomes = []
         with ClientLoad(service.holder, server) as load:
             await asyncio.sleep(0.5)
@@ -46,10 +35,6 @@ async def _run_agent_and_rotate(config, server: MtlsServer) -> tuple[list, Clien
                     await asyncio.sleep(0.05)
             await asyncio.sleep(0.5)
         return outcomes, load
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks)
-        await service.close()
 
 
 def test_fifty_rotations_without_a_failed_request(tpm, registrar_factory, tmp_path):

@@ -242,8 +242,25 @@ def test_decommissioning_needs_the_identity_key_and_revokes_everything(tmp_path,
 
 
 def test_revoked_and_unknown_devices_get_no_challenge(tmp_path, ca):
-    service = _lifecycle(tmp_path, ca, ec.generate_private_key(ec.SECP256R1()))
+    identity = ec.generate_private_key(ec.SECP256R1())
+    service = _lifecycle(tmp_path, ca, identity)
+    issued = service.challenge(_body(DeviceChallengeRequest(device_id="urn:devid:ab",
+                                                            purpose="decommission")), "test")
     assert len(service.revoke("urn:devid:ab", "stolen", "test")) == 1
+    # A challenge issued before the revocation is answered with the revocation, and spent.
+    signature = identity.sign(device_request_message(
+        "decommission", "urn:devid:ab", issued.challenge_id, issued.nonce),
+        ec.ECDSA(hashes.SHA256()))
+    with pytest.raises(Problem) as exc:
+        service.decommission(issued.challenge_id, _body(DecommissionRequest(
+            signature=signature)), "test")
+    assert exc.value.code == "device-revoked"
+    state = sqlite3.connect(tmp_path / "r.db").execute(
+        "SELECT state FROM device_challenges WHERE id = ?", (issued.challenge_id,)).fetchone()
+    assert state == ("failed",)
+    refused = [r for r in AuditLog(tmp_path / "audit.log").records()
+               if r["event"] == "decommission-refused"]
+    assert refused[-1]["device_id"] == "urn:devid:ab"
     for device, code in (("urn:devid:ab", "device-revoked"), ("urn:devid:cd", "device-unknown")):
         with pytest.raises(Problem) as exc:
             service.challenge(_body(DeviceChallengeRequest(device_id=device, purpose="renew")),
