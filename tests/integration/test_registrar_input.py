@@ -6,17 +6,21 @@ JSON and mutated real TPM structures at both endpoints.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import secrets
 
 import pytest
 import requests
+from cryptography import x509
 from gateway import Gateway
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.enroll.messages import encode
+from agent.enroll.evidence import device_request_message
+from agent.enroll.messages import RenewRequest, encode
+from agent.rotation.tlskey import new_tls_key, tls_csr
 
 FIELDS = ("ek_certificate", "ek_chain", "ek_public", "ak_public", "token")
 COMPLETE_FIELDS = ("proof", "quote", "pcr_values", "certify", "identity_public", "csr")
@@ -179,3 +183,82 @@ def test_registrar_is_healthy_and_audit_intact_after_abuse(target):
     assert registrar.cli("audit", "verify", "--dir", str(registrar.directory)).returncode == 0
     assert {r["problem"] for r in registrar.audit() if r["event"] == "enrollment-refused"} == \
         {"malformed-request"}
+
+
+# --- an enrolled device's requests: challenges, renewal, decommissioning ------------------
+
+def _renew_body(gw: Gateway, challenge: dict, device_id: str, **damage: bytes) -> dict:
+    """An honest renewal request for `challenge`, signed by the identity key over whatever
+    parts `damage` substitutes (so only the damaged part is wrong)."""
+    nonce = base64.b64decode(challenge["nonce"])
+    quote = asyncio.run(gw.tpm.quote(nonce, challenge["pcr_selection"]["pcrs"]))
+    csr = damage.get("tls_csr", tls_csr(new_tls_key()))
+    message = device_request_message("renew", device_id, challenge["challenge_id"], nonce,
+                                     quote.evidence.attest, csr)
+    return encode(RenewRequest(ak_public=damage.get("ak_public", gw.evidence.ak_public),
+                               quote=quote.evidence, pcr_values=list(quote.pcr_values),
+                               tls_csr=csr, signature=asyncio.run(gw.tpm.sign(message))))
+
+
+def test_garbage_at_the_device_routes_gets_problems_and_changes_nothing(target):
+    registrar, gw, session = target
+    device_id = gw.enroll().device_id
+
+    def challenge(purpose: str = "renew") -> dict:
+        response = post(registrar, session, "/challenges",
+                        {"device_id": device_id, "purpose": purpose})
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    for body, status, code, detail in [
+        (b"not json", 400, "malformed-request", "not valid JSON"),
+        ({}, 400, "malformed-request", "device_id: required field missing"),
+        ({"device_id": device_id, "purpose": "reboot"}, 400, "malformed-request", "purpose"),
+        ({"device_id": 7, "purpose": "renew"}, 400, "malformed-request", "device_id"),
+        ({"device_id": "x" * 200, "purpose": "renew"}, 400, "malformed-request", "device_id"),
+        ({"device_id": device_id, "purpose": "renew", "extra": 1}, 400, "malformed-request",
+         "extra: unknown field"),
+        ({"device_id": "urn:devid:00", "purpose": "renew"}, 404, "device-unknown", "urn:devid:00"),
+    ]:
+        assert_problem(post(registrar, session, "/challenges", body), status, code, detail)
+
+    good = _renew_body(gw, challenge(), device_id)
+    for damage, status, code, detail in [
+        ({"signature": b64(b"\x30\x00")}, 403, "request-signature-invalid", "signature"),
+        ({"signature": "***"}, 400, "malformed-request", "signature: not valid base64"),
+        ({"pcr_values": []}, 400, "malformed-request", "pcr_values"),
+        ({"quote": {"attest": "AA==", "signature": "AA=="}}, 403,
+         "request-signature-invalid", "signature"),
+    ]:
+        c = challenge()
+        body = {**_renew_body(gw, c, device_id), **damage}
+        assert_problem(post(registrar, session, f"/challenges/{c['challenge_id']}/renew",
+                            body), status, code, detail)
+    for parts, status, code, detail in [
+        ({"ak_public": b"\x00\x02\x00"}, 400, "malformed-request",
+         "ak_public: not a valid TPM2B_PUBLIC"),
+        ({"tls_csr": b"\x30\x00"}, 400, "csr-invalid", "tls_csr"),
+    ]:
+        c = challenge()
+        assert_problem(post(registrar, session, f"/challenges/{c['challenge_id']}/renew",
+                            _renew_body(gw, c, device_id, **parts)), status, code, detail)
+    decommission_challenge = challenge("decommission")
+    assert_problem(post(registrar, session,
+                        f"/challenges/{decommission_challenge['challenge_id']}/renew", good),
+                   404, "challenge-unknown", "issued for decommission")
+    assert_problem(post(registrar, session, "/challenges/nothex/renew", good), 404,
+                   "challenge-unknown")
+    assert_problem(post(registrar, session,
+                        f"/challenges/{challenge('decommission')['challenge_id']}/decommission",
+                        {"signature": "***"}), 400, "malformed-request", "signature")
+    assert_problem(post(registrar, session,
+                        f"/challenges/{challenge('decommission')['challenge_id']}/decommission",
+                        {"signature": b64(b"\x30\x00")}), 403, "request-signature-invalid")
+
+    # Nothing changed: still active, never renewed, nothing revoked, the audit chain intact.
+    [device] = registrar.devices()
+    assert device["status"] == "active" and device["renewals"] == 0
+    crl = session.get(f"{registrar.url}/v1/crl", verify=str(registrar.ca), timeout=10)
+    assert len(x509.load_der_x509_crl(crl.content)) == 0
+    assert registrar.cli("audit", "verify", "--dir", str(registrar.directory)).returncode == 0
+    assert not [r for r in registrar.audit() if r["event"] == "certificate-renewed"]

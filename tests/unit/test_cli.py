@@ -3,7 +3,9 @@ import pytest
 from agent.cli.main import EXIT_USAGE, main
 
 
-@pytest.mark.parametrize("argv", [[], ["frobnicate"], ["status", "--jsn"], ["--config"]])
+@pytest.mark.parametrize("argv", [[], ["frobnicate"], ["status", "--jsn"], ["--config"],
+                                  ["audit", "--limit", "0"], ["audit", "--limit", "many"],
+                                  ["renew", "--wiat"], ["decommission", "--yes", "now"]])
 def test_usage_errors_exit_64(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)

@@ -17,7 +17,7 @@ from agent.daemon.enrollment import EnrollmentManager
 from agent.enroll.http import _bad_response
 from agent.enroll.messages import Challenge, decode
 from agent.enroll.problems import problem
-from agent.enroll.state import EnrollmentStore
+from agent.enroll.state import DecommissionStore, EnrollmentStore
 from agent.errors import ConfigError, Problem, ProtocolError, StateError
 from agent.pki.devicecert import verify_chain
 from agent.registrar import cli
@@ -177,3 +177,31 @@ def test_damaged_enrollment_state_is_set_aside_not_trusted(tmp_path, content, ne
 def test_garbage_from_the_registrar_is_a_protocol_error(body):
     with pytest.raises(ProtocolError, match="registrar's response is not valid"):
         decode(Challenge, body, _bad_response)
+
+
+def test_registrar_lifecycle_cli_refuses_unknown_devices_clearly(tmp_path, capsys):
+    home = str(tmp_path / "r")
+    vendor = tmp_path / "vendor.pem"
+    vendor.write_bytes(b"")  # revoke and crl never read the vendor roots
+    assert cli.main(["init", "--dir", home, "--ek-root", str(vendor)]) == 0
+    capsys.readouterr()
+    for action in ("revoke", "show"):
+        assert cli.main(["devices", action, "--dir", home, "urn:devid:nope"]) == cli.EXIT_FAILURE
+        err = capsys.readouterr().err
+        assert "urn:devid:nope" in err and "Traceback" not in err
+    assert cli.main(["devices", "revoke", "--dir", home]) == cli.EXIT_USAGE
+    assert cli.main(["crl", "--dir", home, "-o", str(tmp_path / "crl.der")]) == 0
+    assert x509.load_der_x509_crl((tmp_path / "crl.der").read_bytes()).next_update_utc
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"[]", "expected a JSON object"),
+    (b'{"device_id": "d", "at": "2026-11-21T00:00:00+00:00"}', "registrar_notified"),
+    (b'{"device_id": "d", "at": "soon", "registrar_notified": true}', "at: not an ISO 8601"),
+])
+def test_damaged_decommission_marker_is_refused_by_field(tmp_path, content, needle):
+    (tmp_path / "decommissioned.json").write_bytes(content)
+    with pytest.raises(StateError) as exc:
+        DecommissionStore(tmp_path).load()
+    assert needle in exc.value.message
+    assert (tmp_path / "decommissioned.json").read_bytes() == content
