@@ -51,6 +51,10 @@ class _Section(BaseModel):
 
 class TpmSection(_Section):
     tcti: str = "device:/dev/tpmrm0"
+    # A TPM command still running after this long means a wedged TPM or driver: the
+    # agent stops its watchdog pings so that systemd restarts it. RSA key creation on
+    # a slow TPM takes seconds, never minutes.
+    hang_timeout: Duration = 120.0
 
     @field_validator("tcti")
     @classmethod

@@ -10,6 +10,26 @@ import logging
 import os
 import sys
 
+from agent.events import DEVICE_FIELD
+
+
+class _DeviceContext(logging.Filter):
+    """Adds the gateway's device ID to every journal record once it is known."""
+
+    device_id: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.device_id is not None and not hasattr(record, DEVICE_FIELD):
+            setattr(record, DEVICE_FIELD, self.device_id)
+        return True
+
+
+_context = _DeviceContext()
+
+
+def set_device_id(device_id: str | None) -> None:
+    _context.device_id = device_id
+
 
 def _stderr_is_journal() -> bool:
     """True when systemd connected our stderr to the journal (JOURNAL_STREAM=dev:inode)."""
@@ -31,10 +51,15 @@ def configure(level: str, identifier: str) -> None:
 
         handler = JournalHandler(SYSLOG_IDENTIFIER=identifier)
         handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.addFilter(_context)
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
         )
     root.addHandler(handler)
-    root.setLevel(level.upper())
+    set_level(level)
+
+
+def set_level(level: str) -> None:
+    logging.getLogger().setLevel(level.upper())

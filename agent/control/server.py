@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from agent import faults
 from agent.control import protocol
 from agent.control.peer import authorize, read_peer_credentials
 from agent.errors import ControlError, DevidError, PermissionDenied
@@ -95,6 +96,7 @@ class ControlServer:
             return protocol.encode_error(PermissionDenied(f"permission denied: {refusal}"))
         try:
             request = protocol.decode_request(line)
+            faults.point(f"control.{request.method}")  # tests: a blocked loop
             result = await self.handlers[request.method](request.params)
             return protocol.encode_result(result)
         except DevidError as e:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 from typing import Any
 
+from agent import events
 from agent.daemon.enrollment import EnrollmentManager
 from agent.daemon.rotation import RETIRED_PROBLEMS, RotationManager
 from agent.diagnostics.enrollment import DECOMMISSIONED
@@ -73,9 +74,10 @@ async def decommission_gateway(enrollment: EnrollmentManager, rotation: Rotation
     enrollment.audit.append("decommissioned", device_id=stored.device_id,
                             registrar_notified=notified, note=note, revoked=revoked,
                             keys="destroyed", tls_key="destroyed")
-    log.warning("decommissioned %s: registrar %s; identity record, sealed TLS key, AK and "
-                "identity key destroyed", stored.device_id,
-                "notified" if notified else f"NOT notified ({note})")
+    events.emit(log, "decommissioned", "decommissioned %s: registrar %s; identity record, "
+                "sealed TLS key, AK and identity key destroyed", stored.device_id,
+                "notified" if notified else f"NOT notified ({note})",
+                device_id=stored.device_id, registrar_notified=notified)
     return {"device_id": stored.device_id, "registrar_notified": notified, "note": note,
             "revoked_serials": revoked,
             "destroyed": ["identity record", "sealed TLS key", "identity key", "AK"]}

@@ -18,10 +18,12 @@ from pathlib import Path
 
 from cryptography import x509
 
+from agent import events, logsetup
 from agent.audit import AuditLog
 from agent.backoff import Backoff
 from agent.clock import Clock, utcnow
 from agent.config import EnrollmentSection
+from agent.daemon.aio import first_of
 from agent.diagnostics.enrollment import (
     DECOMMISSIONED,
     ENROLLED,
@@ -76,6 +78,17 @@ class EnrollmentManager:
         self.next_attempt: datetime.datetime | None = None
         self.key_matches: bool | None = None
         self.enrolled = asyncio.Event()
+        self._retry_now = asyncio.Event()
+
+    def reconfigure(self, section: EnrollmentSection | None,
+                    pinned: list[x509.Certificate]) -> None:
+        """A reload changed [enrollment]: the next attempt, made at once, uses it."""
+        self.section, self.pinned = section, pinned
+        self.backoff = Backoff(initial=section.retry_initial if section else 5.0,
+                               cap=section.retry_max if section else 600.0)
+        if section is not None and self.state == NOT_CONFIGURED:
+            self.state = PENDING
+        self._retry_now.set()
 
     def load(self) -> None:
         """Read the stored enrollment; a damaged file is set aside, not trusted."""
@@ -88,11 +101,13 @@ class EnrollmentManager:
             self.stored = self.store.load()
         except StateError as e:
             damaged = self.store.path.with_suffix(".json.damaged")
-            log.error("%s; moved to %s, will enroll again", e.message, damaged)
+            events.emit(log, "state-damaged", "%s; moved to %s, will enroll again", e.message,
+                        damaged, path=self.store.path)
             self.store.path.replace(damaged)
             self.stored = None
         if self.stored is not None:
             self.state = ENROLLED if self.stored.lifecycle == ACTIVE else REVOKED
+            logsetup.set_device_id(self.stored.device_id)
 
     # --- the task ---------------------------------------------------------------
 
@@ -116,8 +131,9 @@ class EnrollmentManager:
                 if isinstance(e, TpmUnreachable):
                     tpm_lost()
                 delay = self._failed(e)
+                self._retry_now.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
+                    await asyncio.wait_for(first_of(stop, self._retry_now), delay)
 
     async def _stored_is_ours(self, custody: TpmCustody, run_tpm: Runner) -> bool:
         if self.stored is None:
@@ -130,8 +146,10 @@ class EnrollmentManager:
                      self.stored.device_id, self.stored.serial,
                      self.stored.certificate.not_valid_after_utc.isoformat())
             return True
-        log.error("the stored certificate is not for this TPM's identity key (state copied "
-                  "from another device?); enrolling again")
+        events.emit(log, "identity-mismatch", "the stored certificate is not for this TPM's "
+                    "identity key (state copied from another device?); enrolling again",
+                    device_id=self.stored.device_id)
+        logsetup.set_device_id(None)
         self.stored, self.state = None, PENDING
         return False
 
@@ -150,8 +168,12 @@ class EnrollmentManager:
         self.stored, self.state, self.key_matches = stored, ENROLLED, True
         self.last_error, self.next_attempt = None, None
         self.backoff.reset()
-        log.info("enrolled as %s: certificate serial %s valid until %s", result.device_id,
-                 result.serial, result.not_after.isoformat())
+        logsetup.set_device_id(result.device_id)
+        events.emit(log, "enrolled", "enrolled as %s: certificate serial %s valid until %s",
+                    result.device_id, result.serial, result.not_after.isoformat(),
+                    device_id=result.device_id, identity_serial=result.serial,
+                    not_after=result.not_after.isoformat(timespec="seconds"),
+                    registrar=self.section.url)
         try:
             self.audit.append("enrolled", device_id=result.device_id, registrar=self.section.url,
                               identity_serial=result.serial,
@@ -167,8 +189,8 @@ class EnrollmentManager:
         if isinstance(e, Problem) and e.retry_after is not None:
             delay = max(delay, e.retry_after)
         self.next_attempt = self.clock() + datetime.timedelta(seconds=delay)
-        log.warning("enrollment attempt %d failed: %s; retrying in %.0fs", self.attempts, e,
-                    delay)
+        events.emit(log, "enrollment-failed", "enrollment attempt %d failed: %s; retrying in "
+                    "%.0fs", self.attempts, e, delay, problem=e.code, attempts=self.attempts)
         return delay
 
     # --- status -------------------------------------------------------------------

@@ -14,6 +14,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from agent import events
+
 log = logging.getLogger(__name__)
 MAX_OUTPUT = 2000
 
@@ -28,12 +30,22 @@ class HookResult:
         return {"command": self.command, "ok": self.ok, "detail": self.detail}
 
 
+# The service manager's variables are the daemon's alone: a hook that called
+# systemd-notify must not speak (or ping the watchdog) for the agent.
+_SERVICE_MANAGER_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
+                         "LISTEN_PID", "LISTEN_FDNAMES")
+
+
+def _inherited() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in _SERVICE_MANAGER_VARS}
+
+
 async def run_hook(argv: Sequence[str], env: dict[str, str], timeout: float) -> HookResult:
     command = " ".join(argv)
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, env={**os.environ, **env})
+            stderr=asyncio.subprocess.PIPE, env={**_inherited(), **env})
     except OSError as e:
         return HookResult(command, False, f"cannot run: {e.strerror}")
     try:
@@ -54,7 +66,10 @@ async def run_hooks(argvs: Sequence[Sequence[str]], env: dict[str, str],
     results = []
     for argv in argvs:  # in order: a later hook may depend on an earlier one
         result = await run_hook(argv, env, timeout)
-        (log.info if result.ok else log.warning)("reload hook %s: %s", result.command,
-                                                 result.detail)
+        if result.ok:
+            log.info("reload hook %s: %s", result.command, result.detail)
+        else:
+            events.emit(log, "hook-failed", "reload hook %s: %s", result.command, result.detail,
+                        device_id=env.get("DEVID_DEVICE_ID"), command=result.command)
         results.append(result)
     return results

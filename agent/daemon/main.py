@@ -6,14 +6,18 @@ import argparse
 import asyncio
 import grp
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
-from agent import __version__, logsetup
+from agent import __version__, events, logsetup
 from agent.config import AgentConfig, load_config
 from agent.control.server import ControlServer
+from agent.daemon.aio import first_of
+from agent.daemon.notify import SystemdNotifier, watchdog_interval
 from agent.daemon.service import AgentService
+from agent.daemon.supervisor import Supervisor
 from agent.errors import ConfigError, DevidError
 from agent.fsutil import ensure_private_dir, remove_stale_temp_files
 from agent.pki.ekchain import load_trust_store
@@ -39,23 +43,70 @@ async def run(config: AgentConfig) -> int:
                             "renew": service.renew, "decommission": service.decommission,
                             "audit": service.audit_log}, gid)
     await server.start()
+    supervisor = Supervisor(SystemdNotifier(), watchdog_interval(os.environ, os.getpid()),
+                            service.is_ready, service.headline, service.hung)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("devid-agent %s started (config %s)", __version__, config.source)
+    reloads = Reloader(service, supervisor)
+    loop.add_signal_handler(signal.SIGHUP, reloads.request)
+    events.emit(log, "started", "devid-agent %s started (config %s)", __version__,
+                config.source, version=__version__)
     tasks = [asyncio.create_task(service.maintain_tpm(stop)),
-             asyncio.create_task(service.maintain_identity(stop))]
+             asyncio.create_task(service.maintain_identity(stop)),
+             asyncio.create_task(supervisor.run(stop)),
+             asyncio.create_task(reloads.run(stop))]
     try:
         await stop.wait()
         log.info("shutting down")
+        supervisor.stopping()
     finally:
         await server.close()
         stop.set()
         await asyncio.gather(*tasks)
         await service.close()
-    log.info("stopped")
+    events.emit(log, "stopped", "devid-agent stopped")
     return 0
+
+
+class Reloader:
+    """SIGHUP: re-read the configuration file and apply it; one reload at a time."""
+
+    def __init__(self, service: AgentService, supervisor: Supervisor) -> None:
+        self._service = service
+        self._supervisor = supervisor
+        self._pending = asyncio.Event()
+
+    def request(self) -> None:
+        self._pending.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while True:
+            await first_of(stop, self._pending)
+            if stop.is_set():
+                return
+            self._pending.clear()
+            await self.reload()
+
+    async def reload(self) -> None:
+        service = self._service
+        source = service.config.source
+        self._supervisor.reloading()
+        try:
+            if source is None:
+                raise ConfigError("the agent was started without a configuration file")
+            loaded = await asyncio.to_thread(load_config, source)
+            plan = await service.reconfigure(loaded)
+        except ConfigError as e:
+            service.reload_error = e
+            events.emit(log, "reload-failed", "configuration reload failed, keeping the "
+                        "previous configuration: %s", e.message)
+        else:
+            events.emit(log, "reloaded", "configuration reloaded from %s: %s", source,
+                        plan.describe(), applied=" ".join(plan.applied) or None,
+                        needs_restart=" ".join(plan.needs_restart) or None)
+        self._supervisor.reloaded()
 
 
 def main(argv: list[str] | None = None) -> int:

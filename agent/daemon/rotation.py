@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent import faults
+from agent import events, faults
 from agent.audit import AuditLog
 from agent.backoff import Backoff
 from agent.clock import Clock, utcnow
@@ -104,6 +104,13 @@ class RotationManager:
         self.lock = asyncio.Lock()
         self._last_wall = clock()
         self._last_mono = monotonic()
+
+    def reconfigure(self, section: RotationSection) -> None:
+        """A reload changed [rotation]: the wait re-plans with it within one tick."""
+        if (section.retry_initial, section.retry_max) != (self.section.retry_initial,
+                                                          self.section.retry_max):
+            self.backoff = Backoff(initial=section.retry_initial, cap=section.retry_max)
+        self.section = section
 
     # --- what status needs ------------------------------------------------------
 
@@ -187,8 +194,9 @@ class RotationManager:
         self._last_wall, self._last_mono = wall, mono
         if jump is not None:
             target = self._target(wall)
-            log.warning("the wall clock jumped %+.0fs; re-planned: renewal %s", jump,
-                        "now" if target <= wall else f"at {target:%Y-%m-%d %H:%M:%SZ}")
+            events.emit(log, "clock-jump", "the wall clock jumped %+.0fs; re-planned: renewal %s",
+                        jump, "now" if target <= wall else f"at {target:%Y-%m-%d %H:%M:%SZ}",
+                        device_id=self._device_id(), seconds=round(jump, 1))
             self._audit("clock-jump", seconds=round(jump, 1),
                         renew_at=target.isoformat(timespec="seconds"))
 
@@ -205,14 +213,18 @@ class RotationManager:
                 raise StateError("the unsealed TLS key does not match the TLS certificate")
         except DevidError as e:
             self.restore_error = e
-            log.warning("cannot restore the TLS key: %s; renewing now for a new one", e)
+            events.emit(log, "key-restore-failed",
+                        "cannot restore the TLS key: %s; renewing now for a new one", e,
+                        device_id=stored.device_id, problem=e.code)
             return
         self.restore_error = None
         self.holder.publish(TlsCredentials(stored.device_id, stored.tls.chain, key))
         now = self._clock()
         if now > stored.tls.certificate.not_valid_after_utc:
-            log.warning("the TLS certificate expired at %s (offline too long?); it is not "
-                        "presented; renewing now", stored.tls.certificate.not_valid_after_utc)
+            events.emit(log, "credentials-expired",
+                        "the TLS certificate expired at %s (offline too long?); it is not "
+                        "presented; renewing now", stored.tls.certificate.not_valid_after_utc,
+                        device_id=stored.device_id, tls_serial=stored.tls.serial)
         else:
             log.info("TLS certificate %s restored, valid until %s", stored.tls.serial,
                      stored.tls.certificate.not_valid_after_utc.isoformat())
@@ -254,9 +266,12 @@ class RotationManager:
         self._audit("rotated", generation=renewed.generation,
                     identity_serial=result.identity_serial, tls_serial=result.tls_serial,
                     not_after=not_after.isoformat(timespec="seconds"), duration_ms=elapsed)
-        log.info("renewed: TLS certificate %s and identity certificate %s valid until %s "
-                 "(%.0f ms)", result.tls_serial, result.identity_serial, not_after.isoformat(),
-                 elapsed)
+        events.emit(log, "renewed", "renewed: TLS certificate %s and identity certificate %s "
+                    "valid until %s (%.0f ms)", result.tls_serial, result.identity_serial,
+                    not_after.isoformat(), elapsed, device_id=stored.device_id,
+                    tls_serial=result.tls_serial, identity_serial=result.identity_serial,
+                    not_after=not_after.isoformat(timespec="seconds"),
+                    generation=renewed.generation)
         self.backoff.reset()
         self.failures, self.next_attempt, self.restore_error = 0, None, None
         hooks = await run_hooks(self.section.hook_argvs(), {
@@ -292,8 +307,9 @@ class RotationManager:
         self.next_attempt = schedule.retry_at(
             now, delay, validity_of(tls.certificate) if tls else None)
         wait = (self.next_attempt - now).total_seconds()
-        log.warning("renewal failed (%d in a row): %s; retrying in %.0fs, the current "
-                    "certificates stay in use", self.failures, e, wait)
+        events.emit(log, "renewal-failed", "renewal failed (%d in a row): %s; retrying in "
+                    "%.0fs, the current certificates stay in use", self.failures, e, wait,
+                    device_id=self._device_id(), problem=e.code, failures=self.failures)
         self._audit("rotation-failed", error=e.code, detail=e.message[:300],
                     failures=self.failures, retry_in_s=round(wait, 1))
         self.last = RotationOutcome(now, "failed", error=e.to_dict(),
@@ -312,17 +328,20 @@ class RotationManager:
             log.error("%s", e)  # in memory we are revoked regardless; retried at restart
         self.enrollment.stored = revoked
         self.state, self.next_attempt = REVOKED, None
-        log.error("the registrar refused renewal: %s. This gateway no longer presents its "
-                  "identity; the sealed TLS key is destroyed", p.message)
+        events.emit(log, "revoked", "the registrar refused renewal: %s. This gateway no "
+                    "longer presents its identity; the sealed TLS key is destroyed", p.message,
+                    device_id=stored.device_id, problem=p.code)
         self._audit("revoked", problem=p.code, detail=p.message[:300],
                     tls_key="destroyed")
         self.last = RotationOutcome(self._clock(), "revoked", error=p.to_dict())
         return self.last
 
+    def _device_id(self) -> str | None:
+        return self.enrollment.stored.device_id if self.enrollment.stored else None
+
     def _audit(self, event: str, **fields: Any) -> None:
-        device = self.enrollment.stored.device_id if self.enrollment.stored else None
         try:
-            self.audit.append(event, device_id=device, **fields)
+            self.audit.append(event, device_id=self._device_id(), **fields)
         except OSError as e:
             log.error("cannot write the audit log %s: %s", self.audit.path, e.strerror)
 

@@ -15,17 +15,24 @@ import os
 import time
 from typing import Any
 
-from agent import __version__
+from agent import __version__, events, logsetup
 from agent.audit import AGENT_AUDIT_LOG, AuditLog
 from agent.backoff import Backoff
 from agent.config import AgentConfig
 from agent.control.protocol import RENEW_WAIT_MAX
+from agent.daemon.aio import first_of
 from agent.daemon.decommission import decommission_gateway
-from agent.daemon.enrollment import EnrollmentManager
+from agent.daemon.enrollment import EnrollmentManager, load_pinned_ca
+from agent.daemon.reload import ReloadPlan, plan_reload
 from agent.daemon.rotation import RotationManager
 from agent.daemon.tpmworker import TpmWorker
-from agent.diagnostics.checks import CheckResult, Level
-from agent.diagnostics.enrollment import check_enrollment, probe_registrar
+from agent.diagnostics.enrollment import (
+    DECOMMISSIONED,
+    FAILED,
+    NOT_CONFIGURED,
+    check_enrollment,
+    probe_registrar,
+)
 from agent.diagnostics.facts import (
     EndorsementResult,
     TpmFacts,
@@ -34,22 +41,15 @@ from agent.diagnostics.facts import (
 )
 from agent.diagnostics.report import check_report
 from agent.diagnostics.rotation import RotationFacts, check_rotation
-from agent.diagnostics.status import build_status
+from agent.diagnostics.service import ServiceFacts, check_service
+from agent.diagnostics.status import build_status, headline
 from agent.errors import DevidError, StateError, TpmUnreachable
 from agent.pki.certinfo import summarize
-from agent.pki.ekchain import TrustStore
+from agent.pki.ekchain import TrustStore, load_trust_store
 from agent.rotation.credentials import CredentialHolder
 from agent.tpm.custody import TpmCustody
 
 log = logging.getLogger(__name__)
-
-
-async def _first_of(*events: asyncio.Event) -> None:
-    """Wait until any of `events` is set."""
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    for task in pending:
-        task.cancel()
 
 
 class AgentService:
@@ -65,6 +65,10 @@ class AgentService:
         self._last_error: DevidError | None = None
         self._lost = asyncio.Event()
         self._ready = asyncio.Event()
+        self._reconfigured = asyncio.Event()
+        self._facts: TpmFacts | None = None  # last collected, for the headline
+        self.reload_error: DevidError | None = None
+        self.reloaded_at: datetime.datetime | None = None
         state_dir = config.paths.state_dir
         self.audit = AuditLog(state_dir / AGENT_AUDIT_LOG)
         self.holder = CredentialHolder()
@@ -82,7 +86,8 @@ class AgentService:
                 await self._connect()
             except DevidError as e:
                 if self._last_error is None or e.message != self._last_error.message:
-                    log.error("TPM not usable: %s", e)
+                    events.emit(log, "tpm-unreachable", "TPM not usable: %s", e,
+                                tcti=self.config.tpm.tcti, problem=e.code)
                 self._last_error = e
                 delay = self._backoff.next_delay()
                 log.info("retrying the TPM in %.1fs (attempt %d)", delay,
@@ -92,9 +97,10 @@ class AgentService:
                 continue
             self._backoff.reset()
             self._last_error = None
-            await _first_of(stop, self._lost)
+            await first_of(stop, self._lost)
             if self._lost.is_set() and not stop.is_set():
-                log.warning("TPM connection lost; reconnecting")
+                events.emit(log, "tpm-lost", "TPM connection lost; reconnecting",
+                            tcti=self.config.tpm.tcti)
                 await self._disconnect()
 
     async def _connect(self) -> None:
@@ -102,20 +108,30 @@ class AgentService:
         custody = await self.worker.call(TpmCustody.open, tcti, state_dir, False,
                                          self.enrollment.decommissioned is None)
         self._endorsement = await self.worker.call(try_endorsement_facts, custody, self.trust)
+        self._facts = await self.worker.call(collect_tpm_facts, custody, self.trust,
+                                             self._endorsement)
         self._custody = custody
         self._lost.clear()
         self._ready.set()
         info = await self.worker.call(custody.info)
-        log.info("TPM ready via %s: %s %s, firmware %s", tcti, info.manufacturer,
-                 info.vendor_string, info.firmware_version)
+        events.emit(log, "tpm-ready", "TPM ready via %s: %s %s, firmware %s", tcti,
+                    info.manufacturer, info.vendor_string, info.firmware_version, tcti=tcti)
         if isinstance(self._endorsement, DevidError):
-            log.error("EK certificate problem: %s", self._endorsement)
+            events.emit(log, "ek-untrusted", "EK certificate problem: %s", self._endorsement,
+                        problem=self._endorsement.code)
         else:
             for ek in self._endorsement:
                 log.info("%s certificate: %s", ek.kind, ek.verdict.reason)
+            if self.trust.anchors and not any(ek.verdict.verified for ek in self._endorsement):
+                events.emit(log, "ek-untrusted", "no EK certificate verifies against the "
+                            "trusted vendor roots: %s",
+                            "; ".join(f"{ek.kind}: {ek.verdict.reason}"
+                                      for ek in self._endorsement) or "none found",
+                            problem="ek-untrusted")
 
     async def _disconnect(self) -> None:
         self._ready.clear()
+        self._facts = None
         custody, self._custody = self._custody, None
         if custody is not None:
             await self.worker.call(custody.close)
@@ -125,32 +141,101 @@ class AgentService:
         while not stop.is_set():
             if self._custody is not None and self._ready.is_set():
                 return self._custody
-            await _first_of(stop, self._ready)
+            await first_of(stop, self._ready)
         return None
 
     async def maintain_identity(self, stop: asyncio.Event) -> None:
-        """Enroll if needed, then rotate until the agent stops."""
+        """Enroll if needed, then rotate until the agent stops.
+
+        Without a registrar (not configured) both tasks return; a reload that
+        configures one starts them again.
+        """
         ready = lambda: self.custody_ready(stop)  # noqa: E731
-        await self.enrollment.run(stop, ready, self.worker.call, self._lost.set)
-        if self.enrollment.enrolled.is_set():
-            await self.rotation.run(stop, ready, self.worker.call, self._lost.set)
+        while not stop.is_set():
+            self._reconfigured.clear()
+            if not self.enrollment.enrolled.is_set():
+                await self.enrollment.run(stop, ready, self.worker.call, self._lost.set)
+            if self.enrollment.enrolled.is_set():
+                await self.rotation.run(stop, ready, self.worker.call, self._lost.set)
+            await first_of(stop, self._reconfigured)
         self.rotation.cancel_waiters("the agent is stopping")
+
+    # --- what the supervisor (systemd) sees ----------------------------------------
+
+    def is_ready(self) -> bool:
+        """TPM reachable and the identity loaded: enrolled, or pending with a reason."""
+        if self._custody is None:
+            return False
+        return self.enrollment.enrolled.is_set() or self.enrollment.state in (
+            FAILED, NOT_CONFIGURED, DECOMMISSIONED)
+
+    def headline(self) -> str:
+        """The one line `devidctl status` leads with, from what is already known."""
+        if self._custody is None and self._last_error is None:
+            return f"starting: connecting to the TPM via {self.config.tpm.tcti}"
+        return headline(self._status_document(self._cached_facts()))
+
+    def hung(self) -> str | None:
+        busy = self.worker.busy()
+        limit = self.config.tpm.hang_timeout
+        if busy is None or busy[1] < limit:
+            return None
+        return f"the TPM command {busy[0]} has not returned for {busy[1]:.0f}s (limit {limit:.0f}s)"
+
+    # --- SIGHUP ----------------------------------------------------------------------
+
+    async def reconfigure(self, loaded: AgentConfig) -> ReloadPlan:
+        """Apply a reloaded configuration; a ConfigError leaves everything as it was."""
+        plan = plan_reload(self.config, loaded)
+        new = plan.config
+        # Everything that can fail is read before anything changes.
+        trust = load_trust_store(new.trust.ek_roots) if "[trust]" in plan.applied \
+            else self.trust
+        pinned = load_pinned_ca(new.enrollment.ca) if new.enrollment is not None else []
+        self.config = new
+        logsetup.set_level(new.log.level)
+        if "[trust]" in plan.applied:
+            self.trust = trust
+            custody = self._custody
+            if custody is not None:
+                self._endorsement = await self.worker.call(try_endorsement_facts, custody, trust)
+                self._facts = await self.worker.call(collect_tpm_facts, custody, trust,
+                                                     self._endorsement)
+        if "[enrollment]" in plan.applied:
+            self.enrollment.reconfigure(new.enrollment, pinned)
+            self.rotation.registrar = new.enrollment
+        if "[rotation]" in plan.applied:
+            self.enrollment.skew = new.rotation.clock_skew
+            self.rotation.reconfigure(new.rotation)
+        if "[tpm]" in plan.applied:
+            self._lost.set()  # reconnect through the new TCTI
+        self._reconfigured.set()
+        self.reload_error, self.reloaded_at = None, datetime.datetime.now(datetime.UTC)
+        return plan
 
     async def close(self) -> None:
         await self._disconnect()
         self.worker.shutdown()
 
+    def _cached_facts(self) -> TpmFacts:
+        if self._custody is None or self._facts is None:
+            err = self._last_error or TpmUnreachable("not connected to the TPM yet")
+            return TpmFacts(tcti=self.config.tpm.tcti, error=err)
+        self._facts.keys_destroyed = self.enrollment.decommissioned is not None
+        return self._facts
+
     async def _tpm_facts(self) -> TpmFacts:
         custody = self._custody
         if custody is None:
-            err = self._last_error or TpmUnreachable("not connected to the TPM yet")
-            return TpmFacts(tcti=self.config.tpm.tcti, error=err)
+            return self._cached_facts()
         facts = await self.worker.call(collect_tpm_facts, custody, self.trust,
                                        self._endorsement)
         facts.keys_destroyed = self.enrollment.decommissioned is not None
         if isinstance(facts.error, TpmUnreachable):
             self._last_error = facts.error
             self._lost.set()
+        else:
+            self._facts = facts
         return facts
 
     # --- control socket handlers -----------------------------------------------
@@ -177,18 +262,20 @@ class AgentService:
             clock_offset=rotation.clock_offset,
             restore_error=rotation.restore_error.to_dict() if rotation.restore_error else None)
 
-    async def status(self, _params: dict[str, Any]) -> dict[str, Any]:
-        facts = await self._tpm_facts()
+    def _status_document(self, facts: TpmFacts) -> dict[str, Any]:
         return build_status(facts, self._agent_section(), bool(self.config.trust.ek_roots),
                             self.enrollment.facts(), rotation=self.rotation_facts(),
-                            skew=self.config.rotation.clock_skew)
+                            skew=self.config.rotation.clock_skew, service=self.service_facts())
+
+    def service_facts(self) -> ServiceFacts:
+        return ServiceFacts(reload_error=self.reload_error, reloaded_at=self.reloaded_at)
+
+    async def status(self, _params: dict[str, Any]) -> dict[str, Any]:
+        return self._status_document(await self._tpm_facts())
 
     async def check(self, _params: dict[str, Any]) -> dict[str, Any]:
         facts = await self._tpm_facts()
-        agent = self._agent_section()
-        running = CheckResult("daemon", Level.PASS,
-                              f"devid-agent {agent['version']} running (pid {agent['pid']}, "
-                              f"up {agent['uptime_s']:.0f}s)")
+        running = check_service(self.service_facts(), self._agent_section())
         registrar = await asyncio.to_thread(probe_registrar, self.config.enrollment)
         now, skew = datetime.datetime.now(datetime.UTC), self.config.rotation.clock_skew
         enrollment = check_enrollment(self.enrollment.facts(), now, skew)

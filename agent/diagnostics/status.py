@@ -24,6 +24,7 @@ from agent.diagnostics.rotation import (
     rotation_section,
     tls_certificate_section,
 )
+from agent.diagnostics.service import ServiceFacts, check_service, service_section
 
 HEADLINE = {Level.PASS: "OK", Level.WARN: "WARN", Level.FAIL: "FAIL"}
 
@@ -63,11 +64,13 @@ def _identity_section(facts: TpmFacts) -> dict[str, Any]:
 
 def build_status(facts: TpmFacts, agent: dict[str, Any], roots_configured: bool,
                  enrollment: EnrollmentFacts, now: datetime.datetime | None = None,
-                 rotation: RotationFacts | None = None, skew: float = 0.0
-                 ) -> dict[str, Any]:
+                 rotation: RotationFacts | None = None, skew: float = 0.0,
+                 service: ServiceFacts | None = None) -> dict[str, Any]:
     when = now or datetime.datetime.now(datetime.UTC)
     judged = [check_tpm(facts), check_ek(facts, roots_configured), check_identity(facts),
               check_enrollment(enrollment, when, skew)]
+    if service is not None:
+        judged.insert(0, check_service(service, agent))
     if rotation is not None:
         judged.append(check_rotation(rotation, when, skew))
     level = max(r.level for r in judged)
@@ -77,7 +80,7 @@ def build_status(facts: TpmFacts, agent: dict[str, Any], roots_configured: bool,
     return {
         "state": HEADLINE[level],
         "reasons": [r.summary for r in judged if r.level > Level.PASS],
-        "agent": agent,
+        "agent": {**agent, **service_section(service)} if service else agent,
         "tpm": _tpm_section(facts),
         "identity": _identity_section(facts),
         "enrollment": enrollment_section(enrollment),
@@ -85,3 +88,17 @@ def build_status(facts: TpmFacts, agent: dict[str, Any], roots_configured: bool,
         "tls_certificate": tls_certificate_section(rotation) if rotation else None,
         "rotation": rotation_section(rotation) if rotation else None,
     }
+
+
+def headline(doc: dict[str, Any]) -> str:
+    """One line: the state and the first reason, or what an OK gateway is doing."""
+    state, reasons = doc.get("state", "?"), doc.get("reasons") or []
+    if reasons:
+        more = f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else ""
+        return f"{state}: {reasons[0]}{more}"
+    enrollment = doc.get("enrollment") or {}
+    certificate = doc.get("certificate") or {}
+    line = f"{state}: enrolled as {enrollment.get('device_id')}"
+    if certificate.get("renew_at"):
+        line += f", renewal at {certificate['renew_at']}"
+    return line

@@ -29,7 +29,7 @@ def test_defaults_are_hardware_paths():
 
 
 @pytest.mark.parametrize("text, message", [
-    ("[tpm]\ntcit = 'x'", "agent.toml: [tpm] tcit: unknown key (known: tcti)"),
+    ("[tpm]\ntcit = 'x'", "agent.toml: [tpm] tcit: unknown key (known: tcti, hang_timeout)"),
     ("[tpm]\ntcti = 5", "[tpm] tcti: Input should be a valid string, got int 5"),
     ("[tpm]\ntcti = 'usb:/dev/x'", "[tpm] tcti: unknown TCTI 'usb'"),
     ("[nope]\nx = 1", "[nope]: unknown section"),

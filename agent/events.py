@@ -1,0 +1,160 @@
+"""The events the agent logs for operators, each with a fixed journald MESSAGE_ID.
+
+An operator finds every renewal failure of a fleet's gateway with
+`journalctl MESSAGE_ID=1dfb0f475d4a4f1c8593d261cc402447`, whatever the
+wording of the message. The IDs never change once released; docs/journal.md
+lists them and the systemd catalog (`journalctl -x`) explains them, both made
+from this table (`python -m agent.events catalog|markdown`).
+
+`emit()` logs through the standard logging module, so outside systemd the same
+event is a plain line on stderr. Fields are explicit and never carry secrets.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+
+# Journal field names: upper-case letters, digits and underscores, not starting with _.
+EVENT_FIELD = "DEVID_EVENT"
+DEVICE_FIELD = "DEVICE_ID"
+FIELD_PREFIX = "DEVID_"
+
+
+@dataclass(frozen=True)
+class EventType:
+    name: str
+    message_id: str  # 32 hex digits, as journalctl MESSAGE_ID= takes them
+    level: int
+    summary: str
+    action: str
+
+
+def _event(name: str, message_id: str, level: int, summary: str, action: str) -> EventType:
+    return EventType(name, message_id, level, summary, action)
+
+
+_EVENTS = (
+    _event("started", "b0522473b53e4c14b70f56098a6ea078", logging.INFO,
+           "devid-agent started",
+           "None; the version and configuration file are in the message."),
+    _event("stopped", "42c6b62de2344985becbd166debe9f1a", logging.INFO,
+           "devid-agent stopped",
+           "None."),
+    _event("tpm-ready", "8925afd39c814b4f9949fdca5ca82252", logging.INFO,
+           "the TPM is connected",
+           "None; the TCTI, manufacturer and firmware are in the message."),
+    _event("tpm-unreachable", "822c5eae58224f83ada910323e55aac6", logging.ERROR,
+           "the TPM cannot be used; the agent retries with backoff",
+           "Check that /dev/tpmrm0 exists and that the service user is in group tss "
+           "(docs/operations.md, 'tpm')."),
+    _event("tpm-lost", "2f5c866a01a84981b59f9355d95237e1", logging.WARNING,
+           "the TPM stopped answering; the agent reconnects",
+           "If it repeats, look for TPM driver errors in the kernel log."),
+    _event("tpm-hung", "00ca268bac3a48429dc5690db05934c9", logging.CRITICAL,
+           "a TPM command has not returned; watchdog pings are withheld so systemd restarts "
+           "the agent",
+           "Look for TPM driver errors in the kernel log; a firmware update may be needed."),
+    _event("ek-untrusted", "a97a3e1d06b24364a32373fd05a69c32", logging.ERROR,
+           "the TPM's EK certificate is missing or does not verify against the trusted "
+           "vendor roots",
+           "Install the TPM vendor's root in [trust] ek_roots (docs/operations.md, 'ek')."),
+    _event("enrolled", "d0427f14a8e54db7b40cf8b9b2c921c1", logging.INFO,
+           "the registrar issued this gateway's identity after attestation",
+           "None; the device ID and certificate serial are in the fields."),
+    _event("enrollment-failed", "350cc9421abd492f9b06309cc12fd087", logging.WARNING,
+           "an enrollment attempt failed; the agent retries with backoff",
+           "Read the problem type in DEVID_PROBLEM and its hint "
+           "(docs/operations.md, 'enrollment')."),
+    _event("identity-mismatch", "c6a83c8cf75d4994897404e679a9f56a", logging.ERROR,
+           "the stored certificate is not for this TPM's identity key; enrolling again",
+           "State was copied from another device or the TPM was cleared; make sure the "
+           "registrar expects this device to enroll again."),
+    _event("state-damaged", "ce5dce66912f473ea201aacb7c17794d", logging.ERROR,
+           "a state file could not be read and was moved aside",
+           "Keep the .damaged file for diagnosis; the agent enrolls again."),
+    _event("renewed", "61e1609334ef4b23b395e1747db5486f", logging.INFO,
+           "the certificates were renewed after a fresh attestation",
+           "None; the new serials and expiry are in the fields."),
+    _event("renewal-failed", "1dfb0f475d4a4f1c8593d261cc402447", logging.WARNING,
+           "a renewal attempt failed; the current certificates stay in use and the agent "
+           "retries with backoff",
+           "Read DEVID_PROBLEM and the hint (docs/operations.md, 'rotation')."),
+    _event("credentials-expired", "ee066de68be74e7ebb3ec77407eb3c3e", logging.ERROR,
+           "the TLS certificate expired before it could be renewed; it is not presented",
+           "Restore the connection to the registrar; the agent renews as soon as it can."),
+    _event("key-restore-failed", "83405131d6fc4ca1af9f092e1caed7ec", logging.WARNING,
+           "the sealed TLS key could not be unsealed (PCRs changed?); renewing for a new one",
+           "If the boot chain changed on purpose nothing is needed; otherwise investigate "
+           "the changed PCRs named in the message."),
+    _event("clock-jump", "6061dd433f09447a919d707227893538", logging.WARNING,
+           "the wall clock jumped; the renewal was re-planned",
+           "Check time synchronisation (NTP)."),
+    _event("hook-failed", "ca36a660f8a543c092d6006ebef73bce", logging.WARNING,
+           "a reload hook failed after a rotation",
+           "Fix the command in [rotation] reload_hooks; the rotation itself succeeded."),
+    _event("revoked", "bb04bfbb9dd34cb7b3f824bbaa317755", logging.CRITICAL,
+           "the registrar revoked this gateway; it no longer presents an identity",
+           "Ask the registrar operator why (devid-registrar devices show ID)."),
+    _event("decommissioned", "64cb1d2c250645d6936c842ee5c6b946", logging.WARNING,
+           "this gateway was decommissioned; its identity keys were destroyed",
+           "None, if intended."),
+    _event("reloaded", "7ab7033109024311890640c7f18b9ac8", logging.INFO,
+           "the configuration was reloaded (SIGHUP)",
+           "None; changes that need a restart are named in the message."),
+    _event("reload-failed", "1530945e761d4568a57cd8c9a2262eb3", logging.ERROR,
+           "the new configuration was refused; the agent keeps running with the old one",
+           "Fix the file named in the message and reload again."),
+)
+
+EVENTS: dict[str, EventType] = {e.name: e for e in _EVENTS}
+
+
+def field_name(key: str) -> str:
+    return FIELD_PREFIX + key.upper()
+
+
+def emit(logger: logging.Logger, event: str, message: str, *args: object,
+         device_id: str | None = None, **fields: object) -> None:
+    """Log `message % args` as `event`, with its MESSAGE_ID and `fields` as DEVID_* fields."""
+    kind = EVENTS[event]
+    extra: dict[str, object] = {"MESSAGE_ID": kind.message_id, EVENT_FIELD: kind.name}
+    if device_id is not None:
+        extra[DEVICE_FIELD] = device_id
+    for key, value in fields.items():
+        if value is not None:
+            extra[field_name(key)] = str(value)
+    logger.log(kind.level, message, *args, extra=extra)
+
+
+# --- documentation made from the table -----------------------------------------------
+
+_PRIORITY = {logging.CRITICAL: "crit", logging.ERROR: "err", logging.WARNING: "warning",
+             logging.INFO: "info", logging.DEBUG: "debug"}
+
+
+def catalog() -> str:
+    """The systemd message catalog (journalctl -x, /usr/lib/systemd/catalog/)."""
+    parts = []
+    for e in _EVENTS:
+        parts.append(f"-- {e.message_id}\nSubject: devid-agent: {e.summary}\n"
+                     "Defined-By: devid-agent\nSupport: file:///usr/share/doc/devid-agent/"
+                     f"operations.md\n\n{e.action}\n")
+    return "\n".join(parts)
+
+
+def markdown_table() -> str:
+    rows = ["| event | MESSAGE_ID | priority | meaning | what to do |",
+            "|---|---|---|---|---|"]
+    rows += [f"| `{e.name}` | `{e.message_id}` | {_PRIORITY[e.level]} | {e.summary} | "
+             f"{e.action} |" for e in _EVENTS]
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else ""
+    if what not in ("catalog", "markdown"):
+        print("usage: python -m agent.events catalog|markdown", file=sys.stderr)
+        sys.exit(64)
+    sys.stdout.write(catalog() if what == "catalog" else markdown_table())
