@@ -29,7 +29,7 @@ class TpmWorker:
     def _timed(self, fn: Callable[..., T], *args: object) -> T:
         self._busy_since, self._busy_with = self._monotonic(), getattr(fn, "__name__", "?")
         try:
-            faults.point("tpm.call")
+            faults.point(f"tpm.{self._busy_with}")  # tests: a hung TPM command
             return fn(*args)
         finally:
             self._busy_since = None
