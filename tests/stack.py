@@ -129,13 +129,15 @@ class RegistrarProcess:
         config.write_text(text)
         return self
 
-    def start(self, timeout: float = 20.0) -> RegistrarProcess:
+    def start(self, timeout: float = 20.0, env: dict[str, str] | None = None
+              ) -> RegistrarProcess:
         if not (self.directory / "registrar.toml").exists():
             self.init()
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen([str(BIN / "devid-registrar"), "serve", "--dir",
                                       str(self.directory)], stdout=log, stderr=log,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL,
+                                     env={**os.environ, **env} if env else None)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -19,11 +19,11 @@ from pathlib import Path
 from cryptography import x509
 
 from agent import events, logsetup
+from agent.aio import first_of
 from agent.audit import AuditLog
 from agent.backoff import Backoff
 from agent.clock import Clock, utcnow
 from agent.config import EnrollmentSection
-from agent.daemon.aio import first_of
 from agent.diagnostics.enrollment import (
     DECOMMISSIONED,
     ENROLLED,

@@ -12,15 +12,15 @@ import sys
 from pathlib import Path
 
 from agent import __version__, events, logsetup
+from agent.aio import first_of
 from agent.config import AgentConfig, load_config
 from agent.control.server import ControlServer
-from agent.daemon.aio import first_of
-from agent.daemon.notify import SystemdNotifier, watchdog_interval
 from agent.daemon.service import AgentService
-from agent.daemon.supervisor import Supervisor
 from agent.errors import ConfigError, DevidError
 from agent.fsutil import ensure_private_dir, remove_stale_temp_files
 from agent.pki.ekchain import load_trust_store
+from agent.supervision.notify import SystemdNotifier, watchdog_interval
+from agent.supervision.supervisor import Supervisor
 
 log = logging.getLogger("agent.daemon")
 

@@ -16,11 +16,11 @@ import time
 from typing import Any
 
 from agent import __version__, events, logsetup
+from agent.aio import first_of
 from agent.audit import AGENT_AUDIT_LOG, AuditLog
 from agent.backoff import Backoff
 from agent.config import AgentConfig
 from agent.control.protocol import RENEW_WAIT_MAX
-from agent.daemon.aio import first_of
 from agent.daemon.decommission import decommission_gateway
 from agent.daemon.enrollment import EnrollmentManager, load_pinned_ca
 from agent.daemon.reload import ReloadPlan, plan_reload

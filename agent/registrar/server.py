@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import socket
 import ssl
 
 import uvicorn
@@ -10,6 +13,8 @@ import uvicorn
 from agent.registrar.app import create_app
 from agent.registrar.config import host_port
 from agent.registrar.home import RegistrarHome
+from agent.supervision.notify import SystemdNotifier, watchdog_interval
+from agent.supervision.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +36,33 @@ def serve(home: RegistrarHome, log_level: str = "info") -> None:
     shown = f"[{host}]" if ":" in host else host
     print(f"devid-registrar serving https://{shown}:{port}", flush=True)
     print(f"clients pin this CA: {ca.root_path}", flush=True)
+    url = f"https://{shown}:{port}"
+    server = _SupervisedServer(server_config)
+    server.supervisor = Supervisor(SystemdNotifier(), watchdog_interval(os.environ, os.getpid()),
+                            ready=lambda: server.started,
+                            headline=lambda: f"serving {url}" if server.started
+                            else f"starting: binding {url}",
+                            hung=lambda: None)
     try:
-        uvicorn.Server(server_config).run()
+        server.run()
     finally:
         service.store.close()
+
+
+class _SupervisedServer(uvicorn.Server):
+    """uvicorn's server, telling systemd READY=1 once it listens, pinging the watchdog
+    from its event loop and STOPPING=1 when it shuts down (uvicorn re-raises SIGTERM
+    after serving, so that has to happen inside its shutdown)."""
+
+    supervisor: Supervisor
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._stop = asyncio.Event()
+        self._pings = asyncio.create_task(self.supervisor.run(self._stop))
+        await super().startup(sockets)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.supervisor.stopping()
+        self._stop.set()
+        await self._pings
+        await super().shutdown(sockets)

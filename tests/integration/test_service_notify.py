@@ -170,3 +170,15 @@ def test_sighup_reloads_in_place_and_reports_to_systemd(tpm, registrar_factory,
     assert doc["enrollment"]["state"] == "enrolled"
     assert "needs a restart to apply: [paths]" in agent.log_path.read_text()
     assert not (agent.config.parent / "elsewhere").exists()
+
+
+def test_registrar_is_a_notify_service_too(tpm, registrar_factory, notify):
+    registrar = registrar_factory([tpm.vendor_ca], start=False)
+    registrar.start(env=notify.env(watchdog_usec=1_000_000))
+    ready = notify.wait_for("READY=1", lambda m: m.fields.get("READY") == "1")
+    assert ready.fields["STATUS"] == f"serving {registrar.url}"
+    time.sleep(2)
+    pings = notify.pings(ready.at)
+    assert len(pings) >= 2 and max(_gaps(pings)) < 1.0
+    registrar.stop()
+    notify.wait_for("STOPPING=1", lambda m: m.fields.get("STOPPING") == "1")

@@ -12,10 +12,10 @@ import pytest
 
 from agent import events, faults
 from agent.config import parse_config
-from agent.daemon.notify import one_line, watchdog_interval
 from agent.daemon.reload import plan_reload
-from agent.daemon.supervisor import START_EXTENSION, Supervisor
 from agent.diagnostics.status import headline
+from agent.supervision.notify import one_line, watchdog_interval
+from agent.supervision.supervisor import START_EXTENSION, Supervisor
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -22,8 +22,8 @@ import time
 from collections.abc import Callable
 
 from agent import events
-from agent.daemon.aio import first_of
-from agent.daemon.notify import Notifier, monotonic_usec, one_line
+from agent.aio import first_of
+from agent.supervision.notify import Notifier, monotonic_usec, one_line
 
 log = logging.getLogger(__name__)
 
