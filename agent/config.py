@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import grp
 import shlex
+import typing
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -197,3 +198,16 @@ def parse_config(text: str, source: Path) -> AgentConfig:
 
 def load_config(path: Path) -> AgentConfig:
     return parse_config(read_config_text(path), path.resolve())
+
+
+def secret_keys() -> set[tuple[str, str]]:
+    """(section, key) of every secret setting, for redaction (support bundles)."""
+    found = set()
+    for section, field in AgentConfig.model_fields.items():
+        models = [a for a in (field.annotation, *typing.get_args(field.annotation))
+                  if isinstance(a, type) and issubclass(a, BaseModel)]
+        for model in models:
+            for key, inner in model.model_fields.items():
+                if SecretStr in (inner.annotation, *typing.get_args(inner.annotation)):
+                    found.add((section, key))
+    return found

@@ -15,8 +15,10 @@ from typing import Any, NoReturn
 
 from agent import __version__
 from agent.audit import AGENT_AUDIT_LOG, AuditLog
+from agent.cli import bundle
 from agent.cli.render import (
     render_audit,
+    render_bundle,
     render_check,
     render_decommission,
     render_error,
@@ -78,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--limit", type=_positive, default=50, help="show the last N "
                        "records (default 50)")
     audit.add_argument("--json", action="store_true", help="print one JSON object")
+    support = sub.add_parser("support-bundle", help="write a tarball for remote diagnosis: "
+                             "status, checks, journal, redacted config, versions")
+    support.add_argument("-o", "--output", type=Path, metavar="FILE",
+                         help="where to write it (default "
+                              "./devid-support-HOST-TIME.tar.gz)")
+    support.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -123,17 +131,22 @@ def _local_tpm_facts(config: AgentConfig) -> TpmFacts:
         return TpmFacts(tcti=config.tpm.tcti, error=e)
 
 
-def cmd_check(config: AgentConfig, as_json: bool) -> int:
+def _check_document(config: AgentConfig) -> dict[str, Any]:
     try:
-        doc = client.call(config.paths.control_socket, "check")
+        return client.call(config.paths.control_socket, "check")
     except DaemonNotRunning as e:
         # The daemon holds the TPM when it runs; when it does not, look ourselves.
         now = datetime.datetime.now(datetime.UTC)
         enrollment = stored_enrollment_facts(config.enrollment, config.paths.state_dir, now)
-        doc = check_report(_local_tpm_facts(config), config, expected_uid=None,
-                           extra=(check_daemon_down(e.message),
-                                  probe_registrar(config.enrollment),
-                                  check_enrollment(enrollment, now)))
+        return check_report(_local_tpm_facts(config), config, expected_uid=None,
+                            extra=(check_daemon_down(e.message),
+                                   probe_registrar(config.enrollment),
+                                   check_enrollment(enrollment, now)))
+
+
+def cmd_check(config: AgentConfig, as_json: bool) -> int:
+    try:
+        doc = _check_document(config)
     except DevidError as e:
         return _fail(e, as_json, EXIT_NO_DAEMON)
     _emit(doc, as_json, render_check)
@@ -171,30 +184,62 @@ def cmd_decommission(config: AgentConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_audit(config: AgentConfig, args: argparse.Namespace) -> int:
+def _audit_document(config: AgentConfig, limit: int) -> dict[str, Any]:
     try:
-        doc = client.call(config.paths.control_socket, "audit", {"limit": args.limit})
+        return client.call(config.paths.control_socket, "audit", {"limit": limit})
     except DaemonNotRunning:
         # The log is a file: read it directly when the daemon is down (needs access
         # to the state directory).
-        doc = AuditLog(config.paths.state_dir / AGENT_AUDIT_LOG).report(args.limit)
+        return AuditLog(config.paths.state_dir / AGENT_AUDIT_LOG).report(limit)
+
+
+def cmd_audit(config: AgentConfig, args: argparse.Namespace) -> int:
+    try:
+        doc = _audit_document(config, args.limit)
     except DevidError as e:
         return _fail(e, args.json, EXIT_NO_DAEMON)
     _emit(doc, args.json, render_audit)
     return 0 if doc.get("intact") else EXIT_BY_STATE["FAIL"]
 
 
+def cmd_support_bundle(config: AgentConfig, args: argparse.Namespace,
+                       config_error: ConfigError | None) -> int:
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    path = args.output or Path(f"{bundle.default_name(now)}.tar.gz")
+    collected = bundle.collect(
+        config, status=lambda: client.call(config.paths.control_socket, "status"),
+        check=lambda: _check_document(config),
+        audit=lambda: _audit_document(config, bundle.AUDIT_RECORDS))
+    if config_error is not None:
+        collected.add("config-error.json", config_error.to_dict)
+    try:
+        bundle.write_bundle(collected, path, now)
+    except OSError as e:
+        return _fail(DevidError(f"cannot write {path}: {e.strerror}",
+                                "choose another place with -o FILE"), args.json,
+                     EXIT_BY_STATE["FAIL"])
+    doc = {"path": str(path.resolve()), "files": sorted(collected.files),
+           "not_collected": collected.problems}
+    _emit(doc, args.json, render_bundle)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    config_error: ConfigError | None = None
     try:
         config = load_config(args.config)
     except ConfigError as e:
-        return _fail(e, args.json, EXIT_BY_STATE["FAIL"])
+        if args.command != "support-bundle":
+            return _fail(e, args.json, EXIT_BY_STATE["FAIL"])
+        # A broken configuration is exactly what a support bundle should carry.
+        config, config_error = AgentConfig().model_copy(update={"source": args.config}), e
     commands = {"status": lambda: cmd_status(config, args.json),
                 "check": lambda: cmd_check(config, args.json),
                 "renew": lambda: cmd_renew(config, args),
                 "decommission": lambda: cmd_decommission(config, args),
-                "audit": lambda: cmd_audit(config, args)}
+                "audit": lambda: cmd_audit(config, args),
+                "support-bundle": lambda: cmd_support_bundle(config, args, config_error)}
     try:
         return commands[args.command]()
     except OSError as e:

@@ -189,3 +189,10 @@ def render_error(err: dict[str, str]) -> str:
     if err.get("hint"):
         text += f"\n  hint: {err['hint']}"
     return text
+
+
+def render_bundle(doc: dict[str, Any]) -> str:
+    lines = [f"support bundle written: {doc['path']}",
+             f"  contains {', '.join(doc['files'])}"]
+    lines += [f"  not collected: {name}: {why}" for name, why in doc["not_collected"].items()]
+    return "\n".join(lines)

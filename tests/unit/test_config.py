@@ -79,3 +79,45 @@ def test_enrollment_token_is_never_shown(tmp_path):
                        'token = "s3cr3t-token-value"\n', tmp_path / "agent.toml")
     assert "s3cr3t" not in repr(cfg) and "s3cr3t" not in str(cfg.enrollment)
     assert cfg.enrollment.read_token() == "s3cr3t-token-value"
+
+
+def test_shipped_agent_toml_lists_every_key_with_its_default(tmp_path):
+    """docs/agent.toml (the package's /etc/devid-agent/agent.toml) shows every key
+    commented out with its default: uncommented, it parses to the defaults."""
+    import re
+
+    from agent.config import AgentConfig
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "agent.toml").read_text()
+    shown: dict[str, dict[str, str]] = {}
+    section = ""
+    for line in text.splitlines():
+        if m := re.fullmatch(r"# \[(\w+)\]", line):
+            section = m.group(1)
+            shown[section] = {}
+        elif m := re.fullmatch(r"# (\w+) = (.+)", line):
+            shown[section][m.group(1)] = m.group(2)
+    for name, field in AgentConfig.model_fields.items():
+        if name == "source":
+            continue
+        model = field.annotation if name != "enrollment" else AgentConfig.model_fields[
+            "enrollment"].annotation.__args__[0]
+        assert set(shown[name]) == set(model.model_fields), name
+    # Without [enrollment] (no defaults: examples) and the example control group.
+    body = "".join(f"[{s}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()
+                                      if (s, k) != ("control", "group"))
+                   for s, keys in shown.items() if s != "enrollment")
+    parsed = parse_config(body, tmp_path / "agent.toml")
+    defaults = AgentConfig()
+    assert parsed.rotation.renew_fraction == pytest.approx(defaults.rotation.renew_fraction,
+                                                           abs=1e-4)
+    for name in ("tpm", "paths", "trust", "control", "log"):
+        assert getattr(parsed, name) == getattr(defaults, name), name
+    assert parsed.rotation.model_copy(update={"renew_fraction": 0.5}) == \
+        defaults.rotation.model_copy(update={"renew_fraction": 0.5})
+    from agent.config import EnrollmentSection
+    from agent.tomlconfig import parse_duration
+
+    for key in ("timeout", "retry_initial", "retry_max"):
+        shown_value = parse_duration(shown["enrollment"][key].strip('"'))
+        assert shown_value == EnrollmentSection.model_fields[key].default, key
