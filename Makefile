@@ -11,7 +11,7 @@ APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev libsystemd-dev libcoap3
 # Parallel test workers; the machine has 2 cores and the tests mostly wait on swtpm.
 TEST_WORKERS ?= 4
 
-.PHONY: all deps apt venv test lint unit integration bench demo demo-down clean
+.PHONY: all deps apt venv test lint unit integration bench demo demo-down package package-test clean
 
 all: test
 
@@ -52,6 +52,15 @@ bench: deps
 	$(VPY) bench/tpm_ops.py
 	$(VPY) bench/enroll.py
 	$(VPY) bench/rotation.py
+
+# Build the Debian package, lint it, install it here, check it, purge it
+# (tests/package/run; needs root). `make package` only builds, into dist/.
+package-test:
+	bash tests/package/run
+
+package:
+	mkdir -p dist
+	bash tests/package/run --build-only dist
 
 demo: deps
 	$(VPY) tests/stack.py demo --dir .demo
