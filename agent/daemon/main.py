@@ -98,7 +98,7 @@ class Reloader:
                 raise ConfigError("the agent was started without a configuration file")
             loaded = await asyncio.to_thread(load_config, source)
             plan = await service.reconfigure(loaded)
-        except ConfigError as e:
+        except DevidError as e:
             service.reload_error = e
             events.emit(log, "reload-failed", "configuration reload failed, keeping the "
                         "previous configuration: %s", e.message)
@@ -106,7 +106,9 @@ class Reloader:
             events.emit(log, "reloaded", "configuration reloaded from %s: %s", source,
                         plan.describe(), applied=" ".join(plan.applied) or None,
                         needs_restart=" ".join(plan.needs_restart) or None)
-        self._supervisor.reloaded()
+        finally:
+            # systemd waits for READY=1 after RELOADING=1, whatever happened.
+            self._supervisor.reloaded()
 
 
 def main(argv: list[str] | None = None) -> int:
