@@ -54,7 +54,9 @@ def main() -> None:
         config = write_agent_config(root / "agent" / "agent.toml", tpm.tcti, [tpm.vendor_ca],
                                     enrollment_toml(registrar, registrar.token())
                                     + rotation_toml())
-        AgentProcess(config).start().wait_enrollment("enrolled")
+        first = AgentProcess(config).start()
+        first.wait_enrollment("enrolled")
+        first.stop()
         try:
             baseline, ready, reload = [], [], []
             for _ in range(args.rounds):
@@ -62,7 +64,6 @@ def main() -> None:
                 subprocess.run([str(BIN / "devid-agent"), "--version"], check=True,
                                capture_output=True)
                 baseline.append(time.monotonic() - began)
-            agent = None
             for _ in range(args.rounds):
                 listener = NotifyListener()
                 agent = AgentProcess(config, env=listener.env(watchdog_usec=10_000_000))

@@ -28,6 +28,7 @@ from agent.supervision.notify import Notifier, monotonic_usec, one_line
 log = logging.getLogger(__name__)
 
 MAX_TICK = 1.0  # how stale STATUS= may get
+START_TICK = 0.1  # until READY=1: readiness is noticed within this
 # Before READY=1: how long systemd waits for the next sign of life.
 START_EXTENSION = 30.0
 
@@ -51,7 +52,8 @@ class Supervisor:
 
     @property
     def period(self) -> float:
-        return min(MAX_TICK, self._interval) if self._interval else MAX_TICK
+        tick = MAX_TICK if self.ready_sent else START_TICK
+        return min(tick, self._interval) if self._interval else tick
 
     def tick(self) -> dict[str, str]:
         """Work out and send this tick's message; returns it (for tests and logs)."""

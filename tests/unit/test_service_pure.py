@@ -86,6 +86,7 @@ def test_pings_every_interval_and_withheld_while_tpm_hung(caplog):
 
 def test_no_watchdog_without_watchdog_usec():
     sup, _, _ = _supervisor(None, [True], ["OK"])
+    assert sup.period == 0.1  # until READY=1, readiness is looked for often
     assert "WATCHDOG" not in sup.tick()
     assert sup.period == 1.0
 
