@@ -114,10 +114,12 @@ def test_watchdog_pings_withheld_while_a_tpm_command_hangs(tpm, tmp_path, notify
                                       "DEVID_FAILPOINTS": "tpm.collect_tpm_facts=stall:5"})
     agent.start(wait=False)
     request.addfinalizer(agent.stop)
-    notify.wait_for("READY=1", lambda m: m.fields.get("READY") == "1", timeout=60)
+    ready = notify.wait_for("READY=1", lambda m: m.fields.get("READY") == "1", timeout=60)
+    # Once the stalled call returned, the pings resume.
+    notify.wait_for("a ping after READY", lambda m: m.fields.get("WATCHDOG") == "1",
+                    after=ready.at)
     pings = notify.pings()
-    assert pings, "no watchdog pings at all"
-    assert max(_gaps(pings)) > 3.0
+    assert max(_gaps(pings)) > 3.0, pings
     log = agent.log_path.read_text()
     assert "has not returned for" in log and "withholding watchdog pings" in log
 
