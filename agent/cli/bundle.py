@@ -113,7 +113,7 @@ def versions() -> dict[str, Any]:
     }
     for key, probe in (("tpm2-tss", _tss_version),
                        ("systemd", lambda: _command(["systemctl", "--version"]).splitlines()[0]),
-                       ("os", lambda: _os_release())):
+                       ("os", _os_release)):
         try:
             doc[key] = probe()
         except (OSError, subprocess.SubprocessError, IndexError) as e:

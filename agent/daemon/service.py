@@ -108,12 +108,15 @@ class AgentService:
         custody = await self.worker.call(TpmCustody.open, tcti, state_dir, False,
                                          self.enrollment.decommissioned is None)
         self._endorsement = await self.worker.call(try_endorsement_facts, custody, self.trust)
-        self._facts = await self.worker.call(collect_tpm_facts, custody, self.trust,
-                                             self._endorsement)
-        self._custody = custody
+        facts = await self.worker.call(collect_tpm_facts, custody, self.trust,
+                                       self._endorsement)
+        if facts.info is None:
+            await self.worker.call(custody.close)
+            raise facts.error or TpmUnreachable("the TPM did not report its properties")
+        info = facts.info
+        self._facts, self._custody = facts, custody
         self._lost.clear()
         self._ready.set()
-        info = await self.worker.call(custody.info)
         events.emit(log, "tpm-ready", "TPM ready via %s: %s %s, firmware %s", tcti,
                     info.manufacturer, info.vendor_string, info.firmware_version, tcti=tcti)
         if isinstance(self._endorsement, DevidError):
@@ -191,7 +194,9 @@ class AgentService:
         # Everything that can fail is read before anything changes.
         trust = load_trust_store(new.trust.ek_roots) if "[trust]" in plan.applied \
             else self.trust
-        pinned = load_pinned_ca(new.enrollment.ca) if new.enrollment is not None else []
+        enrollment_changed = "[enrollment]" in plan.applied
+        pinned = load_pinned_ca(new.enrollment.ca) \
+            if enrollment_changed and new.enrollment is not None else []
         self.config = new
         logsetup.set_level(new.log.level)
         if "[trust]" in plan.applied:
@@ -201,7 +206,7 @@ class AgentService:
                 self._endorsement = await self.worker.call(try_endorsement_facts, custody, trust)
                 self._facts = await self.worker.call(collect_tpm_facts, custody, trust,
                                                      self._endorsement)
-        if "[enrollment]" in plan.applied:
+        if enrollment_changed:
             self.enrollment.reconfigure(new.enrollment, pinned)
             self.rotation.registrar = new.enrollment
         if "[rotation]" in plan.applied:
