@@ -32,6 +32,8 @@ def test_defaults_are_hardware_paths():
     ("[tpm]\ntcit = 'x'", "agent.toml: [tpm] tcit: unknown key (known: tcti, hang_timeout)"),
     ("[tpm]\ntcti = 5", "[tpm] tcti: Input should be a valid string, got int 5"),
     ("[tpm]\ntcti = 'usb:/dev/x'", "[tpm] tcti: unknown TCTI 'usb'"),
+    ("[tpm]\nhang_timeout = 'forever'", "[tpm] hang_timeout: expected a duration like '90s'"),
+    ("[tpm]\nhang_timeout = -1", "[tpm] hang_timeout: a duration must be positive"),
     ("[nope]\nx = 1", "[nope]: unknown section"),
     ("[paths]\nstate_dir = 3", "[paths] state_dir: should be a non-empty path string, got int 3"),
     ("[trust]\nek_roots = 'a.pem'", "[trust] ek_roots: Input should be a valid list"),
