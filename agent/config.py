@@ -139,8 +139,12 @@ class RotationSection(_Section):
     # Backoff after a failed renewal (capped exponential with jitter).
     retry_initial: Duration = 5.0
     retry_max: Duration = 300.0
-    # How far the local clock may lag the registrar's before a fresh certificate is
-    # reported as "not yet valid because of the local clock".
+    # Automatic renewals are at least this far apart, and at least half the planned
+    # interval (capped at half the lifetime), whatever the clocks say. `devidctl renew`
+    # is not held back.
+    min_interval: Duration = 30.0
+    # How far the local clock may differ from the registrar's before `devidctl check`
+    # fails the clock (renewals are planned in the registrar's time either way).
     clock_skew: Duration = 300.0
     # PCRs (sha256) the TLS key is sealed to; a changed value makes the agent rotate.
     seal_pcrs: list[Annotated[int, Field(ge=0, le=23)]] = Field(

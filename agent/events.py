@@ -87,6 +87,20 @@ _EVENTS = (
     EventType("clock-jump", "6061dd433f09447a919d707227893538", logging.WARNING,
            "the wall clock jumped; the renewal was re-planned",
            "Check time synchronisation (NTP)."),
+    EventType("clock-skew", "f4343aaf99914b9aaef0d3d95a492479", logging.WARNING,
+           "the local clock differs from the registrar's by more than [rotation] clock_skew; "
+           "renewals are planned in the registrar's time meanwhile",
+           "Fix time synchronisation: timedatectl set-ntp true, or the NTP server it uses "
+           "(docs/operations.md, 'clock'). DEVID_OFFSET_S is the registrar's clock minus "
+           "ours."),
+    EventType("clock-skew-resolved", "7351a312a3684c828a6d0cf7a3c2c4b9", logging.INFO,
+           "the local clock agrees with the registrar's again, within [rotation] clock_skew",
+           "None."),
+    EventType("renewal-held", "1000616eee7249768d5acb21d58c1432", logging.WARNING,
+           "a renewal looked due but the last one was too recent; it is held back until "
+           "the renewal floor has passed",
+           "Usually a wrong clock: see the clock check in `devidctl check`. The floor is "
+           "[rotation] min_interval, at least half the planned interval."),
     EventType("hook-failed", "ca36a660f8a543c092d6006ebef73bce", logging.WARNING,
            "a reload hook failed after a rotation",
            "Fix the command in [rotation] reload_hooks; the rotation itself succeeded."),

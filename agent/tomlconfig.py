@@ -123,7 +123,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_duration(value: object) -> float:
+def parse_duration(value: object, allow_zero: bool = False) -> float:
     """'90s', '10m', '24h', '7d' (or a number of seconds) -> seconds; ValueError otherwise."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         seconds = float(value)
@@ -131,9 +131,15 @@ def parse_duration(value: object) -> float:
         seconds = float(m.group(1)) * _UNIT[m.group(2)]
     else:
         raise ValueError(f"expected a duration like '90s', '10m', '24h' or '7d', got {value!r}")
-    if seconds <= 0:
+    if seconds < 0 or (seconds == 0 and not allow_zero):
         raise ValueError("a duration must be positive")
     return seconds
 
 
+def _parse_duration_or_zero(value: object) -> float:
+    return parse_duration(value, allow_zero=True)
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+# For settings where "0s" means "off".
+DurationOrZero = Annotated[float, BeforeValidator(_parse_duration_or_zero)]

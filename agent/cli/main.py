@@ -136,12 +136,16 @@ def _check_document(config: AgentConfig) -> dict[str, Any]:
         return client.call(config.paths.control_socket, "check")
     except DaemonNotRunning as e:
         # The daemon holds the TPM when it runs; when it does not, look ourselves.
-        now = datetime.datetime.now(datetime.UTC)
+        probe = probe_registrar(config.enrollment)
+        # Certificates are dated by the registrar: judge them by its clock when known.
+        now = datetime.datetime.now(datetime.UTC) + datetime.timedelta(
+            seconds=probe.clock_offset or 0.0)
         enrollment = stored_enrollment_facts(config.enrollment, config.paths.state_dir, now)
         return check_report(_local_tpm_facts(config), config, expected_uid=None,
-                            extra=(check_daemon_down(e.message),
-                                   probe_registrar(config.enrollment),
-                                   check_enrollment(enrollment, now)))
+                            extra=(check_daemon_down(e.message), probe.result,
+                                   check_enrollment(enrollment, now,
+                                                    config.rotation.clock_skew)),
+                            registrar_offset=probe.clock_offset)
 
 
 def cmd_check(config: AgentConfig, as_json: bool) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from agent.rotation.registrarclock import describe_offset
+
 
 def _duration(seconds: float) -> str:
     s = int(seconds)
@@ -137,10 +139,13 @@ def _rotation_lines(rot: dict[str, Any] | None, tls: dict[str, Any] | None) -> l
                      f"({rot.get('failures')} failure(s) in a row)")
     if rot.get("restore_error"):
         lines.append(f"             restore  {rot['restore_error'].get('message')}")
-    if rot.get("registrar_clock_offset_s") is not None and \
-            abs(rot["registrar_clock_offset_s"]) >= 2:
-        lines.append(f"             clock    registrar is {rot['registrar_clock_offset_s']:+.0f}s"
-                     " from this gateway")
+    if rot.get("held_until"):
+        lines.append(f"             held     until {_date(rot['held_until'])}: "
+                     f"{rot.get('hold_reason')}")
+    offset = rot.get("registrar_clock_offset_s")
+    if offset is not None and abs(offset) >= 2:
+        lines.append(f"             clock    {describe_offset(offset)} ({offset:+.0f}s); "
+                     "renewals are planned in the registrar's time")
     return lines
 
 

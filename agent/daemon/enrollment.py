@@ -160,10 +160,13 @@ class EnrollmentManager:
         client = RegistrarClient(self.section.url, self.section.ca, self.section.timeout)
         try:
             result = await enroll(CustodyTpm(custody, run_tpm), ThreadedRegistrar(client),
-                                  token, self.pinned, self.skew)
+                                  token, self.pinned, self.skew,
+                                  lambda: self.clock() + datetime.timedelta(
+                                      seconds=client.clock_offset or 0.0))
         finally:
             client.close()
-        stored = StoredEnrollment.from_result(result, self.section.url, self.clock())
+        stored = StoredEnrollment.from_result(result, self.section.url, self.clock(),
+                                              client.clock_offset)
         await asyncio.to_thread(self.store.save, stored)
         self.stored, self.state, self.key_matches = stored, ENROLLED, True
         self.last_error, self.next_attempt = None, None

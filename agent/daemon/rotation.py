@@ -9,9 +9,18 @@ credentials in memory, write an audit record, run the reload hooks.
   capped backoff; the status shows the error and the next attempt.
 - A revoked or decommissioned device (the registrar says so at renewal)
   stops presenting its identity, destroys the sealed TLS key and stops.
-- The wait is re-planned against the wall clock every few seconds, so a
-  clock jump neither skips a renewal nor renews early, and is logged.
-- `devidctl renew` kicks the loop; `--wait` gets the outcome of the attempt.
+- Everything is planned in the registrar's time (agent.rotation.registrarclock):
+  the local clock plus the offset measured from the registrar's Date header. A
+  gateway whose clock is wrong renews once per renewal window, not in a loop
+  (clock ahead) nor after expiry (clock behind). The offset is measured again
+  (GET /v1/health) at start and after the local clock jumps; beyond
+  [rotation] clock_skew the journal gets a clock-skew event.
+- The wait is re-planned every few seconds, so a clock jump neither skips a
+  renewal nor renews early, and is logged.
+- Two automatic renewals are never closer than the renewal floor
+  (schedule.renewal_floor); a renewal held back by it shows as "held" in status.
+- `devidctl renew` kicks the loop (the floor does not apply); `--wait` gets the
+  outcome of the attempt.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from agent.pki.devicecert import validity_of
 from agent.rotation import schedule
 from agent.rotation.client import renew
 from agent.rotation.credentials import CredentialHolder, TlsCredentials
+from agent.rotation.registrarclock import RegistrarClock, beyond_skew, describe_offset
 from agent.rotation.tlskey import key_from_secret
 from agent.tpm.custody import TpmCustody
 
@@ -52,9 +62,14 @@ WAITING = "waiting"  # for the TPM or enrollment
 SCHEDULED = "scheduled"
 RENEWING = "renewing"
 RETRYING = "retrying"
+HELD = "held"  # due by the plan, but the last renewal is more recent than the floor
 REVOKED = "revoked"
 NOT_CONFIGURED = "not_configured"
 STOPPED = "stopped"
+
+PROBE_RETRY = 60.0  # seconds between attempts to measure a stale offset
+RETRY_AFTER_SPREAD = 0.2  # up to +20 % on the registrar's Retry-After, so a fleet spreads
+OffsetProbe = Callable[[], Awaitable[float | None]]
 
 
 @dataclass(frozen=True)
@@ -84,7 +99,8 @@ class RotationManager:
     def __init__(self, section: RotationSection, enrollment_section: EnrollmentSection | None,
                  enrollment: EnrollmentManager, holder: CredentialHolder, audit: AuditLog,
                  clock: Clock = utcnow,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 probe_offset: OffsetProbe | None = None) -> None:
         self.section = section
         self.registrar = enrollment_section
         self.enrollment = enrollment
@@ -97,7 +113,12 @@ class RotationManager:
         self.last: RotationOutcome | None = None
         self.next_attempt: datetime.datetime | None = None  # after a failure
         self.failures = 0
-        self.clock_offset: float | None = None  # registrar minus local, last response
+        self.registrar_clock = RegistrarClock()
+        self._probe_offset = probe_offset or self._probe_registrar_offset
+        self._next_probe = 0.0  # monotonic time of the next offset measurement, when stale
+        self._skewed = False  # the last measured offset was beyond clock_skew
+        self._last_renewal: float | None = None  # monotonic time of the last renewal
+        self.held_until: datetime.datetime | None = None
         self.restore_error: DevidError | None = None
         self._kick = _Kick()
         # Held while renewing; decommissioning takes it too, so the two never interleave.
@@ -111,6 +132,63 @@ class RotationManager:
                                                           self.section.retry_max):
             self.backoff = Backoff(initial=section.retry_initial, cap=section.retry_max)
         self.section = section
+
+    # --- the registrar's time ----------------------------------------------------
+
+    @property
+    def clock_offset(self) -> float | None:
+        """The registrar's clock minus ours, seconds, as last measured."""
+        return self.registrar_clock.offset
+
+    def registrar_now(self) -> datetime.datetime:
+        return self.registrar_clock.now(self._clock())
+
+    def observe_offset(self, offset: float | None) -> None:
+        """A registrar response's Date header was read; log when the skew state changes."""
+        self.registrar_clock.observe(offset, self._clock())
+        if offset is None:
+            return
+        skew = self.section.clock_skew
+        skewed = beyond_skew(offset, skew)
+        if skewed and not self._skewed:
+            events.emit(log, "clock-skew", "%s (registrar minus local %+.0fs, tolerated %.0fs): "
+                        "renewals are planned in the registrar's time; fix time "
+                        "synchronisation", describe_offset(offset), offset, skew,
+                        device_id=self._device_id(), offset_s=round(offset, 1))
+            self._audit("clock-skew", offset_s=round(offset, 1), tolerated_s=skew)
+        elif self._skewed and not skewed:
+            events.emit(log, "clock-skew-resolved", "%s (within %.0fs) again",
+                        describe_offset(offset), skew, device_id=self._device_id(),
+                        offset_s=round(offset, 1))
+        self._skewed = skewed
+
+    async def _probe_registrar_offset(self) -> float | None:
+        """Measure the offset with a GET /v1/health (no cryptography on either side)."""
+        if self.registrar is None:
+            return None
+        client = RegistrarClient(self.registrar.url, self.registrar.ca,
+                                 min(self.registrar.timeout, 10.0))
+        try:
+            await asyncio.to_thread(client.health)
+        except DevidError as e:
+            log.info("cannot measure the registrar's clock offset: %s", e)
+        finally:
+            client.close()
+        return client.clock_offset
+
+    async def _measure_if_stale(self) -> None:
+        if not self.registrar_clock.stale or self._monotonic() < self._next_probe:
+            return
+        self._next_probe = self._monotonic() + PROBE_RETRY
+        self.observe_offset(await self._probe_offset())
+
+    def _resume_from(self, stored: StoredEnrollment) -> None:
+        """After a start: the offset and the last renewal time as the record has them."""
+        if self.registrar_clock.offset is None:
+            self.registrar_clock.offset = stored.registrar_offset_s
+        if self._last_renewal is None and stored.renewed_at is not None:
+            elapsed = max(0.0, (self._clock() - stored.renewed_at).total_seconds())
+            self._last_renewal = self._monotonic() - elapsed
 
     # --- what status needs ------------------------------------------------------
 
@@ -127,10 +205,32 @@ class RotationManager:
                   for c in (stored.certificate, stored.tls.certificate)]
         return min(points)
 
-    def _target(self, now: datetime.datetime) -> datetime.datetime:
+    def renewal_floor(self) -> float | None:
+        """Seconds two automatic renewals must be apart, for the current TLS certificate."""
+        stored = self.enrollment.stored
+        if stored is None or stored.tls is None:
+            return None
+        lifetime = validity_of(stored.tls.certificate).lifetime.total_seconds()
+        return schedule.renewal_floor(lifetime, self.section.renew_fraction,
+                                      self.section.min_interval)
+
+    def _floor_until(self, now: datetime.datetime) -> datetime.datetime | None:
+        """While the credentials in use are younger than the floor: when it passes."""
+        floor = self.renewal_floor()
+        if floor is None or self._last_renewal is None or self.holder.held is None:
+            return None
+        remaining = floor - (self._monotonic() - self._last_renewal)
+        return now + datetime.timedelta(seconds=remaining) if remaining > 0 else None
+
+    def _planned(self, now: datetime.datetime) -> datetime.datetime:
         if self.next_attempt is not None:
             return self.next_attempt
         return self.renew_at() or now
+
+    def _target(self, now: datetime.datetime) -> datetime.datetime:
+        planned = self._planned(now)
+        floor = self._floor_until(now)
+        return max(planned, floor) if floor is not None else planned
 
     # --- the task ---------------------------------------------------------------
 
@@ -152,6 +252,7 @@ class RotationManager:
             if custody is None:
                 return
             if not restored:
+                self._resume_from(stored)
                 await self._restore(custody, run_tpm, stored)
                 restored = True
             self.state = RETRYING if self.next_attempt else SCHEDULED
@@ -172,13 +273,16 @@ class RotationManager:
     async def _wait(self, stop: asyncio.Event) -> bool:
         """Sleep until the renewal point (re-planned each tick); False if stopping."""
         while not stop.is_set():
-            now = self._clock()
-            self._note_clock_jump(now)
+            self._note_clock_jump(self._clock())
+            await self._measure_if_stale()
+            now = self.registrar_now()
             stored = self.enrollment.stored
             target = self._target(now)
             if stored is None or stored.lifecycle != ACTIVE or self._kick.event.is_set() \
                     or now >= target:
+                self.held_until = None
                 return True
+            self._note_hold(now, target)
             delay = schedule.wait_seconds(now, target)
             stopper = asyncio.ensure_future(stop.wait())
             kicker = asyncio.ensure_future(self._kick.event.wait())
@@ -188,11 +292,50 @@ class RotationManager:
                 task.cancel()
         return False
 
+    def _note_hold(self, now: datetime.datetime, target: datetime.datetime) -> None:
+        """Say once when the plan says renew but the floor holds the renewal back."""
+        planned = self._planned(now)
+        if planned > now:
+            if self.state == HELD:
+                self.state = RETRYING if self.next_attempt else SCHEDULED
+            self.held_until = None
+            return
+        if self.held_until is None:
+            floor = self.renewal_floor() or 0.0
+            events.emit(log, "renewal-held", "renewal due at %s, held back until %s: the "
+                        "last one was less than %.0fs ago (%s)",
+                        f"{planned:%Y-%m-%d %H:%M:%SZ}", f"{target:%Y-%m-%d %H:%M:%SZ}", floor,
+                        self.hold_reason() or "", device_id=self._device_id(),
+                        floor_s=round(floor, 1))
+            self._audit("renewal-held", until=target.isoformat(timespec="seconds"),
+                        floor_s=round(floor, 1))
+        self.held_until = target
+        self.state = HELD
+
+    def hold_reason(self) -> str | None:
+        """Why a due renewal waits, for status; None when none is held back."""
+        if self.held_until is None:
+            return None
+        floor = self.renewal_floor() or 0.0
+        why = (f"renewals are at least {floor:.0f}s apart ([rotation] min_interval, at least "
+               "half the planned interval)")
+        offset = self.registrar_clock.offset
+        if beyond_skew(offset, self.section.clock_skew):
+            assert offset is not None
+            why += f"; {describe_offset(offset)}"
+        return why
+
     def _note_clock_jump(self, wall: datetime.datetime) -> None:
         mono = self._monotonic()
         jump = schedule.clock_jump(self._last_wall, self._last_mono, wall, mono)
         self._last_wall, self._last_mono = wall, mono
         if jump is not None:
+            # A correction, or time that passed while the process was frozen? Measure
+            # again; until then the old offset stands, so time is taken to have passed
+            # (renewing early is safe, renewing late is not).
+            self.registrar_clock.local_clock_jumped()
+            self._next_probe = 0.0
+            wall = self.registrar_clock.now(wall)
             target = self._target(wall)
             events.emit(log, "clock-jump", "the wall clock jumped %+.0fs; re-planned: renewal %s",
                         jump, "now" if target <= wall else f"at {target:%Y-%m-%d %H:%M:%SZ}",
@@ -219,8 +362,7 @@ class RotationManager:
             return
         self.restore_error = None
         self.holder.publish(TlsCredentials(stored.device_id, stored.tls.chain, key))
-        now = self._clock()
-        if now > stored.tls.certificate.not_valid_after_utc:
+        if self.registrar_now() > stored.tls.certificate.not_valid_after_utc:
             events.emit(log, "credentials-expired",
                         "the TLS certificate expired at %s (offline too long?); it is not "
                         "presented; renewing now", stored.tls.certificate.not_valid_after_utc,
@@ -235,17 +377,24 @@ class RotationManager:
         assert stored is not None and self.registrar is not None
         began = self._monotonic()
         client = RegistrarClient(self.registrar.url, self.registrar.ca, self.registrar.timeout)
+
+        def registrar_now() -> datetime.datetime:  # by this exchange's own Date header
+            offset = client.clock_offset
+            return self._clock() + datetime.timedelta(seconds=offset) if offset is not None \
+                else self.registrar_now()
+
         try:
             result = await renew(
                 CustodyTpm(custody, run_tpm, self.section.seal_pcrs), ThreadedRegistrar(client),
-                stored.device_id, self.enrollment.pinned, self._clock,
+                stored.device_id, self.enrollment.pinned, registrar_now,
                 self.section.clock_skew, self._progress)
             now = self._clock()
             renewed = stored.renewed(result.identity_chain, result.identity_serial,
                                      StoredTls(result.tls_chain, result.tls_serial,
-                                               result.sealed_tls_key), now)
+                                               result.sealed_tls_key), now, client.clock_offset)
             await self._save(renewed)
             faults.point("rotation.saved")
+            self._last_renewal = self._monotonic()
             self.enrollment.stored = renewed
             self.holder.publish(TlsCredentials(stored.device_id, result.tls_chain,
                                                result.tls_key))
@@ -259,7 +408,7 @@ class RotationManager:
                 tpm_lost()
             return self._failed(e, began)
         finally:
-            self.clock_offset = client.clock_offset
+            self.observe_offset(client.clock_offset)
             client.close()
         elapsed = round((self._monotonic() - began) * 1000, 1)
         not_after = result.tls_chain[0].not_valid_after_utc
@@ -280,7 +429,7 @@ class RotationManager:
             "DEVID_NOT_AFTER": not_after.isoformat(timespec="seconds"),
             "DEVID_GENERATION": str(renewed.generation)}, self.section.hook_timeout)
         faults.point("rotation.done")
-        self.last = RotationOutcome(now, "renewed", duration_ms=elapsed,
+        self.last = RotationOutcome(self.registrar_now(), "renewed", duration_ms=elapsed,
                                     tls_serial=result.tls_serial, hooks=tuple(hooks))
         return self.last
 
@@ -298,14 +447,16 @@ class RotationManager:
 
     def _failed(self, e: DevidError, began: float) -> RotationOutcome:
         self.failures += 1
-        now = self._clock()
+        now = self.registrar_now()
         delay = self.backoff.next_delay()
+        not_before = 0.0
         if isinstance(e, Problem) and e.retry_after is not None:
-            delay = max(delay, e.retry_after)
+            # The registrar refuses anything sooner; spread a fleet told the same time.
+            not_before = e.retry_after * (1 + self.backoff.rng.uniform(0, RETRY_AFTER_SPREAD))
         stored = self.enrollment.stored
         tls = stored.tls if stored else None
         self.next_attempt = schedule.retry_at(
-            now, delay, validity_of(tls.certificate) if tls else None)
+            now, delay, validity_of(tls.certificate) if tls else None, not_before=not_before)
         wait = (self.next_attempt - now).total_seconds()
         events.emit(log, "renewal-failed", "renewal failed (%d in a row): %s; retrying in "
                     "%.0fs, the current certificates stay in use", self.failures, e, wait,
@@ -333,7 +484,7 @@ class RotationManager:
                     device_id=stored.device_id, problem=p.code)
         self._audit("revoked", problem=p.code, detail=p.message[:300],
                     tls_key="destroyed")
-        self.last = RotationOutcome(self._clock(), "revoked", error=p.to_dict())
+        self.last = RotationOutcome(self.registrar_now(), "revoked", error=p.to_dict())
         return self.last
 
     def _device_id(self) -> str | None:

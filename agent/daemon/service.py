@@ -71,7 +71,8 @@ class AgentService:
         self.reloaded_at: datetime.datetime | None = None
         state_dir = config.paths.state_dir
         self.audit = AuditLog(state_dir / AGENT_AUDIT_LOG)
-        self.holder = CredentialHolder()
+        # Credentials are dated by the registrar: judged by its clock, not a wrong local one.
+        self.holder = CredentialHolder(clock=lambda: self.rotation.registrar_now())
         self.enrollment = EnrollmentManager(config.enrollment, state_dir, self.audit,
                                             skew=config.rotation.clock_skew)
         self.rotation = RotationManager(config.rotation, config.enrollment, self.enrollment,
@@ -255,7 +256,7 @@ class AgentService:
 
     def rotation_facts(self) -> RotationFacts:
         stored, rotation = self.enrollment.stored, self.rotation
-        now = datetime.datetime.now(datetime.UTC)
+        now = rotation.registrar_now()
         tls = stored.tls if stored else None
         return RotationFacts(
             state=rotation.state, enrolled=stored is not None, renew_at=rotation.renew_at(),
@@ -265,11 +266,14 @@ class AgentService:
             tls_certificate=summarize(tls.certificate, now) if tls else None,
             presented=self.holder.current(now) is not None,
             clock_offset=rotation.clock_offset,
-            restore_error=rotation.restore_error.to_dict() if rotation.restore_error else None)
+            restore_error=rotation.restore_error.to_dict() if rotation.restore_error else None,
+            held_until=rotation.held_until, hold_reason=rotation.hold_reason(),
+            renewal_floor=rotation.renewal_floor())
 
     def _status_document(self, facts: TpmFacts) -> dict[str, Any]:
         return build_status(facts, self._agent_section(), bool(self.config.trust.ek_roots),
-                            self.enrollment.facts(), rotation=self.rotation_facts(),
+                            self.enrollment.facts(), now=self.rotation.registrar_now(),
+                            rotation=self.rotation_facts(),
                             skew=self.config.rotation.clock_skew, service=self.service_facts())
 
     def service_facts(self) -> ServiceFacts:
@@ -281,12 +285,14 @@ class AgentService:
     async def check(self, _params: dict[str, Any]) -> dict[str, Any]:
         facts = await self._tpm_facts()
         running = check_service(self.service_facts(), self._agent_section())
-        registrar = await asyncio.to_thread(probe_registrar, self.config.enrollment)
-        now, skew = datetime.datetime.now(datetime.UTC), self.config.rotation.clock_skew
+        probe = await asyncio.to_thread(probe_registrar, self.config.enrollment)
+        self.rotation.observe_offset(probe.clock_offset)
+        now, skew = self.rotation.registrar_now(), self.config.rotation.clock_skew
         enrollment = check_enrollment(self.enrollment.facts(), now, skew)
         rotation = check_rotation(self.rotation_facts(), now, skew)
         return check_report(facts, self.config, os.geteuid(),
-                            (running, registrar, enrollment, rotation))
+                            (running, probe.result, enrollment, rotation),
+                            registrar_offset=self.rotation.clock_offset)
 
     async def renew(self, params: dict[str, Any]) -> dict[str, Any]:
         """Renew now; with `wait`, report the outcome of that attempt."""

@@ -6,7 +6,9 @@ import datetime
 from dataclasses import asdict, dataclass
 from enum import IntEnum
 
+from agent.clock import human_duration
 from agent.diagnostics.facts import ClockFacts, PathFacts, TpmFacts
+from agent.rotation.registrarclock import describe_offset
 
 
 class Level(IntEnum):
@@ -122,7 +124,28 @@ def check_state_dir(path: PathFacts, expected_uid: int | None) -> CheckResult:
                        f"{path.uid})")
 
 
-def check_clock(clock: ClockFacts, not_before: list[datetime.datetime]) -> CheckResult:
+CLOCK_HINT = ("fix time synchronisation: `timedatectl set-ntp true`, and check the NTP "
+              "server it uses (`timedatectl timesync-status`); meanwhile the agent plans "
+              "renewals in the registrar's time, but relying parties judge this gateway's "
+              "certificates by theirs")
+
+
+def judge_registrar_offset(offset: float | None, skew: float) -> CheckResult | None:
+    """The local clock against the registrar's, as measured from its Date header: FAIL
+    beyond `skew`, WARN beyond half of it; None when never measured."""
+    if offset is None:
+        return None
+    summary = (f"{describe_offset(offset)} (registrar minus local {offset:+.0f}s, tolerated "
+               f"{human_duration(skew)})")
+    if abs(offset) > skew:
+        return CheckResult("clock", Level.FAIL, summary, CLOCK_HINT)
+    if abs(offset) > skew / 2:
+        return CheckResult("clock", Level.WARN, summary + ", close to the tolerance", CLOCK_HINT)
+    return CheckResult("clock", Level.PASS, summary)
+
+
+def check_clock(clock: ClockFacts, not_before: list[datetime.datetime],
+                skew: float = 300.0) -> CheckResult:
     now = datetime.datetime.fromtimestamp(clock.now, datetime.UTC)
     stamp = now.strftime("%Y-%m-%d %H:%M:%SZ")
     if now < RELEASE_FLOOR:
@@ -130,6 +153,11 @@ def check_clock(clock: ClockFacts, not_before: list[datetime.datetime]) -> Check
                            f"release ({RELEASE_FLOOR:%Y-%m-%d})",
                            "set the time (NTP, or an RTC with a working battery); certificates "
                            "cannot be checked with a clock this wrong")
+    against_registrar = judge_registrar_offset(clock.registrar_offset, skew)
+    if against_registrar is not None and against_registrar.level > Level.PASS:
+        return CheckResult("clock", against_registrar.level,
+                           f"clock reads {stamp}: {against_registrar.summary}",
+                           against_registrar.hint)
     for nb in not_before:
         if now < nb:
             return CheckResult("clock", Level.FAIL, f"clock reads {stamp}, before the EK "
@@ -141,7 +169,8 @@ def check_clock(clock: ClockFacts, not_before: list[datetime.datetime]) -> Check
                            "enable time sync (timedatectl set-ntp true); short-lived "
                            "certificates need a clock within minutes of real time")
     sync = "NTP-synchronized" if clock.synchronized else "sync status unknown"
-    return CheckResult("clock", Level.PASS, f"clock reads {stamp} ({sync})")
+    agrees = f"; {against_registrar.summary}" if against_registrar is not None else ""
+    return CheckResult("clock", Level.PASS, f"clock reads {stamp} ({sync}){agrees}")
 
 
 def check_daemon_down(detail: str) -> CheckResult:
@@ -150,7 +179,7 @@ def check_daemon_down(detail: str) -> CheckResult:
 
 
 def run_checks(tpm: TpmFacts, path: PathFacts, clock: ClockFacts, expected_uid: int | None,
-               roots_configured: bool) -> list[CheckResult]:
+               roots_configured: bool, skew: float = 300.0) -> list[CheckResult]:
     not_before = [
         datetime.datetime.fromisoformat(str(ek.certificate["not_before"]))
         for ek in tpm.endorsement
@@ -160,7 +189,7 @@ def run_checks(tpm: TpmFacts, path: PathFacts, clock: ClockFacts, expected_uid: 
         check_ek(tpm, roots_configured),
         check_identity(tpm),
         check_state_dir(path, expected_uid),
-        check_clock(clock, not_before),
+        check_clock(clock, not_before, skew),
     ]
 
 

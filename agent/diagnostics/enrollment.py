@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.clock import human_duration
 from agent.config import EnrollmentSection
 from agent.diagnostics.checks import CheckResult, Level
 from agent.enroll.state import ACTIVE, DecommissionStore, EnrollmentStore
@@ -118,24 +119,13 @@ def judge_certificate(name: str, what: str, cert: dict[str, Any], now: datetime.
                            f"{_stamp(validity.not_before)} by the local clock: the clock is "
                            f"behind by more than the tolerated {skew:.0f}s",
                            "fix the gateway's time synchronization (NTP)")
-    left = _left(validity.remaining(now))
+    left = human_duration(validity.remaining(now).total_seconds())
     if state is Health.EXPIRING:
         return CheckResult(name, Level.WARN, f"{prefix}{what} {serial} expires in {left} "
                            f"({_stamp(validity.not_after)}) and has not been renewed",
                            "renewal keeps failing; see the rotation error in `devidctl status`")
     return CheckResult(name, Level.PASS, f"{prefix}{what} {serial} valid until "
                        f"{_stamp(validity.not_after)} ({left} left)")
-
-
-def _left(delta: datetime.timedelta) -> str:
-    seconds = int(delta.total_seconds())
-    if seconds >= 86400:
-        return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
-    if seconds >= 3600:
-        return f"{seconds // 3600}h {seconds % 3600 // 60}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m {seconds % 60}s"
-    return f"{seconds}s"
 
 
 def stored_enrollment_facts(section: EnrollmentSection | None, state_dir: Path,
@@ -158,20 +148,31 @@ def stored_enrollment_facts(section: EnrollmentSection | None, state_dir: Path,
                            revoked_reason=stored.revoked_reason)
 
 
-def probe_registrar(section: EnrollmentSection | None) -> CheckResult:
-    """Reach the registrar over TLS with its CA pinned (GET /v1/health)."""
+@dataclass(frozen=True)
+class RegistrarProbe:
+    result: CheckResult
+    clock_offset: float | None = None  # the registrar's clock minus ours, from its Date
+
+
+def probe_registrar(section: EnrollmentSection | None) -> RegistrarProbe:
+    """Reach the registrar over TLS with its CA pinned (GET /v1/health), and read its
+    clock on the way."""
     name = "registrar"
     if section is None:
-        return CheckResult(name, Level.WARN, "no registrar configured ([enrollment] url)",
-                           "configure [enrollment] to enroll this gateway")
+        return RegistrarProbe(CheckResult(name, Level.WARN, "no registrar configured "
+                                          "([enrollment] url)",
+                                          "configure [enrollment] to enroll this gateway"))
     from agent.enroll.http import RegistrarClient  # requests only when probing
 
     client = RegistrarClient(section.url, section.ca, timeout=min(section.timeout, 10.0))
     try:
         health = client.health()
     except DevidError as e:
-        return CheckResult(name, Level.FAIL, e.message, e.hint)
+        return RegistrarProbe(CheckResult(name, Level.FAIL, e.message, e.hint),
+                              client.clock_offset)
     finally:
         client.close()
-    return CheckResult(name, Level.PASS, f"{section.url} reachable, TLS certificate chains to "
-                       f"the pinned CA {section.ca} (registrar {health.get('version', '?')})")
+    return RegistrarProbe(CheckResult(name, Level.PASS, f"{section.url} reachable, TLS "
+                                      f"certificate chains to the pinned CA {section.ca} "
+                                      f"(registrar {health.get('version', '?')})"),
+                          client.clock_offset)

@@ -166,8 +166,9 @@ def clock_synchronized() -> bool | None:
 class ClockFacts:
     now: float
     synchronized: bool | None
+    registrar_offset: float | None = None  # the registrar's clock minus ours, seconds
 
 
-def collect_clock_facts() -> ClockFacts:
-    return ClockFacts(time.time(), clock_synchronized())
+def collect_clock_facts(registrar_offset: float | None = None) -> ClockFacts:
+    return ClockFacts(time.time(), clock_synchronized(), registrar_offset)
 

@@ -11,8 +11,11 @@ from agent.diagnostics.status import HEADLINE
 
 
 def check_report(tpm: TpmFacts, config: AgentConfig, expected_uid: int | None,
-                 extra: tuple[CheckResult, ...] = ()) -> dict[str, Any]:
+                 extra: tuple[CheckResult, ...] = (),
+                 registrar_offset: float | None = None) -> dict[str, Any]:
+    """`registrar_offset`: the registrar's clock minus ours, as just measured."""
     results = [*extra, *run_checks(tpm, collect_path_facts(config.paths.state_dir),
-                                   collect_clock_facts(), expected_uid,
-                                   roots_configured=bool(config.trust.ek_roots))]
+                                   collect_clock_facts(registrar_offset), expected_uid,
+                                   roots_configured=bool(config.trust.ek_roots),
+                                   skew=config.rotation.clock_skew)]
     return {"state": HEADLINE[worst(results)], "results": [r.to_dict() for r in results]}

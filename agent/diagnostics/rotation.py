@@ -23,6 +23,9 @@ class RotationFacts:
     presented: bool = False  # the TLS credentials are in memory and unexpired
     clock_offset: float | None = None  # registrar minus local clock, seconds
     restore_error: dict[str, str] | None = None
+    held_until: datetime.datetime | None = None  # a due renewal held back by the floor
+    hold_reason: str | None = None
+    renewal_floor: float | None = None  # seconds between automatic renewals, at least
 
 
 def _iso(when: datetime.datetime | None) -> str | None:
@@ -40,6 +43,10 @@ def rotation_section(facts: RotationFacts) -> dict[str, Any]:
         "registrar_clock_offset_s": round(facts.clock_offset, 1)
         if facts.clock_offset is not None else None,
         "restore_error": facts.restore_error,
+        "held_until": _iso(facts.held_until),
+        "hold_reason": facts.hold_reason,
+        "renewal_floor_s": round(facts.renewal_floor, 1)
+        if facts.renewal_floor is not None else None,
     }
 
 

@@ -10,7 +10,13 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from agent.diagnostics.checks import Level, check_ek, check_identity, check_tpm
+from agent.diagnostics.checks import (
+    Level,
+    check_ek,
+    check_identity,
+    check_tpm,
+    judge_registrar_offset,
+)
 from agent.diagnostics.enrollment import (
     EnrollmentFacts,
     certificate_section,
@@ -73,6 +79,9 @@ def build_status(facts: TpmFacts, agent: dict[str, Any], roots_configured: bool,
         judged.insert(0, check_service(service, agent))
     if rotation is not None:
         judged.append(check_rotation(rotation, when, skew))
+        clock = judge_registrar_offset(rotation.clock_offset, skew)
+        if clock is not None and clock.level > Level.PASS:
+            judged.insert(0, clock)  # the root cause of whatever else looks wrong
     level = max(r.level for r in judged)
     certificate = certificate_section(enrollment)
     if certificate is not None and rotation is not None:

@@ -11,7 +11,7 @@ this TPM's identity key.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -77,7 +77,10 @@ class EnrollmentResult:
 
 
 async def enroll(tpm: EnrollmentTpm, registrar: Registrar, token: str | None,
-                 pinned_ca: Sequence[x509.Certificate], skew: float = 0.0) -> EnrollmentResult:
+                 pinned_ca: Sequence[x509.Certificate], skew: float = 0.0,
+                 now: Callable[[], datetime.datetime] | None = None) -> EnrollmentResult:
+    """One attested enrollment. `now` is the registrar's time as the caller estimates it
+    (agent.rotation.registrarclock), to judge the issued certificate's validity."""
     ek = await tpm.endorsement()
     challenge = await registrar.start(StartRequest(
         ek_certificate=ek.ek_certificate, ek_chain=list(ek.ek_chain), ek_public=ek.ek_public,
@@ -94,7 +97,8 @@ async def enroll(tpm: EnrollmentTpm, registrar: Registrar, token: str | None,
     issued = await registrar.complete(challenge.challenge_id, CompleteRequest(
         proof=proof, quote=quote.evidence, pcr_values=list(quote.pcr_values), certify=certify,
         identity_public=identity_public, csr=csr))
-    return check_issued(issued, challenge.device_id, csr, pinned_ca, skew=skew)
+    return check_issued(issued, challenge.device_id, csr, pinned_ca,
+                        now() if now is not None else None, skew)
 
 
 def check_issued(issued: Issued, device_id: str, csr_der: bytes,

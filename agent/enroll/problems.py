@@ -88,7 +88,11 @@ _TYPES = (
     ProblemType("csr-invalid", 400, "The CSR is malformed or its signature is wrong",
                 "the CSR must be a DER PKCS#10 request signed by the identity key"),
     # availability
-    ProblemType("registrar-busy", 503, "Too many enrollments in progress",
+    ProblemType("renewal-too-early", 429, "This device renewed too recently",
+                "the agent retries after the time in Retry-After; renewals this frequent "
+                "usually mean the gateway's clock is wrong (see the clock check in "
+                "`devidctl check`)"),
+    ProblemType("registrar-busy", 503, "The registrar is busy",
                 "retry after the time in Retry-After"),
     ProblemType("internal-error", 500, "The registrar failed to process the request",
                 "see the registrar's log; the request can be retried"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -62,20 +63,27 @@ class StoredEnrollment:
     renewed_at: datetime.datetime | None = None
     lifecycle: str = ACTIVE  # active | revoked
     revoked_reason: str | None = None
+    # The registrar's clock minus ours when the certificates came (agent.rotation.
+    # registrarclock): where a restart starts planning from until it measures again.
+    registrar_offset_s: float | None = None
 
     @property
     def certificate(self) -> x509.Certificate:
         return self.chain[0]
 
     @classmethod
-    def from_result(cls, result: EnrollmentResult, registrar: str,
-                    now: datetime.datetime) -> StoredEnrollment:
-        return cls(result.device_id, registrar, now, result.serial, result.chain)
+    def from_result(cls, result: EnrollmentResult, registrar: str, now: datetime.datetime,
+                    registrar_offset_s: float | None = None) -> StoredEnrollment:
+        return cls(result.device_id, registrar, now, result.serial, result.chain,
+                   registrar_offset_s=registrar_offset_s)
 
     def renewed(self, identity_chain: tuple[x509.Certificate, ...], identity_serial: str,
-                tls: StoredTls, now: datetime.datetime) -> StoredEnrollment:
+                tls: StoredTls, now: datetime.datetime,
+                registrar_offset_s: float | None = None) -> StoredEnrollment:
+        offset = self.registrar_offset_s if registrar_offset_s is None else registrar_offset_s
         return replace(self, chain=identity_chain, serial=identity_serial, tls=tls,
-                       generation=self.generation + 1, renewed_at=now)
+                       generation=self.generation + 1, renewed_at=now,
+                       registrar_offset_s=offset)
 
     def revoked(self, reason: str) -> StoredEnrollment:
         """Revoked by the registrar: the sealed TLS key is dropped from the record."""
@@ -97,6 +105,7 @@ class StoredEnrollment:
             if self.renewed_at else None,
             "lifecycle": self.lifecycle,
             "revoked_reason": self.revoked_reason,
+            "registrar_offset_s": self.registrar_offset_s,
             "tls": None if self.tls is None else {
                 "certificate_chain": chain_pem(self.tls.chain),
                 "serial": self.tls.serial,
@@ -130,7 +139,12 @@ class StoredEnrollment:
         reason = doc.get("revoked_reason")
         if reason is not None and not isinstance(reason, str):
             raise StateError(f"{where}: revoked_reason: expected a string or null")
+        offset = doc.get("registrar_offset_s")  # absent in records written before it existed
+        if offset is not None and (not isinstance(offset, int | float)
+                                   or isinstance(offset, bool) or not math.isfinite(offset)):
+            raise StateError(f"{where}: registrar_offset_s: expected seconds or null")
         return replace(stored, generation=generation,
+                       registrar_offset_s=float(offset) if offset is not None else None,
                        renewed_at=_time(renewed_at, f"{where}: renewed_at") if renewed_at
                        else None,
                        lifecycle=lifecycle, revoked_reason=reason,

@@ -20,10 +20,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from agent import __version__
+from agent import __version__, faults
 from agent.enroll.messages import API_PREFIX, encode
 from agent.enroll.problems import PROBLEM_CONTENT_TYPE, problem, problem_document
 from agent.errors import Problem
+from agent.registrar.admission import InFlightLimit
 from agent.registrar.lifecycle import LifecycleService
 from agent.registrar.service import EnrollmentService
 
@@ -61,15 +62,29 @@ def _peer(request: Request) -> str:
     return f"{request.client.host}:{request.client.port}" if request.client else "unknown"
 
 
+def _verify(handler: Any, *args: str) -> Any:
+    """In a worker thread: the service's decision (a failpoint lets tests hold a slot)."""
+    faults.point("registrar.verify")
+    return handler(*args)
+
+
 def create_app(service: EnrollmentService, lifecycle: LifecycleService,
-               max_body: int) -> Starlette:
+               max_body: int, max_in_flight: int = 8) -> Starlette:
+    limit = InFlightLimit(max_in_flight)
+
     async def respond(request: Request, status: int, handler: Any, *args: str) -> Response:
         began = time.perf_counter()
         try:
-            body = await read_body(request, max_body)
-            message = await run_in_threadpool(handler, *args, body, _peer(request))
+            limit.enter()
         except Problem as p:
             return problem_response(p, request.url.path)
+        try:
+            body = await read_body(request, max_body)
+            message = await run_in_threadpool(_verify, handler, *args, body, _peer(request))
+        except Problem as p:
+            return problem_response(p, request.url.path)
+        finally:
+            limit.leave()
         elapsed_ms = (time.perf_counter() - began) * 1000
         return JSONResponse(encode(message), status_code=status,
                             headers={"Server-Timing": f"app;dur={elapsed_ms:.2f}",

@@ -13,12 +13,14 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.errors import ConfigError
-from agent.tomlconfig import Duration, parse_toml_model, read_config_text
+from agent.tomlconfig import Duration, DurationOrZero, parse_toml_model, read_config_text
 
 CONFIG_NAME = "registrar.toml"
 # Certificates this short are for tests and demonstrations; `serve` warns below 5 minutes.
 MIN_CERT_LIFETIME = 5.0
 SHORT_CERT_LIFETIME = 300.0
+# Without min_renewal_interval: a tenth of cert_lifetime, at most this.
+DEFAULT_RENEWAL_INTERVAL_CAP = 600.0
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -72,6 +74,12 @@ class RegistrarConfig(_Strict):
     cert_lifetime: Duration = 24 * 3600.0
     challenge_ttl: Duration = 120.0
     max_pending_challenges: Annotated[int, Field(ge=1)] = 1000
+    # A device whose last renewal is younger than this is refused (renewal-too-early).
+    # Unset: a tenth of cert_lifetime, at most 10 minutes. "0s" turns the check off.
+    min_renewal_interval: DurationOrZero | None = None
+    # Requests verified at once (enrollment, renewal, decommissioning); more get
+    # registrar-busy (503) with Retry-After instead of queueing.
+    max_in_flight: Annotated[int, Field(ge=1, le=1024)] = 8
     max_body_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 64 * 1024
     crl_next_update: Duration = 3600.0
     pcr_policy: PcrPolicyConfig = Field(default_factory=PcrPolicyConfig)
@@ -89,6 +97,19 @@ class RegistrarConfig(_Strict):
         if not MIN_CERT_LIFETIME <= v <= 366 * 86400:
             raise ValueError("must be between 5s and 366d")
         return v
+
+    @field_validator("min_renewal_interval")
+    @classmethod
+    def _renewal_interval(cls, v: float | None) -> float | None:
+        if v is not None and not 0 <= v <= 30 * 86400:
+            raise ValueError("must be between 0s and 30d")
+        return v
+
+    def renewal_interval(self) -> float:
+        """Seconds a device must wait between two renewals."""
+        if self.min_renewal_interval is not None:
+            return self.min_renewal_interval
+        return min(self.cert_lifetime / 10, DEFAULT_RENEWAL_INTERVAL_CAP)
 
     @field_validator("crl_next_update")
     @classmethod
@@ -159,6 +180,15 @@ challenge_ttl = "2m"
 
 # Refuse new enrollments (503 + Retry-After) while this many challenges are pending.
 max_pending_challenges = 1000
+
+# A device that renews again sooner than this after its last renewal is refused
+# (renewal-too-early, 429 + Retry-After). Default: a tenth of cert_lifetime, at most
+# 10 minutes; "0s" turns the check off. Gateways hold themselves to a longer floor.
+# min_renewal_interval = "10m"
+
+# Requests verified at once (enrollment, renewal, decommissioning); more are answered
+# registrar-busy (503 + Retry-After) at once instead of piling up.
+max_in_flight = 8
 
 # Largest accepted request body, in bytes.
 max_body_bytes = 65536

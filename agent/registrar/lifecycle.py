@@ -118,6 +118,10 @@ class LifecycleService(RegistrarParts):
             "renew", device.device_id, challenge.id, challenge.nonce, request.quote.attest,
             request.tls_csr)
         evidence.check_request_signature(request.signature, message, identity_key)
+        # Then the renewal floor: after authentication, so a stranger learns nothing
+        # about a device's renewals, and before the quote and the two signatures, the
+        # work a device renewing in a loop would cost.
+        self._check_renewal_interval(device, now)
         ak_public, ak_key = evidence.check_ak_public(request.ak_public)
         if evidence.tpm_name(ak_public) != device.ak_name:
             raise problem("ak-unknown", "ak_public: not the AK activated at enrollment")
@@ -143,6 +147,17 @@ class LifecycleService(RegistrarParts):
                        identity_chain=self.ca.chain_pem(identity_cert),
                        tls_chain=self.ca.chain_pem(tls_cert), identity_serial=identity.serial,
                        tls_serial=tls.serial, not_after=not_after)
+
+    def _check_renewal_interval(self, device: DeviceRow, now: datetime.datetime) -> None:
+        interval = self.config.renewal_interval()
+        if device.renewed_at is None or interval <= 0:
+            return  # the first renewal after enrollment gets the TLS certificate: never early
+        age = now.timestamp() - device.renewed_at
+        if age < interval:
+            raise problem("renewal-too-early",
+                          f"{device.device_id} renewed {max(age, 0):.0f}s ago; this registrar "
+                          f"renews a device at most once per {interval:.0f}s",
+                          retry_after=interval - age)
 
     # --- round trip 2: decommissioning ---------------------------------------------
 

@@ -66,7 +66,9 @@ def _json_body(name: str) -> dict[str, Any]:
     return {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
 
 
-COMMON = ("malformed-request", "unsupported-media-type", "body-too-large", "internal-error")
+# Every POST: registrar-busy is also the answer beyond max_in_flight.
+COMMON = ("malformed-request", "unsupported-media-type", "body-too-large", "internal-error",
+          "registrar-busy")
 DEVICE_REQUEST = ("challenge-unknown", "challenge-expired", "challenge-used", "device-unknown",
                   "device-revoked", "device-decommissioned", "request-signature-invalid")
 CHALLENGE_PARAMETER = {"name": "challenge_id", "in": "path", "required": True,
@@ -97,8 +99,7 @@ def build() -> dict[str, Any]:
                 "responses": {
                     "201": {"description": "challenge issued", **_json_body("Challenge")},
                     **_problems(*COMMON, "token-required", "token-invalid", "token-used",
-                                "ek-untrusted", "ek-mismatch", "ak-invalid", "device-revoked",
-                                "registrar-busy"),
+                                "ek-untrusted", "ek-mismatch", "ak-invalid", "device-revoked"),
                 }}},
             f"{API_PREFIX}/enrollments/{{challenge_id}}/complete": {"post": {
                 "summary": "Round trip 2: prove activation, quote, certify; receive the "
@@ -122,7 +123,7 @@ def build() -> dict[str, Any]:
                 "responses": {
                     "201": {"description": "nonce issued", **_json_body("DeviceChallenge")},
                     **_problems(*COMMON, "device-unknown", "device-revoked",
-                                "device-decommissioned", "registrar-busy"),
+                                "device-decommissioned"),
                 }}},
             f"{API_PREFIX}/challenges/{{challenge_id}}/renew": {"post": {
                 "summary": "Re-attested renewal: fresh quote, CSR for a new TLS key, signed "
@@ -132,9 +133,9 @@ def build() -> dict[str, Any]:
                 "responses": {
                     "200": {"description": "identity and TLS certificates issued",
                             **_json_body("Renewed")},
-                    **_problems(*COMMON, *DEVICE_REQUEST, "ak-invalid", "ak-unknown",
-                                "nonce-mismatch", "evidence-invalid", "signature-invalid",
-                                "pcr-policy-violation", "csr-invalid"),
+                    **_problems(*COMMON, *DEVICE_REQUEST, "renewal-too-early", "ak-invalid",
+                                "ak-unknown", "nonce-mismatch", "evidence-invalid",
+                                "signature-invalid", "pcr-policy-violation", "csr-invalid"),
                 }}},
             f"{API_PREFIX}/challenges/{{challenge_id}}/decommission": {"post": {
                 "summary": "The device retires itself (signed by the identity key); its "

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def serve(home: RegistrarHome, log_level: str = "info") -> None:
     config, service, lifecycle = home.open_service()
     host, port = host_port(config.listen)
-    app = create_app(service, lifecycle, config.max_body_bytes)
+    app = create_app(service, lifecycle, config.max_body_bytes, config.max_in_flight)
     ca = service.ca
     server_config = uvicorn.Config(
         app, host=host, port=port, ssl_certfile=str(ca.server_cert_path),

@@ -7,9 +7,15 @@ the certificate's serial, so a restart keeps the same plan. After a failed
 attempt, retries back off (agent.backoff) but never past the point where
 the current certificate expires without another try.
 
-The schedule is re-planned on every tick against the wall clock: a clock
-jump forward renews at once if the renewal point has passed (instead of
-skipping it), a jump back simply waits longer.
+All times here are the registrar's: certificates are dated by its clock, so
+the daemon plans against its estimate of that clock (agent.rotation.
+registrarclock), never against a local clock that may be wrong. The plan is
+re-made on every tick: a clock jump forward renews at once if the renewal
+point has passed (instead of skipping it), a jump back simply waits longer.
+
+Whatever the plan says, two renewals are never closer than `renewal_floor`
+(except `devidctl renew`): a wrong clock, a tiny renew_fraction or a bug can
+cost the registrar and the TPM one renewal per floor, not one per tick.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ DEFAULT_JITTER = 0.10
 WARN_FRACTION = 1 / 6  # status WARN when less than this share of the lifetime is left
 MAX_TICK = 10.0  # seconds between re-plans while waiting (clock-jump detection)
 JUMP_TOLERANCE = 2.0  # seconds of wall-vs-monotonic disagreement taken as a clock jump
+DEFAULT_MIN_INTERVAL = 30.0  # seconds: [rotation] min_interval
 
 
 def serial_jitter(serial: str) -> float:
@@ -41,15 +48,25 @@ def renew_at(validity: Validity, serial: str, fraction: float = DEFAULT_FRACTION
 
 
 def retry_at(now: datetime.datetime, delay: float, validity: Validity | None,
-             floor: float = 1.0) -> datetime.datetime:
+             floor: float = 1.0, not_before: float = 0.0) -> datetime.datetime:
     """When to retry after a failure: `delay` from now, but if the certificate would
-    expire before that, a last attempt shortly before it expires."""
+    expire before that, one last attempt shortly before it expires. Never sooner than
+    `not_before` seconds (the registrar's Retry-After: asking earlier is refused)."""
     when = now + datetime.timedelta(seconds=delay)
     if validity is not None and now < validity.not_after < when:
         before_expiry = validity.not_after - datetime.timedelta(
             seconds=max(floor, validity.lifetime.total_seconds() / 20))
-        when = max(now + datetime.timedelta(seconds=floor), before_expiry)
-    return when
+        if before_expiry > now:  # past it, the last attempt was made: back off as usual
+            when = max(now + datetime.timedelta(seconds=floor), before_expiry)
+    return max(when, now + datetime.timedelta(seconds=not_before))
+
+
+def renewal_floor(lifetime: float, fraction: float = DEFAULT_FRACTION,
+                  min_interval: float = DEFAULT_MIN_INTERVAL) -> float:
+    """The least time, in seconds, between two automatic renewals of certificates of
+    `lifetime`: half the planned interval, at least `min_interval`, but at most half the
+    lifetime, so that holding back can never let a certificate expire."""
+    return min(max(min_interval, lifetime * fraction / 2), lifetime / 2)
 
 
 def wait_seconds(now: datetime.datetime, target: datetime.datetime,
