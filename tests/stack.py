@@ -121,7 +121,10 @@ class RegistrarProcess:
         config = self.directory / "registrar.toml"
         text = config.read_text()
         for key, value in self.settings.items():
-            text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
+            # A key the file only shows commented out (no default to write) is set there.
+            text, found = re.subn(rf"(?m)^(# )?{key} = .*$", f"{key} = {value}", text)
+            if not found:
+                raise KeyError(f"registrar.toml has no line for {key}")
         if self.permissive:
             text = text.replace('mode = "enforce"', 'mode = "permissive"')
         if self.allowed:

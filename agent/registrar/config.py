@@ -19,8 +19,8 @@ CONFIG_NAME = "registrar.toml"
 # Certificates this short are for tests and demonstrations; `serve` warns below 5 minutes.
 MIN_CERT_LIFETIME = 5.0
 SHORT_CERT_LIFETIME = 300.0
-# Without min_renewal_interval: a tenth of cert_lifetime, at most this.
-DEFAULT_RENEWAL_INTERVAL_CAP = 600.0
+# Without renewal_window: a tenth of cert_lifetime, at most this.
+DEFAULT_RENEWAL_WINDOW_CAP = 600.0
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -74,9 +74,11 @@ class RegistrarConfig(_Strict):
     cert_lifetime: Duration = 24 * 3600.0
     challenge_ttl: Duration = 120.0
     max_pending_challenges: Annotated[int, Field(ge=1)] = 1000
-    # A device whose last renewal is younger than this is refused (renewal-too-early).
-    # Unset: a tenth of cert_lifetime, at most 10 minutes. "0s" turns the check off.
-    min_renewal_interval: DurationOrZero | None = None
+    # A device may renew at most max_renewals_per_window times within any renewal_window;
+    # more is refused (renewal-too-early). Unset: a tenth of cert_lifetime, at most 10
+    # minutes. "0s" turns the check off.
+    renewal_window: DurationOrZero | None = None
+    max_renewals_per_window: Annotated[int, Field(ge=1, le=100)] = 3
     # Requests verified at once (enrollment, renewal, decommissioning); more get
     # registrar-busy (503) with Retry-After instead of queueing.
     max_in_flight: Annotated[int, Field(ge=1, le=1024)] = 8
@@ -98,18 +100,18 @@ class RegistrarConfig(_Strict):
             raise ValueError("must be between 5s and 366d")
         return v
 
-    @field_validator("min_renewal_interval")
+    @field_validator("renewal_window")
     @classmethod
-    def _renewal_interval(cls, v: float | None) -> float | None:
+    def _renewal_window(cls, v: float | None) -> float | None:
         if v is not None and not 0 <= v <= 30 * 86400:
             raise ValueError("must be between 0s and 30d")
         return v
 
-    def renewal_interval(self) -> float:
-        """Seconds a device must wait between two renewals."""
-        if self.min_renewal_interval is not None:
-            return self.min_renewal_interval
-        return min(self.cert_lifetime / 10, DEFAULT_RENEWAL_INTERVAL_CAP)
+    def effective_renewal_window(self) -> float:
+        """Seconds within which a device may renew max_renewals_per_window times."""
+        if self.renewal_window is not None:
+            return self.renewal_window
+        return min(self.cert_lifetime / 10, DEFAULT_RENEWAL_WINDOW_CAP)
 
     @field_validator("crl_next_update")
     @classmethod
@@ -181,10 +183,14 @@ challenge_ttl = "2m"
 # Refuse new enrollments (503 + Retry-After) while this many challenges are pending.
 max_pending_challenges = 1000
 
-# A device that renews again sooner than this after its last renewal is refused
-# (renewal-too-early, 429 + Retry-After). Default: a tenth of cert_lifetime, at most
-# 10 minutes; "0s" turns the check off. Gateways hold themselves to a longer floor.
-# min_renewal_interval = "10m"
+# A device may renew at most max_renewals_per_window times within any renewal_window;
+# more is refused (renewal-too-early, 429 + Retry-After). The few allowed are for a
+# retry after a fault (a renewal that could not be saved, a restart that lost its TLS
+# key); a device renewing in a loop is stopped. Default window: a tenth of
+# cert_lifetime, at most 10 minutes; "0s" turns the check off. Gateways hold
+# themselves to a longer floor of their own.
+# renewal_window = "10m"
+max_renewals_per_window = 3
 
 # Requests verified at once (enrollment, renewal, decommissioning); more are answered
 # registrar-busy (503 + Retry-After) at once instead of piling up.

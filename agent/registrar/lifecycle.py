@@ -118,10 +118,10 @@ class LifecycleService(RegistrarParts):
             "renew", device.device_id, challenge.id, challenge.nonce, request.quote.attest,
             request.tls_csr)
         evidence.check_request_signature(request.signature, message, identity_key)
-        # Then the renewal floor: after authentication, so a stranger learns nothing
+        # Then the renewal rate: after authentication, so a stranger learns nothing
         # about a device's renewals, and before the quote and the two signatures, the
         # work a device renewing in a loop would cost.
-        self._check_renewal_interval(device, now)
+        self._check_renewal_rate(device, now)
         ak_public, ak_key = evidence.check_ak_public(request.ak_public)
         if evidence.tpm_name(ak_public) != device.ak_name:
             raise problem("ak-unknown", "ak_public: not the AK activated at enrollment")
@@ -148,16 +148,24 @@ class LifecycleService(RegistrarParts):
                        tls_chain=self.ca.chain_pem(tls_cert), identity_serial=identity.serial,
                        tls_serial=tls.serial, not_after=not_after)
 
-    def _check_renewal_interval(self, device: DeviceRow, now: datetime.datetime) -> None:
-        interval = self.config.renewal_interval()
-        if device.renewed_at is None or interval <= 0:
-            return  # the first renewal after enrollment gets the TLS certificate: never early
-        age = now.timestamp() - device.renewed_at
-        if age < interval:
-            raise problem("renewal-too-early",
-                          f"{device.device_id} renewed {max(age, 0):.0f}s ago; this registrar "
-                          f"renews a device at most once per {interval:.0f}s",
-                          retry_after=interval - age)
+    def _check_renewal_rate(self, device: DeviceRow, now: datetime.datetime) -> None:
+        """At most max_renewals_per_window renewals within any renewal_window: a few for
+        retries after a fault, never a loop."""
+        window, limit = self.config.effective_renewal_window(), \
+            self.config.max_renewals_per_window
+        if window <= 0:
+            return
+        recent = self.store.renewals_since(device.device_id, now.timestamp() - window)
+        if len(recent) < limit:
+            return
+        # Allowed again once enough of the recent renewals have left the window.
+        reopens = recent[len(recent) - limit] + window
+        raise problem("renewal-too-early",
+                      f"{device.device_id} renewed {len(recent)} times in the last "
+                      f"{window:g}s, the last {max(now.timestamp() - recent[-1], 0):.0f}s ago; "
+                      f"this registrar allows {limit} renewal{'s' if limit > 1 else ''} per "
+                      f"{window:g}s",
+                      retry_after=max(reopens - now.timestamp(), 1.0))
 
     # --- round trip 2: decommissioning ---------------------------------------------
 

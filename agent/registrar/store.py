@@ -25,7 +25,7 @@ from agent.clock import isoformat_utc
 from agent.enroll.problems import problem
 from agent.errors import StateError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 2
 DEVICE_STATUSES = ("active", "revoked", "decommissioned")
 DEVICES_TABLE = """
 CREATE TABLE devices (
@@ -41,8 +41,7 @@ CREATE TABLE devices (
     cert_serial TEXT NOT NULL,
     cert_not_after TEXT NOT NULL,
     renewals INTEGER NOT NULL DEFAULT 0,
-    status_reason TEXT,
-    renewed_at REAL
+    status_reason TEXT
 )"""
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS challenges (
@@ -129,7 +128,6 @@ class DeviceRow:
     cert_not_after: str
     renewals: int = 0
     status_reason: str | None = None
-    renewed_at: float | None = None  # the last renewal since the last enrollment
 
     def summary(self) -> dict[str, object]:
         return {"device_id": self.device_id, "status": self.status,
@@ -137,8 +135,7 @@ class DeviceRow:
                 "tpm_manufacturer": self.tpm_manufacturer, "enrolled_at": self.enrolled_at,
                 "updated_at": self.updated_at, "enrollments": self.enrollments,
                 "renewals": self.renewals, "cert_serial": self.cert_serial,
-                "cert_not_after": self.cert_not_after,
-                "renewed_at": isoformat_utc(self.renewed_at) if self.renewed_at else None}
+                "cert_not_after": self.cert_not_after}
 
 
 @dataclass(frozen=True)
@@ -181,9 +178,6 @@ class Store:
                            "FROM devices")
                 db.execute("DROP TABLE devices")
                 db.execute("ALTER TABLE devices_v2 RENAME TO devices")
-            elif version < 3:
-                # v2 -> v3: when the device last renewed (the registrar's renewal floor).
-                db.execute("ALTER TABLE devices ADD COLUMN renewed_at REAL")
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
@@ -327,7 +321,7 @@ class Store:
             db.execute(
                 f"INSERT OR REPLACE INTO devices ({_DEVICE_COLUMNS}) "
                 "VALUES (?, ?, ?, ?, ?, ?, COALESCE((SELECT enrolled_at FROM devices "
-                "WHERE device_id = ?), ?), ?, ?, ?, ?, 0, NULL, NULL)",
+                "WHERE device_id = ?), ?), ?, ?, ?, ?, 0, NULL)",
                 (device.device_id, device.ek_certificate, device.ak_name,
                  device.identity_public, "active", device.tpm_manufacturer, device.device_id,
                  device.enrolled_at, device.updated_at, count, device.cert_serial,
@@ -341,7 +335,6 @@ class Store:
                        certificates: list[IssuedCertificate], updated_at: str) -> int:
         """Record renewed certificates, unless the device was revoked meanwhile.
         Returns the device's renewal count."""
-        issued_at = certificates[0].issued_at
         identity = next(c for c in certificates if c.kind == "identity")
         with self._transaction() as db:
             status = db.execute("SELECT status FROM devices WHERE device_id = ?",
@@ -351,9 +344,8 @@ class Store:
             for cert in certificates:
                 _record(db, cert)
             db.execute("UPDATE devices SET renewals = renewals + 1, cert_serial = ?, "
-                       "cert_not_after = ?, updated_at = ?, renewed_at = ? WHERE device_id = ?",
-                       (identity.serial, isoformat_utc(identity.not_after), updated_at,
-                        issued_at, device_id))
+                       "cert_not_after = ?, updated_at = ? WHERE device_id = ?",
+                       (identity.serial, isoformat_utc(identity.not_after), updated_at, device_id))
             db.execute("UPDATE device_challenges SET state = 'completed' WHERE id = ?",
                        (challenge_id,))
             return int(db.execute("SELECT renewals FROM devices WHERE device_id = ?",
@@ -386,6 +378,14 @@ class Store:
                            "reason FROM certificates WHERE revoked_at IS NOT NULL "
                            "AND not_after > ? ORDER BY revoked_at", (now,))
         return [IssuedCertificate(*r) for r in rows]  # type: ignore[arg-type]
+
+    def renewals_since(self, device_id: str, since: float) -> list[float]:
+        """When the device renewed (a TLS certificate was issued) after `since`, oldest
+        first. Enrollment issues only an identity certificate, so it is not counted."""
+        rows = self._query("SELECT issued_at FROM certificates WHERE device_id = ? AND "
+                           "kind = 'tls' AND issued_at > ? ORDER BY issued_at",
+                           (device_id, since))
+        return [float(r[0]) for r in rows]  # type: ignore[arg-type]
 
     def certificates_of(self, device_id: str) -> list[IssuedCertificate]:
         rows = self._query("SELECT serial, device_id, kind, issued_at, not_after, revoked_at, "
@@ -423,4 +423,4 @@ def _record(db: sqlite3.Connection, cert: IssuedCertificate) -> None:
 _V1_COLUMNS = ("device_id, ek_certificate, ak_name, identity_public, status, "
                "tpm_manufacturer, enrolled_at, updated_at, enrollments, cert_serial, "
                "cert_not_after")
-_DEVICE_COLUMNS = _V1_COLUMNS + ", renewals, status_reason, renewed_at"
+_DEVICE_COLUMNS = _V1_COLUMNS + ", renewals, status_reason"
