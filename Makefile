@@ -52,6 +52,7 @@ bench: deps
 	$(VPY) bench/tpm_ops.py
 	$(VPY) bench/enroll.py
 	$(VPY) bench/rotation.py
+	$(VPY) bench/clock_skew.py
 
 # Build the Debian package, lint it, install it here, check it, purge it
 # (tests/package/run; needs root). `make package` only builds, into dist/.

@@ -75,7 +75,9 @@ def main() -> int:
         tpm = start_tpm(root / "tpm")
         registrar = RegistrarProcess(root / "registrar", [tpm.vendor_ca],
                                      settings={"cert_lifetime": '"1h"',
-                                               "require_token": "false"}).start()
+                                               "require_token": "false",
+                                               # renewals back to back, on purpose
+                                               "renewal_window": '"0s"'}).start()
         try:
             path = write_agent_config(root / "agent" / "agent.toml", tpm.tcti, [tpm.vendor_ca],
                                       enrollment_toml(registrar, None) + rotation_toml())
