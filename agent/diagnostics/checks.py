@@ -163,13 +163,13 @@ def check_clock(clock: ClockFacts, not_before: list[datetime.datetime],
             return CheckResult("clock", Level.FAIL, f"clock reads {stamp}, before the EK "
                                f"certificate's start of validity {nb:%Y-%m-%d}",
                                "the clock is behind: enable NTP (timedatectl set-ntp true)")
+    agrees = f"; {against_registrar.summary}" if against_registrar is not None else ""
     if clock.synchronized is False:
         return CheckResult("clock", Level.WARN, f"clock reads {stamp} but is not "
-                           "NTP-synchronized",
+                           f"NTP-synchronized{agrees}",
                            "enable time sync (timedatectl set-ntp true); short-lived "
                            "certificates need a clock within minutes of real time")
     sync = "NTP-synchronized" if clock.synchronized else "sync status unknown"
-    agrees = f"; {against_registrar.summary}" if against_registrar is not None else ""
     return CheckResult("clock", Level.PASS, f"clock reads {stamp} ({sync}){agrees}")
 
 

@@ -242,6 +242,9 @@ def test_the_clock_is_judged_against_the_registrar(offset, level, words):
     # It outranks the NTP flag: a synchronised clock can still follow a wrong server.
     checked = check_clock(ClockFacts(NOW.timestamp(), True, offset), [], skew=300)
     assert checked.level is level and words in checked.summary
+    # Without NTP the clock warns, and says whether it agrees with the registrar anyway.
+    unsynced = check_clock(ClockFacts(NOW.timestamp(), False, offset), [], skew=300)
+    assert unsynced.level is max(level, Level.WARN) and words in unsynced.summary
 
 
 def test_status_leads_with_the_clock_when_it_is_off():
