@@ -40,8 +40,9 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from agent.access import explain
 from agent.errors import ConfigError
-from agent.tomlconfig import Duration, parse_toml_model, read_config_text
+from agent.tomlconfig import Duration, check_named_file, parse_toml_model, read_config_text
 
 KNOWN_TCTIS = ("device", "swtpm", "mssim", "tabrmd", "libtpms")
 
@@ -126,8 +127,16 @@ class EnrollmentSection(_Section):
             return None
         try:
             token = self.token_file.read_text(encoding="utf-8").strip()
+        except PermissionError as e:
+            denied = explain(e, "[enrollment] token_file")
+            raise ConfigError(denied.message, "the agent's user must be able to read it: "
+                              f"chown or chmod it ({denied.hint})") from None
+        except FileNotFoundError:
+            raise ConfigError(f"[enrollment] token_file: {self.token_file}: no such file",
+                              "provision the enrollment token file") from None
         except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"[enrollment] token_file: {self.token_file}: cannot read: {e}",
+            raise ConfigError(f"[enrollment] token_file: {self.token_file}: cannot read: "
+                              f"{getattr(e, 'strerror', None) or e}",
                               "provision the enrollment token file") from None
         return token or None
 
@@ -189,19 +198,52 @@ _PATH_KEYS = (("paths", "state_dir"), ("paths", "control_socket"), ("trust", "ek
               ("enrollment", "ca"), ("enrollment", "token_file"))
 
 
-def parse_config(text: str, source: Path) -> AgentConfig:
-    """Parse and validate config text; raise ConfigError naming file and key."""
+def named_files(config: AgentConfig) -> list[tuple[str, Path]]:
+    """(key, path) of every file the configuration names that must exist at start.
+    ([enrollment] token_file may be provisioned later; it is checked when enrolling.)"""
+    files = [(f"[trust] ek_roots[{i}]", root) for i, root in enumerate(config.trust.ek_roots)]
+    if config.enrollment is not None:
+        files.append(("[enrollment] ca", config.enrollment.ca))
+    return files
+
+
+def hook_programs(config: AgentConfig) -> list[tuple[str, Path]]:
+    """(key, program) of every reload hook, which must exist and be executable."""
+    return [(f"[rotation] reload_hooks[{i}]", Path(argv[0]))
+            for i, argv in enumerate(config.rotation.hook_argvs())]
+
+
+def key_for_path(config: AgentConfig, path: Path | str) -> str | None:
+    """The configuration key naming `path` or a directory above it, for error messages."""
+    target = Path(path)
+    candidates = [("[paths] state_dir", config.paths.state_dir),
+                  ("[paths] control_socket", config.paths.control_socket),
+                  *named_files(config), *hook_programs(config)]
+    for key, named in candidates:
+        if target == named or named in target.parents:
+            return key
+    return None
+
+
+def parse_config(text: str, source: Path, *, others_may_read: bool = False,
+                 command: str | None = None) -> AgentConfig:
+    """Parse and validate config text; raise ConfigError naming file and key.
+
+    `others_may_read`: the caller is devidctl, not the agent, which reads these files as
+    its own user: a file this user may not read is left for the agent to judge."""
     config = parse_toml_model(AgentConfig, text, source, _PATH_KEYS)
-    for i, root in enumerate(config.trust.ek_roots):
-        if not root.is_file():
-            raise ConfigError(f"{source}: [trust] ek_roots[{i}]: {root}: no such file")
-    if config.enrollment is not None and not config.enrollment.ca.is_file():
-        raise ConfigError(f"{source}: [enrollment] ca: {config.enrollment.ca}: no such file")
+    for key, path in named_files(config):
+        check_named_file(source, key, path, others_may_read=others_may_read, command=command)
+    for key, program in hook_programs(config):
+        check_named_file(source, key, program, others_may_read=others_may_read,
+                         command=command, executable=True)
     return config.model_copy(update={"source": source})
 
 
-def load_config(path: Path) -> AgentConfig:
-    return parse_config(read_config_text(path), path.resolve())
+def load_config(path: Path, *, others_may_read: bool = False,
+                command: str | None = None) -> AgentConfig:
+    return parse_config(read_config_text(path, command), path.resolve(),
+                        others_may_read=others_may_read, command=command)
 
 
 def secret_keys() -> set[tuple[str, str]]:

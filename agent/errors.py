@@ -60,6 +60,12 @@ class PermissionDenied(ControlError):
     default_hint = "run devidctl as root or as a member of the agent's control group"
 
 
+class AccessDenied(DevidError):
+    """A file or directory this user may not read (agent.access says who may)."""
+
+    code = "access-denied"
+
+
 # --- TPM -------------------------------------------------------------------
 
 

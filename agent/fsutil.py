@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from agent import faults
+from agent.access import explain
 from agent.errors import StateError
 
 PRIVATE_FILE_MODE = 0o600
@@ -63,11 +64,14 @@ def remove_durably(path: Path) -> None:
 
 
 def read_state_file(path: Path) -> bytes | None:
-    """A state file's bytes; None if it does not exist, StateError if it cannot be read."""
+    """A state file's bytes; None if it does not exist, StateError if it cannot be read.
+    Not ours to read is AccessDenied, not damage: the file must not be moved aside."""
     try:
         return path.read_bytes()
     except FileNotFoundError:
         return None
+    except PermissionError as e:
+        raise explain(e, "state file") from None
     except OSError as e:
         raise StateError(f"{path}: cannot read: {e.strerror}") from None
 

@@ -8,7 +8,9 @@ Keys listed as paths may be relative: they are taken relative to the file.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Collection
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ValidationError
 
+from agent.access import access_denied, explain
 from agent.codec import format_location
 from agent.errors import ConfigError
 
@@ -110,13 +113,53 @@ def parse_toml_model(model: type[M], text: str, source: Path,
         raise ConfigError(f"{source}: {problems}") from None
 
 
-def read_config_text(path: Path) -> str:
+def read_config_text(path: Path, command: str | None = None) -> str:
+    """The configuration file's text. `command` is how the user ran the program, for the
+    sudo suggestion when the file is not theirs to read."""
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file", "pass --config with an existing file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read: {e}") from None
+    except PermissionError as e:
+        denied = explain(e, "the configuration file", command)
+        raise ConfigError(denied.message, denied.hint) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def check_named_file(source: Path, key: str, path: Path, *, others_may_read: bool = False,
+                     command: str | None = None, executable: bool = False) -> None:
+    """A file the configuration names exists, is a regular file and can be read
+    (with `executable`, run: a hook program).
+
+    `others_may_read`: the caller is not the program that reads the file (devidctl,
+    for files only the agent's user may read): a permission error is left for that
+    program to report instead of refusing to run.
+    """
+    where = f"{source}: {key}: {path}"
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise ConfigError(f"{where}: no such file") from None
+    except PermissionError as e:
+        if others_may_read:
+            return
+        denied = explain(e, f"{source}: {key}", command)
+        raise ConfigError(denied.message, denied.hint) from None
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot examine: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{where}: not a regular file")
+    if others_may_read:
+        return
+    if not os.access(path, os.X_OK if executable else os.R_OK):
+        if executable and os.access(path, os.R_OK):
+            raise ConfigError(f"{where}: not executable (mode "
+                              f"{stat.S_IMODE(st.st_mode):04o})", f"chmod +x {path}")
+        denied = access_denied(path, f"{source}: {key}", command)
+        raise ConfigError(denied.message, denied.hint)
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")

@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.access import explain
 from agent.config import AgentConfig, secret_keys
+from agent.errors import DevidError
 from agent.fsutil import write_atomic
 
 JOURNAL_LINES = 2000
@@ -138,6 +140,12 @@ class Bundle:
     def add(self, name: str, collect: Callable[[], str | dict[str, Any]]) -> None:
         try:
             value = collect()
+        except PermissionError as e:
+            self.problems[name] = str(explain(e, None, "devidctl support-bundle"))
+            return
+        except DevidError as e:
+            self.problems[name] = str(e)
+            return
         except Exception as e:
             self.problems[name] = f"{type(e).__name__}: {e}"
             return

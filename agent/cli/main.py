@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
 from agent import __version__
+from agent.access import explain
 from agent.audit import AGENT_AUDIT_LOG, AuditLog
 from agent.cli import bundle
 from agent.cli.render import (
@@ -25,7 +27,7 @@ from agent.cli.render import (
     render_renew,
     render_status,
 )
-from agent.config import AgentConfig, load_config
+from agent.config import AgentConfig, key_for_path, load_config
 from agent.control import client
 from agent.control.protocol import RENEW_WAIT_MAX
 from agent.diagnostics.checks import check_daemon_down
@@ -36,7 +38,7 @@ from agent.diagnostics.enrollment import (
 )
 from agent.diagnostics.facts import TpmFacts, collect_tpm_facts
 from agent.diagnostics.report import check_report
-from agent.errors import ConfigError, DaemonNotRunning, DevidError
+from agent.errors import ConfigError, DaemonNotRunning, DevidError, PermissionDenied
 from agent.pki.ekchain import load_trust_store
 from agent.tpm.custody import TpmCustody
 
@@ -113,27 +115,38 @@ def _fail(err: DevidError, as_json: bool, code: int) -> int:
     return code
 
 
-def cmd_status(config: AgentConfig, as_json: bool) -> int:
+def _call(config: AgentConfig, args: argparse.Namespace, method: str,
+          params: dict[str, Any] | None = None,
+          timeout: float = client.DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    return client.call(config.paths.control_socket, method, params, timeout,
+                       command=args.command_line)
+
+
+def cmd_status(config: AgentConfig, args: argparse.Namespace) -> int:
+    as_json = args.json
     try:
-        doc = client.call(config.paths.control_socket, "status")
+        doc = _call(config, args, "status")
     except DevidError as e:
         return _fail(e, as_json, EXIT_NO_DAEMON)
     _emit(doc, as_json, render_status)
     return EXIT_BY_STATE.get(str(doc.get("state")), 2)
 
 
-def _local_tpm_facts(config: AgentConfig) -> TpmFacts:
+def _local_tpm_facts(config: AgentConfig, command: str) -> TpmFacts:
     try:
         trust = load_trust_store(config.trust.ek_roots)
         with TpmCustody.open(config.tpm.tcti, config.paths.state_dir, readonly=True) as custody:
             return collect_tpm_facts(custody, trust)
     except DevidError as e:
         return TpmFacts(tcti=config.tpm.tcti, error=e)
+    except PermissionError as e:  # the agent's state (key blobs) is not ours to read
+        return TpmFacts(tcti=config.tpm.tcti, error=explain(e, "the agent's TPM state",
+                                                             command))
 
 
-def _check_document(config: AgentConfig) -> dict[str, Any]:
+def _check_document(config: AgentConfig, args: argparse.Namespace) -> dict[str, Any]:
     try:
-        return client.call(config.paths.control_socket, "check")
+        return _call(config, args, "check")
     except DaemonNotRunning as e:
         # The daemon holds the TPM when it runs; when it does not, look ourselves.
         probe = probe_registrar(config.enrollment)
@@ -141,16 +154,17 @@ def _check_document(config: AgentConfig) -> dict[str, Any]:
         now = datetime.datetime.now(datetime.UTC) + datetime.timedelta(
             seconds=probe.clock_offset or 0.0)
         enrollment = stored_enrollment_facts(config.enrollment, config.paths.state_dir, now)
-        return check_report(_local_tpm_facts(config), config, expected_uid=None,
+        return check_report(_local_tpm_facts(config, args.command_line), config, expected_uid=None,
                             extra=(check_daemon_down(e.message), probe.result,
                                    check_enrollment(enrollment, now,
                                                     config.rotation.clock_skew)),
                             registrar_offset=probe.clock_offset)
 
 
-def cmd_check(config: AgentConfig, as_json: bool) -> int:
+def cmd_check(config: AgentConfig, args: argparse.Namespace) -> int:
+    as_json = args.json
     try:
-        doc = _check_document(config)
+        doc = _check_document(config, args)
     except DevidError as e:
         return _fail(e, as_json, EXIT_NO_DAEMON)
     _emit(doc, as_json, render_check)
@@ -160,9 +174,8 @@ def cmd_check(config: AgentConfig, as_json: bool) -> int:
 def cmd_renew(config: AgentConfig, args: argparse.Namespace) -> int:
     timeout = RENEW_WAIT_MAX + 10 if args.wait else client.DEFAULT_TIMEOUT_S
     try:
-        doc = client.call(config.paths.control_socket, "renew", {"wait": args.wait},
-                          timeout=timeout)
-    except DaemonNotRunning as e:
+        doc = _call(config, args, "renew", {"wait": args.wait}, timeout=timeout)
+    except (DaemonNotRunning, PermissionDenied) as e:  # the daemon is out of our reach
         return _fail(e, args.json, EXIT_NO_DAEMON)
     except DevidError as e:
         return _fail(e, args.json, EXIT_BY_STATE["FAIL"])
@@ -178,9 +191,8 @@ def cmd_decommission(config: AgentConfig, args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     try:
-        doc = client.call(config.paths.control_socket, "decommission", {"force": args.force},
-                          timeout=120.0)
-    except DaemonNotRunning as e:
+        doc = _call(config, args, "decommission", {"force": args.force}, timeout=120.0)
+    except (DaemonNotRunning, PermissionDenied) as e:  # the daemon is out of our reach
         return _fail(e, args.json, EXIT_NO_DAEMON)
     except DevidError as e:
         return _fail(e, args.json, EXIT_BY_STATE["FAIL"])
@@ -188,9 +200,10 @@ def cmd_decommission(config: AgentConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit_document(config: AgentConfig, limit: int) -> dict[str, Any]:
+def _audit_document(config: AgentConfig, args: argparse.Namespace, limit: int
+                    ) -> dict[str, Any]:
     try:
-        return client.call(config.paths.control_socket, "audit", {"limit": limit})
+        return _call(config, args, "audit", {"limit": limit})
     except DaemonNotRunning:
         # The log is a file: read it directly when the daemon is down (needs access
         # to the state directory).
@@ -199,7 +212,7 @@ def _audit_document(config: AgentConfig, limit: int) -> dict[str, Any]:
 
 def cmd_audit(config: AgentConfig, args: argparse.Namespace) -> int:
     try:
-        doc = _audit_document(config, args.limit)
+        doc = _audit_document(config, args, args.limit)
     except DevidError as e:
         return _fail(e, args.json, EXIT_NO_DAEMON)
     _emit(doc, args.json, render_audit)
@@ -211,9 +224,9 @@ def cmd_support_bundle(config: AgentConfig, args: argparse.Namespace,
     now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     path = args.output or Path(f"{bundle.default_name(now)}.tar.gz")
     collected = bundle.collect(
-        config, status=lambda: client.call(config.paths.control_socket, "status"),
-        check=lambda: _check_document(config),
-        audit=lambda: _audit_document(config, bundle.AUDIT_RECORDS))
+        config, status=lambda: _call(config, args, "status"),
+        check=lambda: _check_document(config, args),
+        audit=lambda: _audit_document(config, args, bundle.AUDIT_RECORDS))
     if config_error is not None:
         collected.add("config-error.json", config_error.to_dict)
     try:
@@ -230,25 +243,35 @@ def cmd_support_bundle(config: AgentConfig, args: argparse.Namespace,
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = _command_line(argv)
     config_error: ConfigError | None = None
     try:
-        config = load_config(args.config)
+        # Files only the agent's user may read are the agent's to judge, not ours.
+        config = load_config(args.config, others_may_read=True, command=args.command_line)
     except ConfigError as e:
         if args.command != "support-bundle":
             return _fail(e, args.json, EXIT_BY_STATE["FAIL"])
         # A broken configuration is exactly what a support bundle should carry.
         config, config_error = AgentConfig().model_copy(update={"source": args.config}), e
-    commands = {"status": lambda: cmd_status(config, args.json),
-                "check": lambda: cmd_check(config, args.json),
+    commands = {"status": lambda: cmd_status(config, args),
+                "check": lambda: cmd_check(config, args),
                 "renew": lambda: cmd_renew(config, args),
                 "decommission": lambda: cmd_decommission(config, args),
                 "audit": lambda: cmd_audit(config, args),
                 "support-bundle": lambda: cmd_support_bundle(config, args, config_error)}
     try:
         return commands[args.command]()
+    except PermissionError as e:
+        return _fail(explain(e, key_for_path(config, e.filename or ""), args.command_line),
+                     args.json, EXIT_BY_STATE["FAIL"])
     except OSError as e:
-        return _fail(DevidError(f"{e.filename or ''}: {e.strerror}".lstrip(": ")), args.json,
-                     EXIT_BY_STATE["FAIL"])
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(DevidError(f"{where}{e.strerror or e}"), args.json, EXIT_BY_STATE["FAIL"])
+
+
+def _command_line(argv: list[str] | None) -> str:
+    """How the user ran us, for "run `sudo …`" hints."""
+    return shlex.join(["devidctl", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from agent.access import access_denied
 from agent.control import protocol
 from agent.errors import ControlError, DaemonNotRunning, PermissionDenied
 
@@ -14,8 +15,9 @@ DEFAULT_TIMEOUT_S = 30.0
 
 
 def call(path: Path, method: str, params: dict[str, Any] | None = None,
-         timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
-    """Send one request; return its result or raise the daemon's error as ControlError."""
+         timeout: float = DEFAULT_TIMEOUT_S, command: str | None = None) -> dict[str, Any]:
+    """Send one request; return its result or raise the daemon's error as ControlError.
+    `command` is how the user ran us, for the "run `sudo …`" hint."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
@@ -27,7 +29,8 @@ def call(path: Path, method: str, params: dict[str, Any] | None = None,
             raise DaemonNotRunning(f"devid-agent is not running (nobody listens on {path})"
                                    ) from None
         except PermissionError:
-            raise PermissionDenied(f"permission denied opening {path}") from None
+            denied = access_denied(path, "the agent's control socket", command)
+            raise PermissionDenied(denied.message, denied.hint) from None
         except OSError as e:
             if e.errno == errno.ENOTSOCK:
                 raise ControlError(f"{path} is not a socket") from None

@@ -7,13 +7,15 @@ import asyncio
 import grp
 import logging
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
 
 from agent import __version__, events, logsetup
+from agent.access import current_user, explain
 from agent.aio import first_of
-from agent.config import AgentConfig, load_config
+from agent.config import AgentConfig, key_for_path, load_config
 from agent.control.server import ControlServer
 from agent.daemon.service import AgentService
 from agent.errors import ConfigError, DevidError
@@ -119,9 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"devid-agent {__version__}")
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, command=shlex.join(["devid-agent", *(
+            sys.argv[1:] if argv is None else argv)]))
     except ConfigError as e:
-        print(f"devid-agent: configuration error: {e.message}", file=sys.stderr)
+        print(f"devid-agent: configuration error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     logsetup.configure(config.log.level, "devid-agent")
     try:
@@ -132,8 +135,18 @@ def main(argv: list[str] | None = None) -> int:
     except DevidError as e:
         log.error("cannot start: %s", e)
         return EXIT_STARTUP
+    except PermissionError as e:
+        key = key_for_path(config, e.filename or "")
+        denied = explain(e, key)
+        user = current_user()
+        log.error("cannot start: %s (hint: the agent runs as %s, which needs this path; run it "
+                  "as the user that owns its files, or give them to %s: under systemd "
+                  "StateDirectory= and RuntimeDirectory= do that)", denied.message, user, user)
+        return EXIT_STARTUP
     except OSError as e:
-        log.error("cannot start: %s", e)
+        key = key_for_path(config, e.filename or "")
+        log.error("cannot start: %s%s: %s", f"{key}: " if key else "", e.filename or "",
+                  e.strerror or e)
         return EXIT_STARTUP
 
 

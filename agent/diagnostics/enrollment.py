@@ -23,6 +23,7 @@ FAILED = "failed"
 ENROLLED = "enrolled"
 REVOKED = "revoked"
 DECOMMISSIONED = "decommissioned"
+UNKNOWN = "unknown"  # the daemon is down and its state cannot be read from here
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,9 @@ def check_enrollment(facts: EnrollmentFacts, now: datetime.datetime,
                            f"(attempt {facts.attempts + 1})" + (f"; last error {why}" if why
                                                                  else ""),
                            str(err.get("hint", "")))
+    if facts.state == UNKNOWN:
+        return CheckResult(name, Level.FAIL, "cannot read the stored enrollment: "
+                           f"{err.get('message')}", str(err.get("hint", "")))
     if facts.state == FAILED:
         when = f"; next attempt {facts.next_attempt:%H:%M:%S}Z" if facts.next_attempt else ""
         return CheckResult(name, Level.FAIL, f"enrollment failed after {facts.attempts} "
@@ -135,7 +139,7 @@ def stored_enrollment_facts(section: EnrollmentSection | None, state_dir: Path,
         marker = DecommissionStore(state_dir).load()
         stored = EnrollmentStore(state_dir).load() if marker is None else None
     except DevidError as e:
-        return EnrollmentFacts(FAILED, section.url if section else None, last_error=e.to_dict())
+        return EnrollmentFacts(UNKNOWN, section.url if section else None, last_error=e.to_dict())
     if marker is not None:
         return EnrollmentFacts(DECOMMISSIONED, device_id=marker.device_id,
                                decommissioned_at=marker.at)

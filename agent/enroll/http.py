@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import requests
 
 from agent import __version__
+from agent.access import access_denied
 from agent.codec import decode_json_object
 from agent.enroll.messages import (
     API_PREFIX,
@@ -35,6 +36,7 @@ from agent.enroll.messages import (
 )
 from agent.enroll.problems import PROBLEM_CONTENT_TYPE, problem_from_document
 from agent.errors import (
+    DevidError,
     Problem,
     ProtocolError,
     RegistrarNotTrusted,
@@ -90,6 +92,8 @@ class RegistrarClient:
                 from None
         except requests.exceptions.RequestException as e:
             raise RegistrarUnreachable(f"{self.base}: {_reason(e)}") from None
+        except OSError as e:  # requests opens the CA file itself ("invalid path")
+            raise _pinned_ca_problem(self.base, self.ca_file, e) from None
         self.last_server_ms = _server_ms(response.headers.get("Server-Timing"))
         self.clock_offset = _clock_offset(response.headers.get("Date"))
         return response
@@ -144,6 +148,22 @@ class RegistrarClient:
     def decommission(self, challenge_id: str, request: DecommissionRequest) -> Decommissioned:
         return self._exchange(f"/challenges/{challenge_id}/decommission", encode(request),
                               Decommissioned)
+
+
+def _pinned_ca_problem(base: str, ca_file: Path, error: OSError) -> DevidError:
+    """Why requests could not use the pinned CA file, in words."""
+    try:
+        with ca_file.open("rb"):
+            pass
+    except FileNotFoundError:
+        return RegistrarNotTrusted(f"{ca_file}: the pinned registrar CA is missing",
+                                   "restore the file [enrollment] ca names")
+    except PermissionError:
+        return access_denied(ca_file, "the pinned registrar CA ([enrollment] ca)")
+    except OSError as e:
+        return RegistrarNotTrusted(f"{ca_file}: cannot read the pinned registrar CA: "
+                                   f"{e.strerror}")
+    return RegistrarNotTrusted(f"{base}: cannot use the pinned CA {ca_file}: {error}")
 
 
 def _bad_response(message: str) -> ProtocolError:

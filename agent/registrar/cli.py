@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import secrets
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 
 from agent import __version__, logsetup
+from agent.access import explain
 from agent.clock import isoformat_utc
 from agent.errors import ConfigError, DevidError, Problem
 from agent.fsutil import write_atomic
@@ -119,7 +121,7 @@ def _init(args: argparse.Namespace) -> int:
     for root in args.ek_roots:
         if not root.is_file():
             raise ConfigError(f"--ek-root {root}: no such file")
-    home = RegistrarHome(args.dir)
+    home = RegistrarHome(args.dir, args.command_line)
     names = args.server_names or ["localhost", "127.0.0.1", "::1"]
     ca = home.init(args.ek_roots, args.listen, names, args.pcrs)
     print(f"created {home.config_path}")
@@ -131,7 +133,7 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _token_create(args: argparse.Namespace) -> int:
-    home = RegistrarHome(args.dir)
+    home = RegistrarHome(args.dir, args.command_line)
     token = secrets.token_urlsafe(32)
     now = time.time()
     store = home.store()
@@ -149,7 +151,7 @@ def _token_create(args: argparse.Namespace) -> int:
 
 
 def _devices_list(args: argparse.Namespace) -> int:
-    store = RegistrarHome(args.dir).store()
+    store = RegistrarHome(args.dir, args.command_line).store()
     try:
         devices = [d.summary() for d in store.devices()]
     finally:
@@ -166,7 +168,7 @@ def _devices_list(args: argparse.Namespace) -> int:
 
 
 def _devices_show(args: argparse.Namespace) -> int:
-    store = RegistrarHome(args.dir).store()
+    store = RegistrarHome(args.dir, args.command_line).store()
     try:
         device = store.device(args.device_id)
         if device is None:
@@ -194,7 +196,7 @@ def _devices_show(args: argparse.Namespace) -> int:
 
 
 def _devices_revoke(args: argparse.Namespace) -> int:
-    home = RegistrarHome(args.dir)
+    home = RegistrarHome(args.dir, args.command_line)
     lifecycle = home.lifecycle()
     try:
         serials = lifecycle.revoke(args.device_id, args.reason,
@@ -209,7 +211,7 @@ def _devices_revoke(args: argparse.Namespace) -> int:
 
 
 def _crl(args: argparse.Namespace) -> int:
-    lifecycle = RegistrarHome(args.dir).lifecycle()
+    lifecycle = RegistrarHome(args.dir, args.command_line).lifecycle()
     try:
         crl = lifecycle.crl()
     finally:
@@ -226,7 +228,7 @@ def _crl(args: argparse.Namespace) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    home = RegistrarHome(args.dir)
+    home = RegistrarHome(args.dir, args.command_line)
     verdict = home.audit().verify()
     if verdict.ok:
         print(f"audit log intact: {verdict.records} records")
@@ -243,12 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return EXIT_USAGE if e.code not in (0, None) else 0
     logsetup.configure("info", "devid-registrar")
+    args.command_line = shlex.join(["devid-registrar", *(sys.argv[1:] if argv is None else argv)])
     try:
         if args.command == "init":
             return _init(args)
         if args.command == "serve":
             from agent.registrar.server import serve  # uvicorn only when serving
-            serve(RegistrarHome(args.dir))
+            serve(RegistrarHome(args.dir, args.command_line))
             return 0
         if args.command == "token":
             return _token_create(args)
@@ -263,6 +266,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except DevidError as e:
         print(f"devid-registrar: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except PermissionError as e:
+        print(f"devid-registrar: {explain(e, 'the registrar', args.command_line)}",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as e:
+        print(f"devid-registrar: {e.filename or ''}: {e.strerror or e}".replace(": : ", ": "),
+              file=sys.stderr)
         return EXIT_FAILURE
 
 

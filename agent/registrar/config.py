@@ -13,7 +13,13 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.errors import ConfigError
-from agent.tomlconfig import Duration, DurationOrZero, parse_toml_model, read_config_text
+from agent.tomlconfig import (
+    Duration,
+    DurationOrZero,
+    check_named_file,
+    parse_toml_model,
+    read_config_text,
+)
 
 CONFIG_NAME = "registrar.toml"
 # Certificates this short are for tests and demonstrations; `serve` warns below 5 minutes.
@@ -148,8 +154,7 @@ def load_registrar_config(directory: Path) -> RegistrarConfig:
                           "enrollment would be refused",
                           "list the PEM files of the TPM vendors' root CAs in ek_roots")
     for i, root in enumerate(config.ek_roots):
-        if not root.is_file():
-            raise ConfigError(f"{path}: ek_roots[{i}]: {root}: no such file")
+        check_named_file(path, f"ek_roots[{i}]", root)
     return config.model_copy(update={"source": path})
 
 

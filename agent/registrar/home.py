@@ -11,9 +11,11 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.access import access_denied, blocking_path
 from agent.audit import AuditLog
 from agent.errors import ConfigError
 from agent.fsutil import ensure_private_dir, write_atomic
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RegistrarHome:
     directory: Path
+    command: str | None = None  # how the user ran us, for "run `sudo …`" hints
 
     @property
     def config_path(self) -> Path:
@@ -46,13 +49,28 @@ class RegistrarHome:
     def ca_dir(self) -> Path:
         return self.directory / "ca"
 
+    def require_access(self) -> None:
+        """Every verb reads and writes here (the database journal, the audit log): the
+        directory is the registrar user's alone, so say so before SQLite says "unable to
+        open database file"."""
+        blocked = blocking_path(self.directory)
+        if blocked != Path(os.path.abspath(self.directory)) or (
+                os.path.isdir(blocked) and not os.access(blocked, os.X_OK | os.W_OK)):
+            raise access_denied(self.directory, "the registrar's directory", self.command)
+        for name in (CONFIG_NAME, "registrar.db", "audit.log"):
+            path = self.directory / name
+            if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+                raise access_denied(path, "the registrar's files", self.command)
+
     def store(self) -> Store:
+        self.require_access()
         if not self.config_path.exists():
             raise ConfigError(f"{self.config_path}: no such file",
                               f"run `devid-registrar init --dir {self.directory}` first")
         return Store(self.directory / "registrar.db")
 
     def audit(self) -> AuditLog:
+        self.require_access()
         return AuditLog(self.directory / "audit.log")
 
     def init(self, ek_roots: list[Path], listen: str, server_names: list[str],
@@ -76,11 +94,13 @@ class RegistrarHome:
 
     def lifecycle(self) -> LifecycleService:
         """The lifecycle operations alone (the CLI's revoke and crl)."""
+        self.require_access()
         config = load_registrar_config(self.directory)
         return LifecycleService(config, CertificateAuthority.load(self.ca_dir), self.store(),
                                 self.audit())
 
     def open_service(self) -> tuple[RegistrarConfig, EnrollmentService, LifecycleService]:
+        self.require_access()
         config = load_registrar_config(self.directory)
         trust = load_trust_store(config.ek_roots, "ek_roots")
         ca = CertificateAuthority.load(self.ca_dir)

@@ -54,7 +54,7 @@ def test_missing_and_unreadable_files(tmp_path):
         load_config(tmp_path / "missing.toml")
     bad = tmp_path / "binary.toml"
     bad.write_bytes(b"\xff\xfe\x00")
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
         load_config(bad)
 
 
