@@ -9,6 +9,7 @@ from enum import IntEnum
 from agent.clock import human_duration
 from agent.diagnostics.facts import ClockFacts, PathFacts, TpmFacts
 from agent.rotation.registrarclock import describe_offset
+from agent.tpm.handles import behind_resource_manager
 
 
 class Level(IntEnum):
@@ -46,9 +47,22 @@ def check_tpm(facts: TpmFacts) -> CheckResult:
                            f"TPM not usable via {facts.tcti}: {err.message if err else 'unknown'}",
                            err.hint if err else "")
     info = facts.info
-    return CheckResult("tpm", Level.PASS,
-                       f"TPM reachable via {facts.tcti}: {info.manufacturer} "
-                       f"{info.vendor_string!r}, firmware {info.firmware_version}")
+    summary = (f"TPM reachable via {facts.tcti}: {info.manufacturer} {info.vendor_string!r}, "
+               f"firmware {info.firmware_version}")
+    occupancy = facts.occupancy
+    if occupancy is None:
+        return CheckResult("tpm", Level.PASS, summary)
+    summary += f"; in use: {occupancy.describe()}"
+    shortages = occupancy.shortages()
+    if not shortages:
+        return CheckResult("tpm", Level.PASS, summary)
+    if behind_resource_manager(facts.tcti):
+        hint = ("another program holds TPM sessions or objects through the resource manager; "
+                "find it (`lsof /dev/tpmrm0`) and stop it")
+    else:
+        hint = ("without a resource manager the TPM keeps what a killed process left: restart "
+                "devid-agent (it flushes them at start) or use /dev/tpmrm0")
+    return CheckResult("tpm", Level.WARN, f"{summary}; {'; '.join(shortages)}", hint)
 
 
 def check_ek(facts: TpmFacts, roots_configured: bool) -> CheckResult:

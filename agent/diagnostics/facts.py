@@ -8,6 +8,7 @@ is down, so both report through one code path.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import stat
@@ -19,6 +20,7 @@ from agent.errors import DevidError
 from agent.pki.certinfo import public_key_sha256, summarize
 from agent.pki.ekchain import ChainVerdict, TrustStore, verify_ek_chain
 from agent.tpm.custody import KeyInfo, TpmCustody
+from agent.tpm.handles import TpmOccupancy
 from agent.tpm.info import TpmInfo
 
 
@@ -47,6 +49,7 @@ class TpmFacts:
     identity: IdentityFacts | None = None
     identity_error: DevidError | None = None
     keys_destroyed: bool = False  # decommissioned on purpose
+    occupancy: TpmOccupancy | None = None  # sessions and objects in the TPM
 
     @property
     def reachable(self) -> bool:
@@ -92,6 +95,8 @@ def collect_tpm_facts(custody: TpmCustody, trust: TrustStore,
     except DevidError as e:
         facts.error = e
         return facts
+    with contextlib.suppress(DevidError):  # the counters are a bonus, not a check
+        facts.occupancy = custody.occupancy()
     if endorsement is None:
         endorsement = try_endorsement_facts(custody, trust)
     if isinstance(endorsement, DevidError):

@@ -18,4 +18,8 @@ def check_report(tpm: TpmFacts, config: AgentConfig, expected_uid: int | None,
                                    collect_clock_facts(registrar_offset), expected_uid,
                                    roots_configured=bool(config.trust.ek_roots),
                                    skew=config.rotation.clock_skew)]
-    return {"state": HEADLINE[worst(results)], "results": [r.to_dict() for r in results]}
+    doc: dict[str, Any] = {"state": HEADLINE[worst(results)],
+                           "results": [r.to_dict() for r in results]}
+    if tpm.occupancy is not None:  # for scripts and the support bundle
+        doc["tpm_resources"] = tpm.occupancy.to_dict()
+    return doc

@@ -71,6 +71,7 @@ from tpm2_pytss.types import (
 )
 from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
+from agent import faults
 from agent.codec import unmarshal_exact
 from agent.errors import (
     EkCertificateMissing,
@@ -94,6 +95,14 @@ from agent.tpm.ek import (
     check_ek,
 )
 from agent.tpm.ekpolicy import ek_policy
+from agent.tpm.handles import (
+    PT_VAR_PROPERTIES,
+    STALE_HANDLE_LISTS,
+    TpmOccupancy,
+    behind_resource_manager,
+    describe_flushed,
+    flushable,
+)
 from agent.tpm.info import TpmInfo
 from agent.tpm.rc import translate
 
@@ -103,15 +112,8 @@ AK_BLOB = "ak"
 IDENTITY_BLOB = "identity"
 SRK_NAME_FILE = "srk.name"
 MAX_SEALED_BYTES = 128  # TPM2B_SENSITIVE_DATA limit
-# Transient objects, and loaded sessions (HMAC and policy), by handle range.
-STALE_HANDLE_RANGES = (0x80000000, 0x02000000, 0x03000000)
-RESOURCE_MANAGED = ("device:/dev/tpmrm", "tabrmd")
-
-
-def behind_resource_manager(tcti: str) -> bool:
-    """Whether a resource manager flushes a dead client's handles for us."""
-    return tcti.startswith(RESOURCE_MANAGED)
-
+MAX_CAP_HANDLES = 64  # asked per GetCapability; more than any TPM has slots
+MAX_FLUSH_ROUNDS = 16  # pages of stale handles per kind (each round flushes one page)
 
 @dataclass(frozen=True)
 class Signature:
@@ -173,7 +175,9 @@ class TpmCustody:
             raise TpmUnreachable(f"cannot open TPM via TCTI {tcti!r}: {e}", rc=int(e.rc)) from None
         custody = cls(esapi, tcti, state_dir)
         try:
-            if not behind_resource_manager(tcti):
+            # Read-only users (devidctl check with the daemon down) observe the TPM as
+            # they find it: what a dead process left is what they are there to see.
+            if not readonly and not behind_resource_manager(tcti):
                 custody._flush_stale_handles()
             custody._load_srk(pin=not readonly)
             if not readonly and create_keys:
@@ -202,19 +206,39 @@ class TpmCustody:
         self.close()
 
     def _flush_stale_handles(self) -> None:
-        flushed = 0
-        with self._tpm("listing stale TPM handles") as tpm:
-            for first in STALE_HANDLE_RANGES:
-                _, data = tpm.get_capability(TPM2_CAP.HANDLES, first, 64)
-                for handle in (int(h) for h in data.data.handles):
-                    if handle >> 24 != first >> 24:
-                        continue
-                    with contextlib.suppress(TSS2_Exception):
-                        tpm.flush_context(tpm.tr_from_tpmpublic(handle))
-                        flushed += 1
-        if flushed:
-            log.warning("flushed %d transient TPM objects or sessions left by a previous "
-                        "process that did not exit cleanly", flushed)
+        """Flush the sessions and transient objects a killed process left in the TPM
+        (only without a resource manager, which does it for us). Ours are not yet made."""
+        counts: dict[str, int] = {}
+        with self._tpm("flushing stale TPM handles") as tpm:
+            for kind, first in STALE_HANDLE_LISTS:
+                for _ in range(MAX_FLUSH_ROUNDS):  # flushed handles leave the list: re-ask
+                    flushed = 0
+                    for handle in self._handles(first):
+                        with contextlib.suppress(TSS2_Exception):
+                            tpm.flush_context(tpm.tr_from_tpmpublic(handle))
+                            flushed += 1
+                    counts[kind] = counts.get(kind, 0) + flushed
+                    if not flushed:
+                        break
+        if any(counts.values()):
+            log.warning("flushed %s left in the TPM by a process that did not exit cleanly",
+                        describe_flushed(counts))
+
+    def _handles(self, first: int) -> list[int]:
+        """The handles GetCapability lists from `first` (of whatever type the TPM puts in
+        that list: see agent.tpm.handles), sessions and transient objects only."""
+        with self._tpm(f"listing TPM handles from 0x{first:08x}") as tpm:
+            _, data = tpm.get_capability(TPM2_CAP.HANDLES, first, MAX_CAP_HANDLES)
+        return [h for h in (int(h) for h in data.data.handles) if flushable(h)]
+
+    def occupancy(self) -> TpmOccupancy:
+        """Sessions and transient objects in the TPM now, and how many more fit."""
+        with self._tpm("reading TPM resource counters") as tpm:
+            _, data = tpm.get_capability(TPM2_CAP.TPM_PROPERTIES, PT_VAR_PROPERTIES[0],
+                                         len(PT_VAR_PROPERTIES))
+        props = {int(p.property): int(p.value) for p in data.data.tpmProperties}
+        transient = len(self._handles(STALE_HANDLE_LISTS[0][1]))
+        return TpmOccupancy.from_properties(props, transient)
 
     @contextlib.contextmanager
     def _tpm(self, action: str) -> Iterator[ESAPI]:
@@ -364,6 +388,7 @@ class TpmCustody:
                                   auth_hash=policy.hash_alg) as session, \
                     self._tpm("activating the registrar's credential") as tpm:
                 tpm.policy_secret(ESYS_TR.ENDORSEMENT, session, b"", b"", b"", 0)
+                faults.point("custody.activate_credential.session")  # tests: killed here
                 if policy.or_branches:
                     tpm.policy_or(session, TPML_DIGEST(list(policy.or_branches)))
                 cert_info = tpm.activate_credential(ak, ek_handle, blob, secret,
@@ -452,6 +477,7 @@ class TpmCustody:
             try:
                 with self._tpm("unsealing a secret") as tpm:
                     tpm.policy_pcr(session, b"", selection)
+                    faults.point("custody.unseal.session")  # tests: killed here
                     data = tpm.unseal(item, session1=session)
             except PcrPolicyMismatch as e:
                 changed = self._changed_pcrs(blob)
