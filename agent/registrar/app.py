@@ -26,6 +26,8 @@ from agent.enroll.problems import PROBLEM_CONTENT_TYPE, problem, problem_documen
 from agent.errors import Problem
 from agent.registrar.admission import InFlightLimit
 from agent.registrar.lifecycle import LifecycleService
+from agent.registrar.sealedchallenge import ID_LENGTH as SEALED_ID_LENGTH
+from agent.registrar.sealedchallenge import ID_PATTERN as SEALED_ID
 from agent.registrar.service import EnrollmentService
 
 log = logging.getLogger(__name__)
@@ -72,11 +74,15 @@ def create_app(service: EnrollmentService, lifecycle: LifecycleService,
                max_body: int, max_in_flight: int = 8) -> Starlette:
     limit = InFlightLimit(max_in_flight)
 
-    async def respond(request: Request, status: int, handler: Any, *args: str) -> Response:
+    async def respond(request: Request, status: int, handler: Any, *args: str,
+                      verifies: bool = True) -> Response:
+        """`verifies`: the handler does verification work, counted by max_in_flight
+        (issuing a sealed device challenge does not: one HMAC, no state)."""
         began = time.perf_counter()
         response: Response
         try:
-            limit.enter()
+            if verifies:
+                limit.enter()
         except Problem as p:
             return problem_response(p, request.url.path)
         try:
@@ -88,7 +94,8 @@ def create_app(service: EnrollmentService, lifecycle: LifecycleService,
             response = JSONResponse(encode(message), status_code=status,
                                     headers={"Cache-Control": "no-store"})
         finally:
-            limit.leave()
+            if verifies:
+                limit.leave()
         # Refusals too: what a refused request cost is worth seeing (bench/clock_skew.py).
         response.headers["Server-Timing"] = \
             f"app;dur={(time.perf_counter() - began) * 1000:.2f}"
@@ -97,25 +104,28 @@ def create_app(service: EnrollmentService, lifecycle: LifecycleService,
     async def start(request: Request) -> Response:
         return await respond(request, 201, service.start)
 
-    async def answer(request: Request, handler: Any) -> Response:
+    async def answer(request: Request, handler: Any, pattern: re.Pattern[str],
+                     form: str) -> Response:
         challenge_id = request.path_params["challenge_id"]
-        if not CHALLENGE_ID.match(challenge_id):
+        if not pattern.match(challenge_id):
             return problem_response(problem("challenge-unknown",
-                                            "challenge id must be 32 hex digits"),
+                                            f"challenge id must be {form}"),
                                     request.url.path)
         return await respond(request, 200, handler, challenge_id)
 
     async def complete(request: Request) -> Response:
-        return await answer(request, service.complete)
+        return await answer(request, service.complete, CHALLENGE_ID, "32 hex digits")
 
     async def device_challenge(request: Request) -> Response:
-        return await respond(request, 201, lifecycle.challenge)
+        return await respond(request, 201, lifecycle.challenge, verifies=False)
 
     async def renew(request: Request) -> Response:
-        return await answer(request, lifecycle.renew)
+        return await answer(request, lifecycle.renew, SEALED_ID,
+                            f"{SEALED_ID_LENGTH} base64url characters")
 
     async def decommission(request: Request) -> Response:
-        return await answer(request, lifecycle.decommission)
+        return await answer(request, lifecycle.decommission, SEALED_ID,
+                            f"{SEALED_ID_LENGTH} base64url characters")
 
     async def crl(_request: Request) -> Response:
         der = await run_in_threadpool(lifecycle.crl_der)

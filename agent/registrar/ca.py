@@ -209,9 +209,10 @@ class CertificateAuthority:
     def chain_pem(self, cert: x509.Certificate) -> str:
         return _pem(cert, self.issuing).decode("ascii")
 
-    def crl(self, revoked: Sequence[tuple[int, datetime.datetime]], now: datetime.datetime,
+    def crl(self, revoked: Sequence[tuple[int, datetime.datetime, x509.ReasonFlags | None]],
+            now: datetime.datetime,
             next_update: datetime.timedelta) -> x509.CertificateRevocationList:
-        """A CRL over (serial, revocation time) pairs, signed by the issuing CA.
+        """A CRL over (serial, revocation time, reason) entries, signed by the issuing CA.
 
         The CRL number is the issuing time in milliseconds: increasing without a
         counter to keep, as long as the registrar's clock does not step back.
@@ -222,8 +223,9 @@ class CertificateAuthority:
                    .add_extension(x509.CRLNumber(int(now.timestamp() * 1000)), critical=False)
                    .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
                        self.issuing_key.public_key()), critical=False))
-        for serial, when in revoked:
-            builder = builder.add_revoked_certificate(
-                x509.RevokedCertificateBuilder().serial_number(serial)
-                .revocation_date(when).build())
+        for serial, when, reason in revoked:
+            entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when)
+            if reason is not None:
+                entry = entry.add_extension(x509.CRLReason(reason), critical=False)
+            builder = builder.add_revoked_certificate(entry.build())
         return builder.sign(self.issuing_key, hashes.SHA256())

@@ -4,6 +4,7 @@
     DIR/ca/              the CA (see agent.registrar.ca)
     DIR/registrar.db     SQLite: devices, challenges, tokens
     DIR/audit.log        hash-chained audit log (+ audit.log.head)
+    DIR/challenge.key    HMAC key sealing renewal/decommission challenges (0600)
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import datetime
 import json
 import logging
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.access import access_denied, blocking_path
 from agent.audit import AuditLog
-from agent.errors import ConfigError
-from agent.fsutil import ensure_private_dir, write_atomic
+from agent.errors import ConfigError, StateError
+from agent.fsutil import ensure_private_dir, read_state_file, write_atomic
 from agent.pki.ekchain import load_trust_store
 from agent.registrar.ca import CertificateAuthority
 from agent.registrar.config import (
@@ -34,6 +36,8 @@ from agent.registrar.store import Store
 from agent.tomlconfig import parse_toml_model
 
 log = logging.getLogger(__name__)
+
+CHALLENGE_KEY = "challenge.key"
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,20 @@ class RegistrarHome:
         self.require_access()
         return AuditLog(self.directory / "audit.log")
 
+    def challenge_key(self) -> bytes:
+        """The key that seals device challenges (agent.registrar.sealedchallenge), made on
+        first use: kept, so that a challenge issued before a restart is still answered."""
+        path = self.directory / CHALLENGE_KEY
+        key = read_state_file(path)
+        if key is None:
+            write_atomic(path, secrets.token_bytes(32), mode=0o600)
+            key = path.read_bytes()
+        if len(key) != 32:
+            raise StateError(f"{path}: {len(key)} bytes, expected 32",
+                             "delete it: a new key is made at the next start (challenges "
+                             "issued before are then refused, and the devices ask again)")
+        return key
+
     def init(self, ek_roots: list[Path], listen: str, server_names: list[str],
              pcrs: list[int], allowed_toml: str = "") -> CertificateAuthority:
         """Create the CA and a commented registrar.toml; refuses to overwrite either."""
@@ -97,7 +115,7 @@ class RegistrarHome:
         self.require_access()
         config = load_registrar_config(self.directory)
         return LifecycleService(config, CertificateAuthority.load(self.ca_dir), self.store(),
-                                self.audit())
+                                self.audit(), challenge_key=self.challenge_key())
 
     def open_service(self) -> tuple[RegistrarConfig, EnrollmentService, LifecycleService]:
         self.require_access()
@@ -119,5 +137,6 @@ class RegistrarHome:
                         config.cert_lifetime * 2 / 3)
         store, audit = self.store(), self.audit()
         service = EnrollmentService(config, ca, store, audit, trust)
-        lifecycle = LifecycleService(config, ca, store, audit, trust)
+        lifecycle = LifecycleService(config, ca, store, audit, trust,
+                                     challenge_key=self.challenge_key())
         return config, service, lifecycle

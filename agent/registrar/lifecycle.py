@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime
 import logging
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -31,8 +31,14 @@ from agent.enroll.messages import (
 )
 from agent.enroll.problems import problem
 from agent.errors import Problem
-from agent.registrar.base import NONCE_BYTES, RegistrarParts
+from agent.registrar.base import RegistrarParts
 from agent.registrar.pcrpolicy import judge_pcrs
+from agent.registrar.sealedchallenge import (
+    RANDOM_BYTES,
+    ChallengeSealer,
+    SealedChallenge,
+    device_hash,
+)
 from agent.registrar.store import DeviceChallengeRow, DeviceRow
 
 log = logging.getLogger(__name__)
@@ -40,65 +46,83 @@ M = TypeVar("M", RenewRequest, DecommissionRequest)
 T = TypeVar("T")
 
 REFUSED_EVENT = {"renew": "renewal-refused", "decommission": "decommission-refused"}
+# RFC 5280 5.3.1 reason codes for the CRL; an operator's revocation says no more than
+# the operator did (the reason text stays in the audit log).
+CRL_REASONS = {"decommissioned": x509.ReasonFlags.cessation_of_operation,
+               "superseded": x509.ReasonFlags.superseded}
 
 
-def check_active(device: DeviceRow | None, device_id: str) -> DeviceRow:
-    if device is None:
-        raise problem("device-unknown", f"{device_id}: not enrolled with this registrar")
+def check_active(device: DeviceRow) -> DeviceRow:
+    """Refuse a retired device. The operator's reason is not said: it is for the audit
+    log and the admin CLI, not for whoever holds a challenge."""
     if device.status == "revoked":
-        raise problem("device-revoked", f"{device_id} was revoked"
-                      + (f": {device.status_reason}" if device.status_reason else ""))
+        raise problem("device-revoked", f"{device.device_id} was revoked by the operator")
     if device.status == "decommissioned":
-        raise problem("device-decommissioned", f"{device_id} was decommissioned")
+        raise problem("device-decommissioned", f"{device.device_id} was decommissioned")
     return device
 
 
 class LifecycleService(RegistrarParts):
+    def __init__(self, *args: Any, challenge_key: bytes | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Sealed challenges survive a restart only with the registrar's stored key.
+        self.sealer = ChallengeSealer(challenge_key or self._random(32))
+
     # --- round trip 1: a nonce for a signed request ------------------------------
 
     def challenge(self, body: bytes, peer: str) -> DeviceChallenge:
+        """A sealed challenge for any well-formed device ID: nothing is stored or looked
+        up, so a flood costs nothing and a stranger learns nothing about the device."""
         device_id: str | None = None
         purpose = "renew"
         try:
             request = decode(DeviceChallengeRequest, body)
             device_id, purpose = request.device_id, request.purpose
-            check_active(self.store.device(device_id), device_id)
+            if device_hash(device_id) is None:
+                raise problem("device-unknown", f"{device_id}: not a device ID this registrar "
+                                                "issues (urn:devid: and 32 hex digits)")
             now = self._clock()
-            if self.store.pending_challenges(now.timestamp()) >= \
-                    self.config.max_pending_challenges:
-                raise problem("registrar-busy", "too many requests in progress",
-                              retry_after=5.0)
-            nonce, challenge_id = self._random(NONCE_BYTES), self._new_challenge_id()
             expires = now + datetime.timedelta(seconds=self.config.challenge_ttl)
-            self.store.add_device_challenge(DeviceChallengeRow(
-                challenge_id, device_id, purpose, nonce, now.timestamp(), expires.timestamp()))
+            sealed = self.sealer.seal(device_id, purpose, int(expires.timestamp()),
+                                      self._random(RANDOM_BYTES))
         except Problem as p:
             self._refused(REFUSED_EVENT[purpose], "challenge", p, peer, device_id=device_id)
             raise
-        return DeviceChallenge(challenge_id=challenge_id, device_id=device_id, purpose=purpose,
-                               nonce=nonce, expires_at=expires.isoformat(timespec="seconds"),
+        return DeviceChallenge(challenge_id=sealed.id, device_id=device_id, purpose=purpose,
+                               nonce=sealed.nonce,
+                               expires_at=datetime.datetime.fromtimestamp(
+                                   sealed.expires_at, datetime.UTC).isoformat(),
                                pcr_selection=self._pcr_selection())
 
     def _answer(self, challenge_id: str, purpose: str, model: type[M], body: bytes,
-                peer: str, act: Callable[[DeviceChallengeRow, DeviceRow,
-                                          ec.EllipticCurvePublicKey, M, datetime.datetime,
-                                          str], T]) -> T:
-        """Round trip 2 for either purpose: decode, claim the challenge (single use), find
-        the active device and its identity key, then `act`. A refusal spends the challenge
-        and is audited."""
+                peer: str, signed: Callable[[SealedChallenge, M], bytes],
+                act: Callable[[SealedChallenge, DeviceRow, ec.EllipticCurvePublicKey, M,
+                               datetime.datetime, str], T]) -> T:
+        """Round trip 2 for either purpose, in the order of docs/protocol.md: open the
+        sealed challenge, find the device, verify the identity key's signature over
+        `signed(...)`, spend the challenge (single use), refuse a retired device, then
+        `act`. Nothing is written before the signature verifies. Refusals are audited."""
         device_id: str | None = None
-        claimed = False
+        spent = False
         try:
             request = decode(model, body)
             now = self._clock()
-            challenge = self.store.claim_device_challenge(challenge_id, purpose,
-                                                          now.timestamp())
-            claimed, device_id = True, challenge.device_id
-            device = check_active(self.store.device(device_id), device_id)
+            challenge = self.sealer.open(challenge_id, purpose, now.timestamp())
+            device_id = challenge.device_id
+            device = self.store.device(device_id)
+            if device is None:
+                raise problem("device-unknown", f"{device_id}: not enrolled with this registrar")
             _, identity_key = evidence.check_identity_public(device.identity_public)
+            evidence.check_request_signature(request.signature, signed(challenge, request),
+                                             identity_key)
+            self.store.spend_device_challenge(DeviceChallengeRow(
+                challenge.id, device_id, purpose, challenge.nonce, now.timestamp(),
+                float(challenge.expires_at)))
+            spent = True
+            check_active(device)
             return act(challenge, device, identity_key, request, now, peer)
         except Problem as p:
-            if claimed:
+            if spent:
                 self.store.settle_device_challenge(challenge_id, "failed")
             self._refused(REFUSED_EVENT[purpose], purpose, p, peer, challenge=challenge_id,
                           device_id=device_id)
@@ -108,17 +132,16 @@ class LifecycleService(RegistrarParts):
 
     def renew(self, challenge_id: str, body: bytes, peer: str) -> Renewed:
         return self._answer(challenge_id, "renew", RenewRequest, body, peer,
+                            lambda c, r: evidence.device_request_message(
+                                "renew", c.device_id, c.id, c.nonce, r.quote.attest,
+                                r.tls_csr),
                             self._verify_and_renew)
 
-    def _verify_and_renew(self, challenge: DeviceChallengeRow, device: DeviceRow,
+    def _verify_and_renew(self, challenge: SealedChallenge, device: DeviceRow,
                           identity_key: ec.EllipticCurvePublicKey, request: RenewRequest,
                           now: datetime.datetime, peer: str) -> Renewed:
-        # Authenticate first: nothing else is looked at unless the identity key signed it.
-        message = evidence.device_request_message(
-            "renew", device.device_id, challenge.id, challenge.nonce, request.quote.attest,
-            request.tls_csr)
-        evidence.check_request_signature(request.signature, message, identity_key)
-        # Then the renewal rate: after authentication, so a stranger learns nothing
+        # The identity key's signature was verified first (_answer). Then the renewal
+        # rate: after authentication, so a stranger learns nothing
         # about a device's renewals, and before the quote and the two signatures, the
         # work a device renewing in a loop would cost.
         self._check_renewal_rate(device, now)
@@ -171,15 +194,13 @@ class LifecycleService(RegistrarParts):
 
     def decommission(self, challenge_id: str, body: bytes, peer: str) -> Decommissioned:
         return self._answer(challenge_id, "decommission", DecommissionRequest, body, peer,
-                            self._verify_and_retire)
+                            lambda c, _r: evidence.device_request_message(
+                                "decommission", c.device_id, c.id, c.nonce),
+                            self._retire)
 
-    def _verify_and_retire(self, challenge: DeviceChallengeRow, device: DeviceRow,
-                           identity_key: ec.EllipticCurvePublicKey,
-                           request: DecommissionRequest, now: datetime.datetime,
-                           peer: str) -> Decommissioned:
-        message = evidence.device_request_message(
-            "decommission", device.device_id, challenge.id, challenge.nonce)
-        evidence.check_request_signature(request.signature, message, identity_key)
+    def _retire(self, challenge: SealedChallenge, device: DeviceRow,
+                _identity_key: ec.EllipticCurvePublicKey, _request: DecommissionRequest,
+                now: datetime.datetime, peer: str) -> Decommissioned:
         serials = self.store.retire_device(device.device_id, "decommissioned",
                                            "requested by the device", now.timestamp())
         self.store.settle_device_challenge(challenge.id, "completed")
@@ -204,7 +225,8 @@ class LifecycleService(RegistrarParts):
     def crl(self) -> x509.CertificateRevocationList:
         now = self._clock()
         entries = [(int(c.serial, 16),
-                    datetime.datetime.fromtimestamp(c.revoked_at or 0, datetime.UTC))
+                    datetime.datetime.fromtimestamp(c.revoked_at or 0, datetime.UTC),
+                    CRL_REASONS.get(c.reason or ""))
                    for c in self.store.revoked_certificates(now.timestamp())]
         return self.ca.crl(entries, now, datetime.timedelta(seconds=self.config.crl_next_update))
 

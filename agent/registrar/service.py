@@ -167,15 +167,22 @@ class EnrollmentService(RegistrarParts):
         serial = record.serial
         not_after = cert.not_valid_after_utc.isoformat(timespec="seconds")
         stamp = now.isoformat(timespec="seconds")
-        count = self.store.complete_enrollment(challenge, DeviceRow(
+        enrolled = self.store.complete_enrollment(challenge, DeviceRow(
             device_id=challenge.device_id, ek_certificate=challenge.ek_certificate,
             ak_name=evidence.tpm_name(ak_public), identity_public=request.identity_public,
             status="active", tpm_manufacturer=tpm_claims(ek_cert).manufacturer,
             enrolled_at=stamp, updated_at=stamp, enrollments=1, cert_serial=serial,
             cert_not_after=not_after), record, now.timestamp())
+        if enrolled.superseded:
+            # The TPM enrolled again (wiped agent state, a new token): its earlier keys
+            # cannot renew any more, so their certificates must not stay valid either.
+            self.audit.append("certificates-superseded", device_id=challenge.device_id,
+                              revoked=enrolled.superseded, enrollments=enrolled.enrollments)
+            log.warning("%s enrolled again: %d earlier certificates put on the CRL",
+                        challenge.device_id, len(enrolled.superseded))
         self.audit.append("certificate-issued", challenge=challenge.id,
                           device_id=challenge.device_id, serial=serial, not_after=not_after,
-                          pcr_state=pcr_state, enrollments=count, peer=peer)
+                          pcr_state=pcr_state, enrollments=enrolled.enrollments, peer=peer)
         log.info("issued %s to %s (serial %s, PCR state %r)", not_after, challenge.device_id,
                  serial, pcr_state)
         return Issued(device_id=challenge.device_id, certificate_chain=self.ca.chain_pem(cert),

@@ -1,11 +1,12 @@
 """The registrar's database: SQLite in WAL mode, safe across threads and processes.
 
-Tables: devices, challenges (enrollment), device_challenges (renewal and
-decommissioning nonces), certificates (every certificate issued, for the
-CRL), tokens. State changes that must not race (claim a challenge, consume
-a token, record a device) run in BEGIN IMMEDIATE transactions, so two
-concurrent requests can never both use one challenge or one token. Challenge
-secrets are wiped as soon as the challenge is settled.
+Tables: devices, challenges (enrollment), device_challenges (sealed renewal
+and decommissioning challenges once answered: their single use), certificates
+(every certificate issued, for the CRL), tokens. State changes that must not
+race (claim a challenge, consume a token, record a device) run in BEGIN
+IMMEDIATE transactions, so two concurrent requests can never both use one
+challenge or one token. Challenge secrets are wiped as soon as the challenge
+is settled.
 
 The schema version is PRAGMA user_version; `_migrate` upgrades older files
 in one transaction.
@@ -111,6 +112,12 @@ class DeviceChallengeRow:
     nonce: bytes
     created_at: float
     expires_at: float
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    enrollments: int  # how many times this device has enrolled, this one included
+    superseded: list[str]  # serials of its earlier certificates, revoked now
 
 
 @dataclass(frozen=True)
@@ -236,13 +243,14 @@ class Store:
     # --- enrollment challenges -------------------------------------------------
 
     def pending_challenges(self, now: float) -> int:
-        rows = self._query(
-            "SELECT (SELECT count(*) FROM challenges WHERE state = 'pending' AND expires_at > ?)"
-            " + (SELECT count(*) FROM device_challenges WHERE state = 'pending' "
-            "AND expires_at > ?)", (now, now))
+        """Open enrollment challenges (device challenges are sealed, not stored)."""
+        rows = self._query("SELECT count(*) FROM challenges WHERE state = 'pending' "
+                           "AND expires_at > ?", (now,))
         return int(rows[0][0])  # type: ignore[call-overload]
 
-    def add_challenge(self, row: ChallengeRow) -> None:
+    def add_challenge(self, row: ChallengeRow, keep_per_device: int = 2) -> None:
+        """Record an enrollment challenge. A device has at most `keep_per_device` open:
+        a new one replaces the oldest, so one EK cannot fill the pending pool."""
         with self._transaction() as db:
             # Prune challenges expired for an hour; the audit log keeps the history.
             db.execute("DELETE FROM challenges WHERE expires_at < ?", (row.created_at - 3600,))
@@ -252,6 +260,11 @@ class Store:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending')",
                 (row.id, row.device_id, row.ek_certificate, row.ak_public, row.secret, row.nonce,
                  row.token_hash, row.created_at, row.expires_at))
+            db.execute(
+                "UPDATE challenges SET state = 'failed', secret = NULL WHERE id IN ("
+                "SELECT id FROM challenges WHERE device_id = ? AND state = 'pending' "
+                "ORDER BY created_at DESC, rowid DESC LIMIT -1 OFFSET ?)",
+                (row.device_id, keep_per_device))
 
     def claim_challenge(self, challenge_id: str, now: float) -> ChallengeRow:
         """Take a pending challenge for one completion attempt; single use."""
@@ -260,7 +273,7 @@ class Store:
                 "SELECT id, device_id, ek_certificate, ak_public, secret, nonce, token_hash, "
                 "created_at, expires_at, state FROM challenges WHERE id = ?",
                 (challenge_id,)).fetchone()
-            *fields, _ = _claimable(found, challenge_id, now, db, "challenges")
+            *fields, _ = _claimable(found, challenge_id, now, db)
         return ChallengeRow(*fields)
 
     def fail_challenge(self, challenge_id: str) -> None:
@@ -270,26 +283,22 @@ class Store:
 
     # --- device challenges (renewal, decommissioning) -----------------------------
 
-    def add_device_challenge(self, row: DeviceChallengeRow) -> None:
+    def spend_device_challenge(self, row: DeviceChallengeRow) -> None:
+        """Record a sealed device challenge as answered (state 'claimed'); challenge-used if
+        it already was. Only a request the device's identity key signed gets here, so
+        rows grow with honest renewals, never with anonymous requests."""
         with self._transaction() as db:
             db.execute("DELETE FROM device_challenges WHERE expires_at < ?",
                        (row.created_at - 3600,))
+            spent = db.execute("SELECT state FROM device_challenges WHERE id = ?",
+                               (row.id,)).fetchone()
+            if spent is not None:
+                raise problem("challenge-used", f"challenge {row.id!r} was already answered "
+                                                f"({spent[0]})")
             db.execute("INSERT INTO device_challenges (id, device_id, purpose, nonce, "
-                       "created_at, expires_at, state) VALUES (?, ?, ?, ?, ?, ?, 'pending')",
+                       "created_at, expires_at, state) VALUES (?, ?, ?, ?, ?, ?, 'claimed')",
                        (row.id, row.device_id, row.purpose, row.nonce, row.created_at,
                         row.expires_at))
-
-    def claim_device_challenge(self, challenge_id: str, purpose: str,
-                               now: float) -> DeviceChallengeRow:
-        with self._transaction() as db:
-            found = db.execute(
-                "SELECT id, device_id, purpose, nonce, created_at, expires_at, state "
-                "FROM device_challenges WHERE id = ?", (challenge_id,)).fetchone()
-            if found is not None and found[2] != purpose:
-                raise problem("challenge-unknown", f"challenge {challenge_id!r} was issued for "
-                                                   f"{found[2]}, not {purpose}")
-            *fields, _ = _claimable(found, challenge_id, now, db, "device_challenges")
-        return DeviceChallengeRow(*fields)
 
     def settle_device_challenge(self, challenge_id: str, state: str) -> None:
         with self._transaction() as db:
@@ -308,9 +317,10 @@ class Store:
         return [DeviceRow(*r) for r in rows]  # type: ignore[arg-type]
 
     def complete_enrollment(self, challenge: ChallengeRow, device: DeviceRow,
-                            certificate: IssuedCertificate, now: float) -> int:
+                            certificate: IssuedCertificate, now: float) -> Enrolled:
         """Consume the token, record the device and its certificate and settle the
-        challenge, all or nothing. Returns how many times this device has enrolled."""
+        challenge, all or nothing. Enrolling again supersedes the device's earlier
+        certificates: their keys can no longer renew, so they go on the CRL."""
         with self._transaction() as db:
             if challenge.token_hash is not None:
                 used = db.execute(
@@ -323,6 +333,7 @@ class Store:
             if existing is not None and existing[0] == "revoked":
                 raise problem("device-revoked", f"{device.device_id} is revoked")
             count = 1 if existing is None else int(existing[1]) + 1
+            superseded = _revoke_certificates(db, device.device_id, "superseded", now)
             db.execute(
                 f"INSERT OR REPLACE INTO devices ({_DEVICE_COLUMNS}) "
                 "VALUES (?, ?, ?, ?, ?, ?, COALESCE((SELECT enrolled_at FROM devices "
@@ -334,7 +345,7 @@ class Store:
             _record(db, certificate)
             db.execute("UPDATE challenges SET state = 'completed', secret = NULL WHERE id = ?",
                        (challenge.id,))
-        return count
+        return Enrolled(count, superseded)
 
     def record_renewal(self, challenge_id: str, device_id: str,
                        certificates: list[IssuedCertificate], updated_at: str) -> int:
@@ -367,13 +378,7 @@ class Store:
                 "WHERE device_id = ?", (status, reason, isoformat_utc(now), device_id)).rowcount
             if changed != 1:
                 raise problem("device-unknown", f"{device_id}: no such device")
-            serials = [r[0] for r in db.execute(
-                "SELECT serial FROM certificates WHERE device_id = ? AND revoked_at IS NULL "
-                "AND not_after > ?", (device_id, now)).fetchall()]
-            db.execute("UPDATE certificates SET revoked_at = ?, reason = ? WHERE device_id = ? "
-                       "AND revoked_at IS NULL AND not_after > ?",
-                       (now, status, device_id, now))
-        return serials
+            return _revoke_certificates(db, device_id, status, now)
 
     # --- certificates ------------------------------------------------------
 
@@ -400,21 +405,33 @@ class Store:
 
 
 def _claimable(found: tuple[object, ...] | None, challenge_id: str, now: float,
-               db: sqlite3.Connection, table: str) -> tuple[object, ...]:
-    """Check a fetched challenge row (state last, expires_at before it) and mark it claimed."""
+               db: sqlite3.Connection) -> tuple[object, ...]:
+    """Check a fetched enrollment challenge row (state last, expires_at before it) and
+    mark it claimed."""
     if found is None:
         raise problem("challenge-unknown", f"challenge {challenge_id!r} does not exist")
     state, expires_at = found[-1], float(found[-2])  # type: ignore[arg-type]
     if state != "pending":
         raise problem("challenge-used",
                       f"challenge {challenge_id!r} was already answered ({state})")
-    wipe = ", secret = NULL" if table == "challenges" else ""
     if expires_at <= now:
-        db.execute(f"UPDATE {table} SET state = 'failed'{wipe} WHERE id = ?", (challenge_id,))
+        db.execute("UPDATE challenges SET state = 'failed', secret = NULL WHERE id = ?",
+                   (challenge_id,))
         raise problem("challenge-expired", f"challenge {challenge_id!r} expired "
                                            f"{now - expires_at:.0f}s ago")
-    db.execute(f"UPDATE {table} SET state = 'claimed' WHERE id = ?", (challenge_id,))
+    db.execute("UPDATE challenges SET state = 'claimed' WHERE id = ?", (challenge_id,))
     return found
+
+
+def _revoke_certificates(db: sqlite3.Connection, device_id: str, reason: str,
+                         now: float) -> list[str]:
+    """Put a device's unexpired certificates on the CRL; the serials revoked now."""
+    serials = [str(r[0]) for r in db.execute(
+        "SELECT serial FROM certificates WHERE device_id = ? AND revoked_at IS NULL "
+        "AND not_after > ?", (device_id, now)).fetchall()]
+    db.execute("UPDATE certificates SET revoked_at = ?, reason = ? WHERE device_id = ? "
+               "AND revoked_at IS NULL AND not_after > ?", (now, reason, device_id, now))
+    return serials
 
 
 def _record(db: sqlite3.Connection, cert: IssuedCertificate) -> None:

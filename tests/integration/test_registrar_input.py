@@ -245,7 +245,7 @@ def test_garbage_at_the_device_routes_gets_problems_and_changes_nothing(target):
     decommission_challenge = challenge("decommission")
     assert_problem(post(registrar, session,
                         f"/challenges/{decommission_challenge['challenge_id']}/renew", good),
-                   404, "challenge-unknown", "issued for decommission")
+                   404, "challenge-unknown", "not issued for renew")
     assert_problem(post(registrar, session, "/challenges/nothex/renew", good), 404,
                    "challenge-unknown")
     assert_problem(post(registrar, session,

@@ -154,7 +154,11 @@ def test_revoked_device_stops_presenting_and_destroys_its_tls_key(tpm, registrar
     assert code == 2 and renewed["outcome"]["result"] == "revoked"
     doc = agent.wait_status("revoked", lambda d: d["enrollment"]["state"] == "revoked")
     assert doc["state"] == "FAIL"
-    assert "stolen from site 7" in doc["enrollment"]["revoked_reason"]
+    # The operator's words stay with the operator (audit log, devices show).
+    assert "revoked by the operator" in doc["enrollment"]["revoked_reason"]
+    assert "stolen" not in json.dumps(doc)
+    shown = registrar.cli("devices", "show", "--dir", str(registrar.directory), device_id)
+    assert "stolen from site 7" in shown.stdout
     assert doc["tls_certificate"] is None and doc["rotation"]["state"] == "revoked"
     stored = json.loads((_state_dir(agent) / "enrollment.json").read_text())
     assert stored["lifecycle"] == "revoked" and stored["tls"] is None

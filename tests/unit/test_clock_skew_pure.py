@@ -40,6 +40,8 @@ from agent.rotation.registrarclock import RegistrarClock, describe_offset
 from tests.unit.test_diagnostics import AGENT, AT, ENROLLED, LEAF, facts
 from tests.unit.test_rotation_pure import NOW, _body, _lifecycle, _stored, _write_ca
 
+DEVICE = "urn:devid:" + "ab" * 16  # as the registrar derives them
+
 MINUTE = datetime.timedelta(minutes=1)
 HALF_HOUR = datetime.timedelta(minutes=30)
 
@@ -290,11 +292,11 @@ def _csr() -> bytes:
 def _renew_request(service, identity: ec.EllipticCurvePrivateKey) -> tuple[str, bytes]:
     """A renewal signed by the identity key whose quote is rubbish: what comes back says
     how far the registrar got."""
-    challenge = service.challenge(_body(DeviceChallengeRequest(device_id="urn:devid:ab",
+    challenge = service.challenge(_body(DeviceChallengeRequest(device_id=DEVICE,
                                                                purpose="renew")), "test")
     attest, csr = b"not a quote", _csr()
     signature = identity.sign(device_request_message(
-        "renew", "urn:devid:ab", challenge.challenge_id, challenge.nonce, attest, csr),
+        "renew", DEVICE, challenge.challenge_id, challenge.nonce, attest, csr),
         ec.ECDSA(hashes.SHA256()))
     return challenge.challenge_id, _body(RenewRequest(
         ak_public=b"ak", quote=Evidence(attest=attest, signature=b"sig"), pcr_values=[],
@@ -305,9 +307,9 @@ def _renewed(service, at: datetime.datetime, n: int) -> None:
     """Record `n` renewals of the device at registrar time `at`."""
     for i in range(n):
         stamp = at.timestamp()
-        service.store.record_renewal("x", "urn:devid:ab", [
-            IssuedCertificate(f"{at:%H%M}{i}a", "urn:devid:ab", "identity", stamp, stamp + 3600),
-            IssuedCertificate(f"{at:%H%M}{i}b", "urn:devid:ab", "tls", stamp, stamp + 3600)],
+        service.store.record_renewal("x", DEVICE, [
+            IssuedCertificate(f"{at:%H%M}{i}a", DEVICE, "identity", stamp, stamp + 3600),
+            IssuedCertificate(f"{at:%H%M}{i}b", DEVICE, "tls", stamp, stamp + 3600)],
             at.isoformat())
 
 

@@ -205,3 +205,35 @@ def test_damaged_decommission_marker_is_refused_by_field(tmp_path, content, need
         DecommissionStore(tmp_path).load()
     assert needle in exc.value.message
     assert (tmp_path / "decommissioned.json").read_bytes() == content
+
+
+def test_a_device_keeps_two_open_enrollment_challenges_the_newest_win(tmp_path):
+    store = Store(tmp_path / "r.db")
+    for i in range(5):
+        _challenge(store, cid=f"{i:032x}", now=1000.0 + i)
+    assert store.pending_challenges(1001.0) == 2
+    with pytest.raises(Problem) as exc:  # replaced: no longer claimable
+        store.claim_challenge(f"{0:032x}", 1005.0)
+    assert exc.value.code == "challenge-used"
+    store.claim_challenge(f"{4:032x}", 1005.0)
+
+
+def test_enrolling_again_supersedes_the_earlier_certificates(tmp_path):
+    from agent.registrar.store import DeviceRow, IssuedCertificate
+
+    store = Store(tmp_path / "r.db")
+
+    def enroll(serial: str, now: float) -> list[str]:
+        row = _challenge(store, cid=f"{int(now):032x}", now=now)
+        store.claim_challenge(row.id, now)
+        device = DeviceRow("urn:devid:x", b"ek", b"ak", b"id", "active", None, "t", "t", 1,
+                           serial, "t")
+        cert = IssuedCertificate(serial, "urn:devid:x", "identity", now, now + 3600)
+        enrolled = store.complete_enrollment(row, device, cert, now)
+        return enrolled.superseded
+
+    assert enroll("aa", 1000.0) == []
+    assert enroll("bb", 2000.0) == ["aa"]
+    [revoked] = store.revoked_certificates(2001.0)
+    assert (revoked.serial, revoked.reason) == ("aa", "superseded")
+    assert enroll("cc", 6000.0) == []  # bb has expired by now: nothing left to revoke

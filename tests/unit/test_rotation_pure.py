@@ -21,7 +21,13 @@ from agent.daemon.enrollment import EnrollmentManager
 from agent.daemon.hooks import run_hooks
 from agent.daemon.rotation import RotationManager
 from agent.enroll.evidence import device_request_message, tpm_name
-from agent.enroll.messages import DecommissionRequest, DeviceChallengeRequest, encode
+from agent.enroll.messages import (
+    DecommissionRequest,
+    DeviceChallengeRequest,
+    Evidence,
+    RenewRequest,
+    encode,
+)
 from agent.enroll.state import StoredEnrollment, StoredTls
 from agent.errors import ConfigError, Problem, StateError
 from agent.pki.devicecert import Validity, verification_time
@@ -34,6 +40,9 @@ from agent.rotation.credentials import CredentialHolder, TlsCredentials
 from agent.rotation.tlskey import key_from_secret, key_to_secret, new_tls_key
 from agent.secret import SecretBytes
 from agent.tpm.blobs import KeyBlob
+
+DEVICE = "urn:devid:" + "ab" * 16  # as the registrar derives them
+OTHER_DEVICE = "urn:devid:" + "cd" * 16
 
 NOW = datetime.datetime(2026, 11, 21, 12, 0, tzinfo=datetime.UTC)
 HOUR = datetime.timedelta(hours=1)
@@ -104,11 +113,11 @@ def _stored(ca: CertificateAuthority, lifetime: datetime.timedelta = HOUR,
             now: datetime.datetime = NOW) -> tuple[StoredEnrollment, ec.EllipticCurvePrivateKey]:
     identity = ec.generate_private_key(ec.SECP256R1())
     tls_key = new_tls_key()
-    cert = ca.issue_device("urn:devid:ab", identity.public_key(), lifetime, now)
-    tls = ca.issue_device("urn:devid:ab", tls_key.public_key(), lifetime, now, "tls")
+    cert = ca.issue_device(DEVICE, identity.public_key(), lifetime, now)
+    tls = ca.issue_device(DEVICE, tls_key.public_key(), lifetime, now, "tls")
     blob = KeyBlob.sealed(_identity_public(identity), bytes(TPM2B_PRIVATE(b"wrapped").marshal()),
                           [7], [b"\x11" * 32])
-    stored = StoredEnrollment("urn:devid:ab", "https://r", now, format(cert.serial_number, "x"),
+    stored = StoredEnrollment(DEVICE, "https://r", now, format(cert.serial_number, "x"),
                               (cert, ca.issuing))
     return stored.renewed((cert, ca.issuing), format(cert.serial_number, "x"),
                           StoredTls((tls, ca.issuing), format(tls.serial_number, "x"), blob),
@@ -171,17 +180,17 @@ def _lifecycle(tmp_path: Path, ca: CertificateAuthority,
                identity: ec.EllipticCurvePrivateKey) -> LifecycleService:
     store = Store(tmp_path / "r.db")
     config = RegistrarConfig(ek_roots=[Path("/dev/null")], cert_lifetime=3600.0)
-    cert = ca.issue_device("urn:devid:ab", identity.public_key(), HOUR, NOW)
-    record = IssuedCertificate(format(cert.serial_number, "x"), "urn:devid:ab", "identity",
+    cert = ca.issue_device(DEVICE, identity.public_key(), HOUR, NOW)
+    record = IssuedCertificate(format(cert.serial_number, "x"), DEVICE, "identity",
                                NOW.timestamp(), (NOW + HOUR).timestamp())
     from agent.registrar.store import ChallengeRow
 
-    challenge = ChallengeRow("c" * 32, "urn:devid:ab", b"ek", b"ak", b"s", b"n" * 32, None,
+    challenge = ChallengeRow("c" * 32, DEVICE, b"ek", b"ak", b"s", b"n" * 32, None,
                              NOW.timestamp(), NOW.timestamp() + 60)
     store.add_challenge(challenge)
     store.claim_challenge(challenge.id, NOW.timestamp())
     store.complete_enrollment(challenge, DeviceRow(
-        "urn:devid:ab", b"ek", b"\x00\x0bak-name", _identity_public(identity), "active", None,
+        DEVICE, b"ek", b"\x00\x0bak-name", _identity_public(identity), "active", None,
         NOW.isoformat(), NOW.isoformat(), 1, record.serial, cert.not_valid_after_utc.isoformat()),
         record, NOW.timestamp())
     counter = iter(range(1000))
@@ -199,73 +208,90 @@ def _body(message) -> bytes:
 def test_decommissioning_needs_the_identity_key_and_revokes_everything(tmp_path, ca):
     identity = ec.generate_private_key(ec.SECP256R1())
     service = _lifecycle(tmp_path, ca, identity)
-    request = _body(DeviceChallengeRequest(device_id="urn:devid:ab", purpose="decommission"))
-    challenge = service.challenge(request, "test")
-    # Signed by another key: refused, and the challenge is spent.
+    request = _body(DeviceChallengeRequest(device_id=DEVICE, purpose="decommission"))
+    first = service.challenge(request, "test")
+    # Signed by another key: refused, and nothing is spent: a stranger cannot burn the
+    # device's own challenge.
     forged = ec.generate_private_key(ec.SECP256R1()).sign(
-        device_request_message("decommission", "urn:devid:ab", challenge.challenge_id,
-                               challenge.nonce), ec.ECDSA(hashes.SHA256()))
-    with pytest.raises(Problem) as exc:
-        service.decommission(challenge.challenge_id, _body(DecommissionRequest(
-            signature=forged)), "test")
-    assert exc.value.code == "request-signature-invalid"
-    with pytest.raises(Problem) as exc:
-        service.decommission(challenge.challenge_id, _body(DecommissionRequest(
-            signature=forged)), "test")
-    assert exc.value.code == "challenge-used"
+        device_request_message("decommission", DEVICE, first.challenge_id, first.nonce),
+        ec.ECDSA(hashes.SHA256()))
+    for _ in range(2):
+        with pytest.raises(Problem) as exc:
+            service.decommission(first.challenge_id, _body(DecommissionRequest(
+                signature=forged)), "test")
+        assert exc.value.code == "request-signature-invalid"
     # A renewal signature does not decommission either: the purpose is signed.
     challenge = service.challenge(request, "test")
     renew_sig = identity.sign(device_request_message(
-        "renew", "urn:devid:ab", challenge.challenge_id, challenge.nonce),
+        "renew", DEVICE, challenge.challenge_id, challenge.nonce),
         ec.ECDSA(hashes.SHA256()))
     with pytest.raises(Problem) as exc:
         service.decommission(challenge.challenge_id, _body(DecommissionRequest(
             signature=renew_sig)), "test")
     assert exc.value.code == "request-signature-invalid"
 
-    challenge = service.challenge(request, "test")
     good = identity.sign(device_request_message(
-        "decommission", "urn:devid:ab", challenge.challenge_id, challenge.nonce),
-        ec.ECDSA(hashes.SHA256()))
-    done = service.decommission(challenge.challenge_id, _body(DecommissionRequest(
+        "decommission", DEVICE, first.challenge_id, first.nonce), ec.ECDSA(hashes.SHA256()))
+    done = service.decommission(first.challenge_id, _body(DecommissionRequest(
         signature=good)), "test")
     assert done.status == "decommissioned" and len(done.revoked_serials) == 1
     crl = service.crl()
     assert crl.is_signature_valid(ca.issuing.public_key())
     assert {format(r.serial_number, "x") for r in crl} == set(done.revoked_serials)
+    with pytest.raises(Problem) as exc:  # single use
+        service.decommission(first.challenge_id, _body(DecommissionRequest(
+            signature=good)), "test")
+    assert exc.value.code == "challenge-used"
+    # A challenge is still issued (that costs nothing and says nothing); the device
+    # learns it is decommissioned once it has signed.
+    late = service.challenge(request, "test")
+    signed = identity.sign(device_request_message(
+        "decommission", DEVICE, late.challenge_id, late.nonce), ec.ECDSA(hashes.SHA256()))
     with pytest.raises(Problem) as exc:
-        service.challenge(request, "test")
+        service.decommission(late.challenge_id, _body(DecommissionRequest(signature=signed)),
+                             "test")
     assert exc.value.code == "device-decommissioned"
     events = [r["event"] for r in AuditLog(tmp_path / "audit.log").records()]
-    # three refused answers and the refused challenge after it
-    assert events.count("decommission-refused") == 4 and "device-decommissioned" in events
+    assert events.count("decommission-refused") == 5 and "device-decommissioned" in events
 
 
-def test_revoked_and_unknown_devices_get_no_challenge(tmp_path, ca):
+def test_retired_and_unknown_devices_learn_it_only_after_signing(tmp_path, ca):
     identity = ec.generate_private_key(ec.SECP256R1())
     service = _lifecycle(tmp_path, ca, identity)
-    issued = service.challenge(_body(DeviceChallengeRequest(device_id="urn:devid:ab",
+    issued = service.challenge(_body(DeviceChallengeRequest(device_id=DEVICE,
                                                             purpose="decommission")), "test")
-    assert len(service.revoke("urn:devid:ab", "stolen", "test")) == 1
-    # A challenge issued before the revocation is answered with the revocation, and spent.
+    assert len(service.revoke(DEVICE, "stolen from site 7", "test")) == 1
+    # Anyone gets a challenge for a revoked device: the answer says nothing of it.
+    anonymous = service.challenge(_body(DeviceChallengeRequest(device_id=DEVICE,
+                                                               purpose="renew")), "test")
+    assert anonymous.device_id == DEVICE and "stolen" not in str(encode(anonymous))
+    # Answered by the device: the revocation, without the operator's words; spent.
     signature = identity.sign(device_request_message(
-        "decommission", "urn:devid:ab", issued.challenge_id, issued.nonce),
+        "decommission", DEVICE, issued.challenge_id, issued.nonce),
         ec.ECDSA(hashes.SHA256()))
     with pytest.raises(Problem) as exc:
         service.decommission(issued.challenge_id, _body(DecommissionRequest(
             signature=signature)), "test")
-    assert exc.value.code == "device-revoked"
+    assert exc.value.code == "device-revoked" and "stolen" not in exc.value.message
     state = sqlite3.connect(tmp_path / "r.db").execute(
         "SELECT state FROM device_challenges WHERE id = ?", (issued.challenge_id,)).fetchone()
     assert state == ("failed",)
     refused = [r for r in AuditLog(tmp_path / "audit.log").records()
                if r["event"] == "decommission-refused"]
-    assert refused[-1]["device_id"] == "urn:devid:ab"
-    for device, code in (("urn:devid:ab", "device-revoked"), ("urn:devid:cd", "device-unknown")):
-        with pytest.raises(Problem) as exc:
-            service.challenge(_body(DeviceChallengeRequest(device_id=device, purpose="renew")),
-                              "test")
-        assert exc.value.code == code
+    assert refused[-1]["device_id"] == DEVICE
+    # An unknown device: a challenge, then device-unknown at the answer.
+    other = service.challenge(_body(DeviceChallengeRequest(device_id=OTHER_DEVICE,
+                                                           purpose="renew")), "test")
+    with pytest.raises(Problem) as exc:
+        service.renew(other.challenge_id, _body(RenewRequest(
+            ak_public=b"ak", quote=Evidence(attest=b"q", signature=b"s"), pcr_values=[],
+            tls_csr=b"csr", signature=b"sig")), "test")
+    assert exc.value.code == "device-unknown"
+    # Not a device ID this registrar makes: refused at once.
+    with pytest.raises(Problem) as exc:
+        service.challenge(_body(DeviceChallengeRequest(device_id="urn:devid:zz",
+                                                       purpose="renew")), "test")
+    assert exc.value.code == "device-unknown"
     with pytest.raises(Problem) as exc:
         service.revoke("urn:devid:zz", "typo", "test")
     assert exc.value.code == "device-unknown"
@@ -273,7 +299,7 @@ def test_revoked_and_unknown_devices_get_no_challenge(tmp_path, ca):
 
 def test_crl_leaves_out_expired_certificates(tmp_path, ca):
     service = _lifecycle(tmp_path, ca, ec.generate_private_key(ec.SECP256R1()))
-    service.revoke("urn:devid:ab", "stolen", "test")
+    service.revoke(DEVICE, "stolen", "test")
     assert len(service.crl()) == 1
     service._clock = lambda: NOW + 2 * HOUR  # the certificate expired meanwhile
     assert len(service.crl()) == 0
@@ -289,7 +315,8 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
             tpm_manufacturer TEXT, enrolled_at TEXT NOT NULL, updated_at TEXT NOT NULL,
             enrollments INTEGER NOT NULL DEFAULT 1, cert_serial TEXT NOT NULL,
             cert_not_after TEXT NOT NULL);
-        INSERT INTO devices VALUES ('urn:devid:ab', x'00', x'00', x'00', 'active', NULL,
+        INSERT INTO devices VALUES ('urn:devid:abababababababababababababababab',
+            x'00', x'00', x'00', 'active', NULL,
             '2026-11-20T00:00:00+00:00', '2026-11-20T00:00:00+00:00', 1, 'beef',
             '2026-11-22T00:00:00+00:00');
     """)
@@ -298,11 +325,11 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
     store = Store(path)
     [device] = store.devices()
     assert device.status == "active" and device.renewals == 0
-    assert [c.serial for c in store.certificates_of("urn:devid:ab")] == ["beef"]
-    assert store.retire_device("urn:devid:ab", "decommissioned", "test", NOW.timestamp()) \
+    assert [c.serial for c in store.certificates_of(DEVICE)] == ["beef"]
+    assert store.retire_device(DEVICE, "decommissioned", "test", NOW.timestamp()) \
         == ["beef"]
     store.close()
-    assert Store(path).device("urn:devid:ab").status == "decommissioned"  # reopen: no-op
+    assert Store(path).device(DEVICE).status == "decommissioned"  # reopen: no-op
 
 
 # --- hooks and config ---------------------------------------------------------------------
