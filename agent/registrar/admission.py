@@ -24,6 +24,26 @@ RETRY_AFTER = 2.0  # seconds, the least a refused client is told to wait
 WARN_EVERY = 60.0  # seconds between two "busy" warnings in the log
 
 
+class RateLimitedWarning:
+    """A warning logged at most once per `every` seconds, whatever floods it."""
+
+    def __init__(self, logger: logging.Logger, every: float = WARN_EVERY,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._log = logger
+        self._every = every
+        self._monotonic = monotonic
+        self._warned_at: float | None = None
+
+    def warn(self, message: str, *args: object) -> bool:
+        """Log `message` unless one was logged less than `every` ago; whether it was."""
+        now = self._monotonic()
+        if self._warned_at is not None and now - self._warned_at < self._every:
+            return False
+        self._log.warning(message, *args)
+        self._warned_at = now
+        return True
+
+
 class InFlightLimit:
     def __init__(self, limit: int, retry_after: float = RETRY_AFTER,
                  rng: Callable[[], float] = random.random,
@@ -33,14 +53,16 @@ class InFlightLimit:
         self.in_flight = 0
         self.refused = 0  # since the last warning
         self._rng = rng
-        self._monotonic = monotonic
-        self._warned_at: float | None = None
+        self._warning = RateLimitedWarning(log, monotonic=monotonic)
 
     def enter(self) -> None:
         """Take a slot, or raise registrar-busy. Called on the event loop, so no lock."""
         if self.in_flight >= self.limit:
             self.refused += 1
-            self._warn()
+            if self._warning.warn("busy: %d requests in flight (max_in_flight %d); refused %d "
+                                  "with registrar-busy since the last warning",
+                                  self.in_flight, self.limit, self.refused):
+                self.refused = 0
             raise self.busy()
         self.in_flight += 1
 
@@ -51,12 +73,3 @@ class InFlightLimit:
         return problem("registrar-busy", f"{self.in_flight} requests are being verified, the "
                        f"limit (max_in_flight) is {self.limit}",
                        retry_after=self.retry_after * (1 + self._rng()))
-
-    def _warn(self) -> None:
-        now = self._monotonic()
-        if self._warned_at is not None and now - self._warned_at < WARN_EVERY:
-            return
-        log.warning("busy: %d requests in flight (max_in_flight %d); refused %d with "
-                    "registrar-busy since the last warning", self.in_flight, self.limit,
-                    self.refused)
-        self._warned_at, self.refused = now, 0

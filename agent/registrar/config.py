@@ -89,6 +89,12 @@ class RegistrarConfig(_Strict):
     # registrar-busy (503) with Retry-After instead of queueing.
     max_in_flight: Annotated[int, Field(ge=1, le=1024)] = 8
     max_body_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 64 * 1024
+    # TLS connections kept open; beyond, a new one closes the oldest that sent no request.
+    max_connections: Annotated[int, Field(ge=8, le=100_000)] = 512
+    # A connection must deliver a whole request this soon after it is made (or after its
+    # previous response), and finish the TLS handshake within handshake_timeout.
+    request_timeout: Duration = 20.0
+    handshake_timeout: Duration = 10.0
     crl_next_update: Duration = 3600.0
     pcr_policy: PcrPolicyConfig = Field(default_factory=PcrPolicyConfig)
     source: Path | None = Field(default=None, exclude=True)
@@ -203,6 +209,16 @@ max_in_flight = 8
 
 # Largest accepted request body, in bytes.
 max_body_bytes = 65536
+
+# TLS connections kept open at once; beyond, a new connection closes the oldest one
+# that has not sent a request. Each costs a descriptor (the unit sets LimitNOFILE).
+max_connections = 512
+
+# A connection must deliver a complete request within request_timeout of being made
+# (or of its previous response), and finish its TLS handshake within handshake_timeout;
+# idle and slow ("slowloris") connections are closed.
+request_timeout = "20s"
+handshake_timeout = "10s"
 
 [pcr_policy]
 # "enforce": the quoted PCR values must equal one of the allowed sets below.
