@@ -64,6 +64,7 @@ class AgentService:
         self._endorsement: EndorsementResult | None = None
         self._last_error: DevidError | None = None
         self._lost = asyncio.Event()
+        self._tcti_changed = asyncio.Event()  # a reload: retry at once, new TCTI
         self._ready = asyncio.Event()
         self._reconfigured = asyncio.Event()
         self._facts: TpmFacts | None = None  # last collected, for the headline
@@ -94,10 +95,15 @@ class AgentService:
                 log.info("retrying the TPM in %.1fs (attempt %d)", delay,
                          self._backoff.attempts)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
+                    await asyncio.wait_for(first_of(stop, self._tcti_changed), delay)
+                if self._tcti_changed.is_set():  # not the old TCTI's backoff, nor its error
+                    self._tcti_changed.clear()
+                    self._backoff.reset()
+                    self._last_error = None
                 continue
             self._backoff.reset()
             self._last_error = None
+            self._tcti_changed.clear()
             await first_of(stop, self._lost)
             if self._lost.is_set() and not stop.is_set():
                 events.emit(log, "tpm-lost", "TPM connection lost; reconnecting",
@@ -215,6 +221,7 @@ class AgentService:
             self.rotation.reconfigure(new.rotation)
         if "[tpm]" in plan.applied:
             self._lost.set()  # reconnect through the new TCTI
+            self._tcti_changed.set()  # at once, if waiting to retry the old one
         self._reconfigured.set()
         self.reload_error, self.reloaded_at = None, datetime.datetime.now(datetime.UTC)
         return plan

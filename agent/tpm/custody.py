@@ -105,6 +105,7 @@ from agent.tpm.handles import (
 )
 from agent.tpm.info import TpmInfo
 from agent.tpm.rc import translate
+from agent.tpm.tcti import parse_tcti
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,13 @@ SRK_NAME_FILE = "srk.name"
 MAX_SEALED_BYTES = 128  # TPM2B_SENSITIVE_DATA limit
 MAX_CAP_HANDLES = 64  # asked per GetCapability; more than any TPM has slots
 MAX_FLUSH_ROUNDS = 16  # pages of stale handles per kind (each round flushes one page)
+
+def _unreachable_hint(tcti: str) -> str | None:
+    try:
+        return parse_tcti(tcti).unreachable_hint()
+    except ValueError:
+        return None
+
 
 @dataclass(frozen=True)
 class Signature:
@@ -172,7 +180,8 @@ class TpmCustody:
         try:
             esapi = ESAPI(tcti)
         except TSS2_Exception as e:
-            raise TpmUnreachable(f"cannot open TPM via TCTI {tcti!r}: {e}", rc=int(e.rc)) from None
+            raise TpmUnreachable(f"cannot open TPM via TCTI {tcti!r}: {e}",
+                                 hint=_unreachable_hint(tcti), rc=int(e.rc)) from None
         custody = cls(esapi, tcti, state_dir)
         try:
             # Read-only users (devidctl check with the daemon down) observe the TPM as
@@ -248,7 +257,10 @@ class TpmCustody:
         try:
             yield self._esapi
         except TSS2_Exception as e:
-            raise translate(e, action) from None
+            error = translate(e, action)
+            if isinstance(error, TpmUnreachable):
+                error.hint = _unreachable_hint(self.tcti)
+            raise error from None
 
     # --- storage root key ---------------------------------------------------
 

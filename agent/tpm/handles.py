@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from agent.tpm.tcti import parse_tcti
+
 HT_LOADED_SESSION = 0x02  # also TPM_HT_HMAC_SESSION
 HT_SAVED_SESSION = 0x03  # also TPM_HT_POLICY_SESSION
 HT_TRANSIENT = 0x80
@@ -39,12 +41,12 @@ NEEDED_SESSIONS = 1
 NEEDED_TRANSIENT = 2
 
 
-RESOURCE_MANAGED = ("device:/dev/tpmrm", "tabrmd")
-
-
 def behind_resource_manager(tcti: str) -> bool:
     """Whether a resource manager flushes a dead client's handles for us."""
-    return tcti.startswith(RESOURCE_MANAGED)
+    try:
+        return parse_tcti(tcti).resource_managed
+    except ValueError:
+        return False
 
 
 def flushable(handle: int) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -151,6 +152,10 @@ def test_garbage_on_socket_gets_clear_error_and_daemon_survives(tpm, agent_facto
 @pytest.mark.parametrize("body, needle", [
     ("[tpm]\ntcit = 'x'\n", "[tpm] tcit: unknown key"),
     ("[tpm]\ntcti = 7\n", "[tpm] tcti: Input should be a valid string"),
+    ("[tpm]\ntcti = 'swtpm:host=127.0.0.1,prot=49122'\n",
+     "[tpm] tcti: swtpm: unknown option 'prot' in 'host=127.0.0.1,prot=49122' "
+     "(known: host, port)"),
+    ("[tpm]\ntcti = 'swtpm:port=99999'\n", "[tpm] tcti: swtpm: port '99999' is not a TCP port"),
     ("[paths]\nstate_dir = 1\n", "[paths] state_dir"),
     ("[trust]\nek_roots = ['/nonexistent.pem']\n", "[trust] ek_roots[0]: /nonexistent.pem"),
     ("[wat]\n", "[wat]: unknown section"),
@@ -190,3 +195,29 @@ def test_daemon_waits_for_missing_tpm_then_recovers(tpm, agent_factory):
     doc = agent.ctl_json("status")[1]
     assert doc["tpm"]["reachable"] is True
     assert doc["state"] == "WARN"  # only because enrollment is not configured here
+
+
+def test_a_reload_with_a_fixed_tcti_reconnects_at_once(tpm, agent_factory, tmp_path):
+    from stack import free_port
+
+    good = tpm.tcti
+    wrong = f"swtpm:host=127.0.0.1,port={free_port()}"
+    agent = agent_factory(tpm, wait=False)
+    config = agent.config
+    config.write_text(config.read_text().replace(good, wrong))
+    agent.stop()
+    agent.start(wait=False)
+    # Let the retries back off past 16 s, as after a while in the field.
+    deadline = time.monotonic() + 60
+    while "(attempt 5)" not in agent.log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    doc = agent.ctl_json("status")[1]
+    error = doc["tpm"]["error"]
+    assert wrong.rsplit("=", 1)[1] in error["hint"] and "swtpm is running" in error["hint"]
+    assert "tss" not in error["hint"] and "/dev/tpmrm0" not in error["hint"]
+    # Fixed and reloaded: connected well before the backoff would have retried.
+    config.write_text(config.read_text().replace(wrong, good))
+    agent.proc.send_signal(signal.SIGHUP)
+    agent.wait_ready(timeout=8)
+    doc = agent.ctl_json("status")[1]
+    assert doc["tpm"]["reachable"] is True and doc["tpm"].get("error") is None, doc["tpm"]
