@@ -141,6 +141,21 @@ def _wait_listening(port: int, proc_pid: int, deadline: float) -> bool:
     return False
 
 
+def pid_runs(pid: int, needle: str) -> bool:
+    """Whether process `pid` exists and its command line contains `needle`: a PID read
+    from a file may have been reused by an unrelated process since it was written."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return needle.encode() in cmdline.replace(b"\0", b" ")
+
+
+def _is_ours(pid: int, state: Path) -> bool:
+    """`pid` is alive and is the swtpm serving `state` (started with its absolute path)."""
+    return _pid_alive(pid) and pid_runs(pid, f"dir={state / 'tpm'}")
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -205,10 +220,10 @@ def _launch(state: Path, fixed_port: int | None = None) -> str:
 
 def running_tcti(state_dir: str | os.PathLike[str]) -> str | None:
     """The TCTI string of the swtpm already serving STATE_DIR, if any."""
-    state = Path(state_dir)
+    state = Path(state_dir).resolve()
     pid = _read_pid(state)
     tcti_file = state / "tcti"
-    if pid is not None and _pid_alive(pid) and tcti_file.exists():
+    if pid is not None and _is_ours(pid, state) and tcti_file.exists():
         return tcti_file.read_text().strip()
     return None
 
@@ -241,9 +256,9 @@ def start(state_dir: str | os.PathLike[str], port: int | None = None) -> str:
 
 def stop(state_dir: str | os.PathLike[str], timeout: float = 5.0) -> bool:
     """Stop STATE_DIR's swtpm. Returns True if one was running."""
-    state = Path(state_dir)
+    state = Path(state_dir).resolve()
     pid = _read_pid(state)
-    if pid is None or not _pid_alive(pid):
+    if pid is None or not _is_ours(pid, state):
         (state / "swtpm.pid").unlink(missing_ok=True)
         return False
     os.kill(pid, signal.SIGTERM)

@@ -348,8 +348,12 @@ def down(directory: Path) -> int:
     pid_file = directory / "pids"
     if pid_file.exists():
         for pid in pid_file.read_text().split():
-            with contextlib.suppress(ValueError, ProcessLookupError):
-                os.kill(int(pid), signal.SIGTERM)
+            # Only the demo's own processes: their command lines name its directory.
+            if pid.isdigit() and harness.pid_runs(int(pid), str(directory.resolve())):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGTERM)
+            else:
+                print(f"not stopping pid {pid}: no longer a process of this demo")
         pid_file.unlink()
     harness.stop(directory / "tpm")
     return 0

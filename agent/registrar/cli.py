@@ -40,6 +40,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 64
 EXIT_CONFIG = 78
 MAX_TOKEN_TTL = 30 * 86400.0
+SHOWN_CERTIFICATES = 10  # the newest, in `devices show`
 
 
 def _pcr_list(text: str) -> list[int]:
@@ -188,8 +189,11 @@ def _devices_show(args: argparse.Namespace) -> int:
     for key, value in doc.items():
         if key != "certificates":
             print(f"{key + ':':18} {value if value is not None else '-'}")
-    print(f"certificates ({len(certificates)}):")
-    for c in doc["certificates"][-10:]:  # type: ignore[index]
+    shown = doc["certificates"][-SHOWN_CERTIFICATES:]  # type: ignore[index]
+    print(f"certificates ({len(certificates)}"
+          + (f", the last {len(shown)} shown; --json lists all" if len(shown) < len(certificates)
+             else "") + "):")
+    for c in shown:
         revoked = f"  revoked {c['revoked_at']}" if c["revoked_at"] else ""
         print(f"  {c['serial']}  {c['kind']:8}  until {c['not_after']}{revoked}")
     return 0

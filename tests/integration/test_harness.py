@@ -33,3 +33,23 @@ def test_parallel_starts_do_not_collide(tmp_path):
     finally:
         for d in dirs:
             harness.stop(d)
+
+
+def test_demo_down_signals_only_the_demos_own_processes(tmp_path):
+    import stack
+
+    demo = tmp_path / "demo"
+    (demo / "tpm").mkdir(parents=True)
+    # A PID from the file that now belongs to something else (here: a sleep that is no
+    # part of the demo), and a stale swtpm.pid: neither may be signalled.
+    stranger = subprocess.Popen(["sleep", "30"])
+    try:
+        (demo / "pids").write_text(f"{stranger.pid}\n")
+        (demo / "tpm" / "swtpm.pid").write_text(f"{stranger.pid}\n")
+        assert not harness.pid_runs(stranger.pid, str(demo))
+        assert stack.down(demo) == 0
+        assert stranger.poll() is None, "an unrelated process was signalled"
+        assert not (demo / "pids").exists()
+    finally:
+        stranger.kill()
+        stranger.wait()

@@ -237,3 +237,28 @@ def test_enrolling_again_supersedes_the_earlier_certificates(tmp_path):
     [revoked] = store.revoked_certificates(2001.0)
     assert (revoked.serial, revoked.reason) == ("aa", "superseded")
     assert enroll("cc", 6000.0) == []  # bb has expired by now: nothing left to revoke
+
+
+def test_devices_show_says_how_many_certificates_it_lists(tmp_path, capsys):
+    from agent.registrar.store import ChallengeRow, DeviceRow, IssuedCertificate, Store
+
+    home = tmp_path / "r"
+    vendor = tmp_path / "vendor.pem"
+    vendor.write_bytes(b"")
+    assert cli.main(["init", "--dir", str(home), "--ek-root", str(vendor)]) == 0
+    store = Store(home / "registrar.db")
+    row = ChallengeRow("c" * 32, "urn:devid:x", b"ek", b"ak", b"s", b"n" * 32, None, 1.0, 9e9)
+    store.add_challenge(row)
+    store.claim_challenge(row.id, 2.0)
+    store.complete_enrollment(row, DeviceRow("urn:devid:x", b"ek", b"ak", b"id", "active",
+                                             None, "t", "t", 1, "s0", "t"),
+                              IssuedCertificate("s0", "urn:devid:x", "identity", 2.0, 9e9), 2.0)
+    for i in range(1, 13):
+        store.record_renewal("c" * 32, "urn:devid:x", [
+            IssuedCertificate(f"s{i}", "urn:devid:x", "identity", 2.0 + i, 9e9)], "t")
+    store.close()
+    capsys.readouterr()
+    assert cli.main(["devices", "show", "--dir", str(home), "urn:devid:x"]) == 0
+    out = capsys.readouterr().out
+    assert "certificates (13, the last 10 shown; --json lists all):" in out
+    assert sum(1 for line in out.splitlines() if line.startswith("  s")) == 10
