@@ -32,7 +32,9 @@ Example:
 from __future__ import annotations
 
 import grp
+import re
 import shlex
+import tomllib
 import typing
 from pathlib import Path
 from typing import Annotated, Literal
@@ -238,6 +240,30 @@ def load_config(path: Path, *, others_may_read: bool = False,
                 command: str | None = None) -> AgentConfig:
     return parse_config(read_config_text(path, command), path.resolve(),
                         others_may_read=others_may_read, command=command)
+
+
+_SOCKET_LINE = re.compile(r'^\s*control_socket\s*=\s*"([^"]+)"', re.MULTILINE)
+
+
+def control_socket_of(path: Path) -> Path:
+    """The control socket a configuration file names, read leniently (the file may no
+    longer validate, or even parse): the default when it cannot be told. devidctl uses
+    it to reach a daemon still running on the configuration it loaded earlier."""
+    default = PathsSection().control_socket
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return default
+    try:
+        paths = tomllib.loads(text).get("paths")
+        value = paths.get("control_socket") if isinstance(paths, dict) else None
+    except tomllib.TOMLDecodeError:  # not TOML any more: the line may still be there
+        found = _SOCKET_LINE.search(text)
+        value = found.group(1) if found else None
+    if not isinstance(value, str) or not value:
+        return default
+    socket = Path(value)
+    return socket if socket.is_absolute() else path.resolve().parent / socket
 
 
 def secret_keys() -> set[tuple[str, str]]:

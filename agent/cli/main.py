@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -27,7 +28,13 @@ from agent.cli.render import (
     render_renew,
     render_status,
 )
-from agent.config import AgentConfig, key_for_path, load_config
+from agent.config import (
+    AgentConfig,
+    PathsSection,
+    control_socket_of,
+    key_for_path,
+    load_config,
+)
 from agent.control import client
 from agent.control.protocol import RENEW_WAIT_MAX
 from agent.diagnostics.checks import check_daemon_down
@@ -43,6 +50,7 @@ from agent.pki.ekchain import load_trust_store
 from agent.tpm.custody import TpmCustody
 
 DEFAULT_CONFIG = Path("/etc/devid-agent/agent.toml")
+CONFIG_ENV = "DEVIDCTL_CONFIG"
 EXIT_BY_STATE = {"OK": 0, "WARN": 1, "FAIL": 2}
 EXIT_NO_DAEMON = 3
 EXIT_USAGE = 64
@@ -58,31 +66,41 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="devidctl", description="Inspect and diagnose devid-agent.",
                      epilog="exit codes: 0 OK, 1 WARN, 2 FAIL, 3 daemon unreachable, 64 usage")
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                        help=f"agent configuration file (default {DEFAULT_CONFIG})")
+    default = Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+    parser.add_argument("--config", type=Path, default=default,
+                        help=f"agent configuration file (default: ${CONFIG_ENV}, else "
+                             f"{DEFAULT_CONFIG})")
     parser.add_argument("--version", action="version", version=f"devidctl {__version__}")
+    # --config is also accepted after the verb (`devidctl status --config FILE`).
+    after_verb = _Parser(add_help=False)
+    after_verb.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                            help="agent configuration file")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    status = sub.add_parser("status", help="the agent's state, TPM, EK and identity key")
+
+    def verb(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[after_verb], **kwargs)
+
+    status = verb("status", help="the agent's state, TPM, EK and identity key")
     status.add_argument("--json", action="store_true", help="print one JSON object")
-    check = sub.add_parser("check", help="diagnostics with a hint for each problem "
+    check = verb("check", help="diagnostics with a hint for each problem "
                            "(runs locally when the daemon is down)")
     check.add_argument("--json", action="store_true", help="print one JSON object")
-    renew = sub.add_parser("renew", help="renew the certificates now (re-attesting)")
+    renew = verb("renew", help="renew the certificates now (re-attesting)")
     renew.add_argument("--wait", action="store_true",
                        help="wait for the outcome and report it (exit 2 if it failed)")
     renew.add_argument("--json", action="store_true", help="print one JSON object")
-    decom = sub.add_parser("decommission", help="retire this gateway: tell the registrar, "
+    decom = verb("decommission", help="retire this gateway: tell the registrar, "
                            "then destroy its identity state and TPM keys")
     decom.add_argument("--yes", action="store_true", help="do it (required: this cannot be "
                        "undone)")
     decom.add_argument("--force", action="store_true", help="wipe locally even if the "
                        "registrar cannot be told")
     decom.add_argument("--json", action="store_true", help="print one JSON object")
-    audit = sub.add_parser("audit", help="the agent's hash-chained audit log")
+    audit = verb("audit", help="the agent's hash-chained audit log")
     audit.add_argument("--limit", type=_positive, default=50, help="show the last N "
                        "records (default 50)")
     audit.add_argument("--json", action="store_true", help="print one JSON object")
-    support = sub.add_parser("support-bundle", help="write a tarball for remote diagnosis: "
+    support = verb("support-bundle", help="write a tarball for remote diagnosis: "
                              "status, checks, journal, redacted config, versions")
     support.add_argument("-o", "--output", type=Path, metavar="FILE",
                          help="where to write it (default "
@@ -249,10 +267,15 @@ def main(argv: list[str] | None = None) -> int:
         # Files only the agent's user may read are the agent's to judge, not ours.
         config = load_config(args.config, others_may_read=True, command=args.command_line)
     except ConfigError as e:
-        if args.command != "support-bundle":
+        # The daemon may still run on the configuration it loaded before the file broke:
+        # reach it at the socket the file names (read leniently) or the default one.
+        fallback = AgentConfig(paths=PathsSection(
+            control_socket=control_socket_of(args.config))).model_copy(
+                update={"source": args.config})
+        if args.command != "support-bundle" and not _daemon_answers(fallback):
             return _fail(e, args.json, EXIT_BY_STATE["FAIL"])
         # A broken configuration is exactly what a support bundle should carry.
-        config, config_error = AgentConfig().model_copy(update={"source": args.config}), e
+        config, config_error = fallback, e
     commands = {"status": lambda: cmd_status(config, args),
                 "check": lambda: cmd_check(config, args),
                 "renew": lambda: cmd_renew(config, args),
@@ -260,13 +283,28 @@ def main(argv: list[str] | None = None) -> int:
                 "audit": lambda: cmd_audit(config, args),
                 "support-bundle": lambda: cmd_support_bundle(config, args, config_error)}
     try:
-        return commands[args.command]()
+        code = commands[args.command]()
+        if config_error is not None and args.command != "support-bundle":
+            print(f"devidctl: the daemon runs on the configuration it loaded earlier; "
+                  f"{config_error.message}\n  hint: fix the file, then `systemctl reload "
+                  "devid-agent`", file=sys.stderr)
+            if args.command in ("status", "check"):
+                code = max(code, EXIT_BY_STATE["WARN"])
+        return code
     except PermissionError as e:
         return _fail(explain(e, key_for_path(config, e.filename or ""), args.command_line),
                      args.json, EXIT_BY_STATE["FAIL"])
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         return _fail(DevidError(f"{where}{e.strerror or e}"), args.json, EXIT_BY_STATE["FAIL"])
+
+
+def _daemon_answers(config: AgentConfig) -> bool:
+    try:
+        client.call(config.paths.control_socket, "status", timeout=5.0)
+    except DevidError:
+        return False
+    return True
 
 
 def _command_line(argv: list[str] | None) -> str:

@@ -113,3 +113,34 @@ def test_support_bundle_unwritable_place_is_a_clear_failure(tmp_path):
     proc = AgentProcess(config).ctl("support-bundle", "-o", str(tmp_path / "no" / "b.tgz"))
     assert proc.returncode == 2
     assert "cannot write" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_broken_config_file_does_not_hide_the_running_daemon(tpm, agent_factory):
+    import signal
+    import subprocess
+
+    from stack import BIN
+
+    agent = agent_factory(tpm)
+    text = agent.config.read_text()
+    agent.config.write_text(text.replace("tcti =", "tcit ="))  # a typo, then SIGHUP
+    agent.proc.send_signal(signal.SIGHUP)
+    agent.wait_status("reload refused", lambda d: "reload" in " ".join(d.get("reasons", [])))
+    proc = agent.ctl("status")
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)  # at least WARN
+    assert "devid-agent" in proc.stdout and "Traceback" not in proc.stderr
+    assert "runs on the configuration it loaded earlier" in proc.stderr
+    assert "tcit" in proc.stderr
+    code, doc = agent.ctl_json("check")
+    assert code >= 1 and doc["results"], doc
+    # Not even TOML any more: the socket line is still found.
+    agent.config.write_text(text.replace("[tpm]", "[tpm"))
+    assert agent.ctl("status").returncode == 1
+    # --config after the verb, and DEVIDCTL_CONFIG, name the file too.
+    agent.config.write_text(text)
+    after = subprocess.run([str(BIN / "devidctl"), "status", "--config", str(agent.config)],
+                           capture_output=True, text=True, timeout=60)
+    by_env = subprocess.run([str(BIN / "devidctl"), "status"], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "DEVIDCTL_CONFIG": str(agent.config)})
+    for proc in (after, by_env):
+        assert proc.returncode in (0, 1) and "devid-agent" in proc.stdout, proc.stderr

@@ -123,3 +123,16 @@ def test_shipped_agent_toml_lists_every_key_with_its_default(tmp_path):
     for key in ("timeout", "retry_initial", "retry_max"):
         shown_value = parse_duration(shown["enrollment"][key].strip('"'))
         assert shown_value == EnrollmentSection.model_fields[key].default, key
+
+
+def test_the_control_socket_is_found_even_in_a_broken_file(tmp_path):
+    from agent.config import control_socket_of
+
+    config = tmp_path / "agent.toml"
+    config.write_text('[paths]\ncontrol_socket = "run/c.sock"\n[tpm]\ntcit = 1\n')
+    assert control_socket_of(config) == tmp_path / "run" / "c.sock"  # invalid, still TOML
+    config.write_text('[paths\ncontrol_socket = "/run/x.sock"\n')
+    assert control_socket_of(config) == Path("/run/x.sock")  # not TOML any more
+    config.write_text("[tpm]\n")
+    assert control_socket_of(config) == Path("/run/devid-agent/control.sock")
+    assert control_socket_of(tmp_path / "missing.toml") == Path("/run/devid-agent/control.sock")
