@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     renew = verb("renew", help="renew the certificates now (re-attesting)")
     renew.add_argument("--wait", action="store_true",
                        help="wait for the outcome and report it (exit 2 if it failed)")
+    renew.add_argument("--timeout", type=_seconds, default=RENEW_WAIT_MAX, metavar="SECONDS",
+                       help=f"with --wait, give up waiting after this long (default and "
+                            f"most {RENEW_WAIT_MAX:.0f})")
     renew.add_argument("--json", action="store_true", help="print one JSON object")
     decom = verb("decommission", help="retire this gateway: tell the registrar, "
                            "then destroy its identity state and TPM keys")
@@ -107,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
                               "./devid-support-HOST-TIME.tar.gz)")
     support.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < value <= RENEW_WAIT_MAX:
+        raise argparse.ArgumentTypeError(f"expected 1 to {RENEW_WAIT_MAX:.0f} seconds, "
+                                         f"got {text}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -190,9 +204,13 @@ def cmd_check(config: AgentConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_renew(config: AgentConfig, args: argparse.Namespace) -> int:
-    timeout = RENEW_WAIT_MAX + 10 if args.wait else client.DEFAULT_TIMEOUT_S
+    timeout = args.timeout + 10 if args.wait else client.DEFAULT_TIMEOUT_S
+    if args.wait and not args.json:
+        print(f"renewing (re-attesting with the TPM and the registrar; waiting up to "
+              f"{args.timeout:g}s)...", file=sys.stderr, flush=True)
     try:
-        doc = _call(config, args, "renew", {"wait": args.wait}, timeout=timeout)
+        doc = _call(config, args, "renew", {"wait": args.wait, "timeout": args.timeout},
+                    timeout=timeout)
     except (DaemonNotRunning, PermissionDenied) as e:  # the daemon is out of our reach
         return _fail(e, args.json, EXIT_NO_DAEMON)
     except DevidError as e:

@@ -43,7 +43,7 @@ from agent.diagnostics.report import check_report
 from agent.diagnostics.rotation import RotationFacts, check_rotation
 from agent.diagnostics.service import ServiceFacts, check_service
 from agent.diagnostics.status import build_status, headline
-from agent.errors import DevidError, StateError, TpmUnreachable
+from agent.errors import ControlError, DevidError, StateError, TpmUnreachable
 from agent.pki.certinfo import summarize
 from agent.pki.ekchain import TrustStore, load_trust_store
 from agent.rotation.credentials import CredentialHolder
@@ -309,13 +309,21 @@ class AgentService:
         if self.rotation.state in ("revoked", "not_configured", "stopped"):
             raise StateError(f"rotation is {self.rotation.state}: not renewing",
                              "see `devidctl status`")
+        timeout = params.get("timeout", RENEW_WAIT_MAX)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or \
+                not 0 < timeout <= RENEW_WAIT_MAX:
+            raise ControlError(f"timeout: expected seconds between 1 and {RENEW_WAIT_MAX:.0f}, "
+                               f"got {timeout!r}")
+        if self._custody is None:  # say so now, not after the wait: a renewal needs the TPM
+            error = self._last_error or TpmUnreachable("not connected to the TPM")
+            raise TpmUnreachable(f"cannot renew: {error.message}", error.hint)
         outcome = self.rotation.kick()
         if not params.get("wait"):
             return {"requested": True}
         try:
-            result = await asyncio.wait_for(asyncio.shield(outcome), RENEW_WAIT_MAX)
+            result = await asyncio.wait_for(asyncio.shield(outcome), timeout)
         except TimeoutError:
-            raise StateError(f"no renewal outcome within {RENEW_WAIT_MAX:.0f}s",
+            raise StateError(f"no renewal outcome within {timeout:g}s (still trying)",
                              "the TPM or registrar may be slow; see `devidctl status`") from None
         return {"requested": True, "outcome": result.to_dict()}
 

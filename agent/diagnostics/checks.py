@@ -121,6 +121,10 @@ def check_state_dir(path: PathFacts, expected_uid: int | None) -> CheckResult:
         return CheckResult(name, Level.FAIL, f"{path.path} is not a directory",
                            "move the file away or point [paths] state_dir elsewhere")
     mode = f"{path.mode:04o}"
+    if path.mode & 0o700 != 0o700:  # root gets in anyway; the agent's user does not
+        return CheckResult(name, Level.FAIL, f"{path.path} is not usable by its owner "
+                           f"(mode {mode}): the agent cannot read or write its state",
+                           f"chmod 0700 {path.path}")
     if path.mode & 0o022:
         return CheckResult(name, Level.FAIL, f"{path.path} is writable by group or others "
                            f"(mode {mode})", f"chmod 0700 {path.path}")

@@ -144,3 +144,17 @@ def test_a_broken_config_file_does_not_hide_the_running_daemon(tpm, agent_factor
                             timeout=60, env={**os.environ, "DEVIDCTL_CONFIG": str(agent.config)})
     for proc in (after, by_env):
         assert proc.returncode in (0, 1) and "devid-agent" in proc.stdout, proc.stderr
+
+
+def test_renew_wait_fails_at_once_when_the_tpm_is_gone(tpm, registrar_factory, agent_factory):
+    registrar = registrar_factory([tpm.vendor_ca])
+    agent = agent_factory(tpm, extra=enrollment_toml(registrar, registrar.token())
+                          + rotation_toml())
+    agent.wait_generation(1)
+    tpm.stop()
+    agent.wait_status("TPM lost", lambda d: d["tpm"]["reachable"] is False)
+    code, doc = agent.ctl_json("renew", "--wait", "--timeout", "120")
+    assert code == 2 and doc["error"]["type"] == "tpm-unreachable", doc
+    assert "swtpm is running" in doc["error"]["hint"], doc
+    proc = agent.ctl("renew", "--wait", "--timeout", "0")
+    assert proc.returncode == 64 and "expected 1 to 300 seconds" in proc.stderr

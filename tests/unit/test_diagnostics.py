@@ -128,6 +128,9 @@ def test_state_dir_checks(tmp_path):
     os.chmod(d, 0o777)
     assert check_state_dir(collect_path_facts(d), uid).level is Level.FAIL
     assert check_state_dir(PathFacts(str(d), True, False), uid).level is Level.FAIL
+    locked = check_state_dir(PathFacts(str(d), True, True, 0o000, uid), uid)
+    assert locked.level is Level.FAIL and "not usable by its owner (mode 0000)" in \
+        locked.summary and locked.hint == f"chmod 0700 {d}"
 
 
 def test_worst_and_render_check():
