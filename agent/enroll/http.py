@@ -85,8 +85,15 @@ class RegistrarClient:
             response = self._session.request(method, url, json=body, timeout=self.timeout,
                                              stream=True, verify=str(self.ca_file))
         except requests.exceptions.SSLError as e:
-            raise RegistrarNotTrusted(f"{self.base}: TLS verification failed with the pinned CA "
-                                      f"{self.ca_file}: {_reason(e)}") from None
+            dated = any(m in str(e) for m in ("certificate is not yet valid",
+                                              "certificate has expired"))
+            raise RegistrarNotTrusted(
+                f"{self.base}: TLS verification failed with the pinned CA {self.ca_file}: "
+                + ("the registrar's certificate is not valid at this gateway's time "
+                   f"({time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime())}): the clock is "
+                   "probably wrong" if dated else _reason(e)),
+                "fix the gateway's time synchronization (NTP), then `devidctl check`"
+                if dated else None) from None
         except requests.exceptions.Timeout:
             raise RegistrarUnreachable(f"{self.base}: no answer within {self.timeout:.0f}s") \
                 from None

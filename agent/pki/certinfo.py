@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import re
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -35,3 +36,24 @@ def summarize(cert: x509.Certificate, now: datetime.datetime | None = None) -> d
         "valid_now": not_before <= when <= not_after,
         "sha256": cert.fingerprint(hashes.SHA256()).hex(),
     }
+
+
+_CERT_REPR = re.compile(r"<Certificate\(subject=<Name\((?P<subject>.*?)\)>, \.\.\.\)>")
+_ENCOUNTERED = re.compile(r" \(encountered processing (?P<what>.*)\)$")
+
+
+def plain_verification_error(error: Exception) -> str:
+    """cryptography's path-validation message without Python reprs:
+    'cert is not valid at validation time (encountered processing <Certificate(subject=
+    <Name(CN=x)>, ...)>)' becomes 'CN=x: cert is not valid at validation time'."""
+    text = str(error).removeprefix("validation failed: ")
+    text = _CERT_REPR.sub(lambda m: m.group("subject"), text)
+    found = _ENCOUNTERED.search(text)
+    if found:
+        text = f"{found.group('what')}: {text[:found.start()]}"
+    return text
+
+
+def is_validity_error(error: Exception) -> bool:
+    """The chain failed on a date: with a wrong clock, the clock is the cause."""
+    return "not valid at validation time" in str(error)

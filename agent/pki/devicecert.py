@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.x509 import verification as v
 
 from agent.errors import ProtocolError
-from agent.pki.certinfo import spki_der
+from agent.pki.certinfo import is_validity_error, plain_verification_error, spki_der
 
 
 @dataclass(frozen=True)
@@ -91,5 +91,11 @@ def verify_chain(chain: Sequence[x509.Certificate], anchors: Sequence[x509.Certi
     try:
         verifier.verify(chain[0], list(chain[1:]))
     except v.VerificationError as e:
+        if is_validity_error(e):
+            raise ProtocolError(
+                f"the issued {what} certificate is not valid at {now:%Y-%m-%d %H:%M:%SZ} "
+                f"({plain_verification_error(e)}): this gateway's clock is probably wrong",
+                "fix the gateway's time synchronization (NTP), then `devidctl check`") \
+                from None
         raise ProtocolError(f"the issued {what} certificate does not chain to the pinned "
-                            f"registrar CA: {e}") from None
+                            f"registrar CA: {plain_verification_error(e)}") from None

@@ -27,6 +27,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.x509 import verification as v
 
 from agent.errors import ConfigError, ProtocolError
+from agent.pki.certinfo import is_validity_error, plain_verification_error
 
 TCG_EK_CERTIFICATE_EKU = x509.ObjectIdentifier("2.23.133.8.1")
 TPM_MANUFACTURER_OID = x509.ObjectIdentifier("2.23.133.2.1")
@@ -151,7 +152,9 @@ def verify_ek_chain(
         return ChainVerdict(
             False,
             f"issued by {ek_cert.issuer.rfc4514_string()!r}, which does not chain to a trusted "
-            f"TPM vendor root ({e})",
+            f"TPM vendor root ({plain_verification_error(e)})"
+            + ("; the certificates' dates do not cover this gateway's clock: check the clock "
+               "first" if is_validity_error(e) else ""),
         )
     return ChainVerdict(True, "chains to a trusted TPM vendor root",
                         tuple(c.subject.rfc4514_string() for c in verified.chain))

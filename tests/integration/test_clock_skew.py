@@ -163,3 +163,24 @@ def test_the_registrar_answers_busy_beyond_max_in_flight(tpm, registrar_factory)
     assert post().status_code == 400  # the slot is free again
     log = registrar.log_path.read_text()
     assert log.count("requests in flight (max_in_flight 1)") == 1 and "Traceback" not in log
+
+
+def test_a_clock_days_behind_is_named_as_the_cause_without_reprs(tpm, registrar_factory,
+                                                                 agent_factory):
+    registrar = registrar_factory([tpm.vendor_ca])
+    agent = agent_factory(tpm, extra=enrollment_toml(registrar, registrar.token())
+                          + rotation_toml())
+    agent.wait_generation(1)
+    agent.stop()
+    agent.env = _faked("-2d")  # a dead RTC battery: two days behind
+    agent.start()
+    code, renewed = agent.ctl_json("renew", "--wait", "--timeout", "60")
+    text = json.dumps(renewed)
+    assert code == 2, renewed
+    assert "clock" in text, renewed
+    assert "<Certificate" not in text and "Name(" not in text, renewed
+    code, check = agent.ctl_json("check")
+    text = json.dumps(check)
+    assert "<Certificate" not in text and "Name(" not in text, check
+    registrar_line = next(r for r in check["results"] if r["name"] == "registrar")
+    assert "clock" in registrar_line["summary"] + registrar_line["hint"], registrar_line
