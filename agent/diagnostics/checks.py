@@ -36,6 +36,9 @@ class CheckResult:
         return d
 
 
+# The summary of a check that did not run because another failed (that one says why).
+NOT_CHECKED = "not checked: "
+
 # The clock cannot be earlier than the day this release was cut.
 RELEASE_FLOOR = datetime.datetime(2026, 11, 1, tzinfo=datetime.UTC)
 
@@ -67,7 +70,7 @@ def check_tpm(facts: TpmFacts) -> CheckResult:
 
 def check_ek(facts: TpmFacts, roots_configured: bool) -> CheckResult:
     if not facts.reachable:
-        return CheckResult("ek-certificate", Level.FAIL, "not checked: TPM not reachable",
+        return CheckResult("ek-certificate", Level.FAIL, f"{NOT_CHECKED}TPM not reachable",
                            "fix the TPM check first")
     if facts.ek_error is not None:
         return CheckResult("ek-certificate", Level.FAIL, facts.ek_error.message,

@@ -38,6 +38,7 @@ class EnrollmentFacts:
     key_matches: bool | None = None  # the certificate's key is this TPM's identity key
     revoked_reason: str | None = None
     decommissioned_at: datetime.datetime | None = None
+    local: bool = False  # read from the state directory while the daemon is down
 
 
 def enrollment_section(facts: EnrollmentFacts) -> dict[str, Any]:
@@ -75,6 +76,9 @@ def check_enrollment(facts: EnrollmentFacts, now: datetime.datetime,
                            "identity certificate",
                            "set [enrollment] url, ca and token (see docs/protocol.md)")
     if facts.state == PENDING:
+        if facts.local:  # read from the state directory: nobody is enrolling right now
+            return CheckResult(name, Level.WARN, f"not enrolled yet with {facts.registrar}; "
+                               "the agent enrolls when it runs", "start devid-agent")
         return CheckResult(name, Level.WARN, f"enrolling with {facts.registrar} "
                            f"(attempt {facts.attempts + 1})" + (f"; last error {why}" if why
                                                                  else ""),
@@ -145,7 +149,7 @@ def stored_enrollment_facts(section: EnrollmentSection | None, state_dir: Path,
                                decommissioned_at=marker.at)
     if stored is None:
         return EnrollmentFacts(NOT_CONFIGURED if section is None else PENDING,
-                               section.url if section else None)
+                               section.url if section else None, local=True)
     return EnrollmentFacts(ENROLLED if stored.lifecycle == ACTIVE else REVOKED,
                            stored.registrar, stored.device_id,
                            certificate=summarize(stored.certificate, now),

@@ -6,7 +6,7 @@ import datetime
 from dataclasses import dataclass
 from typing import Any
 
-from agent.diagnostics.checks import CheckResult, Level
+from agent.diagnostics.checks import NOT_CHECKED, CheckResult, Level
 from agent.diagnostics.enrollment import judge_certificate
 
 
@@ -59,7 +59,10 @@ def tls_certificate_section(facts: RotationFacts) -> dict[str, Any] | None:
 def check_rotation(facts: RotationFacts, now: datetime.datetime, skew: float) -> CheckResult:
     name = "rotation"
     if not facts.enrolled or facts.state == "revoked":
-        return CheckResult(name, Level.PASS, "nothing to rotate (see enrollment)")
+        # Not a pass: nothing was checked. The enrollment line says why.
+        return CheckResult(name, Level.WARN if not facts.enrolled else Level.FAIL,
+                           f"{NOT_CHECKED}not enrolled" if not facts.enrolled
+                           else f"{NOT_CHECKED}revoked", "see the enrollment check")
     if facts.state == "not_configured":
         return CheckResult(name, Level.WARN, "no registrar configured: certificates will not "
                            "be renewed", "configure [enrollment] url and ca")

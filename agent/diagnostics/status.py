@@ -11,6 +11,7 @@ import datetime
 from typing import Any
 
 from agent.diagnostics.checks import (
+    NOT_CHECKED,
     Level,
     check_ek,
     check_identity,
@@ -88,7 +89,9 @@ def build_status(facts: TpmFacts, agent: dict[str, Any], roots_configured: bool,
         certificate["renew_at"] = rotation_section(rotation)["renew_at"]
     return {
         "state": HEADLINE[level],
-        "reasons": [r.summary for r in judged if r.level > Level.PASS],
+        # A check that did not run because of another adds nothing to that one's reason.
+        "reasons": [r.summary for r in judged
+                    if r.level > Level.PASS and not r.summary.startswith(NOT_CHECKED)],
         "agent": {**agent, **service_section(service)} if service else agent,
         "tpm": _tpm_section(facts),
         "identity": _identity_section(facts),

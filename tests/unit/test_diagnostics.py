@@ -174,3 +174,17 @@ def test_secret_bytes_never_prints():
     with pytest.raises(TypeError):
         import pickle
         pickle.dumps(s)
+
+
+def test_checks_that_did_not_run_do_not_pass():
+    from agent.diagnostics.enrollment import EnrollmentFacts, check_enrollment
+    from agent.diagnostics.rotation import RotationFacts, check_rotation
+
+    skipped = check_rotation(RotationFacts("not_configured", enrolled=False), AT, 300.0)
+    assert skipped.level is Level.WARN and skipped.summary == "not checked: not enrolled"
+    # Read from the state directory while the daemon is down: nobody is enrolling.
+    local = check_enrollment(EnrollmentFacts("pending", "https://r", local=True), AT)
+    assert "not enrolled yet with https://r" in local.summary and "attempt" not in \
+        local.summary
+    live = check_enrollment(EnrollmentFacts("pending", "https://r", attempts=2), AT)
+    assert "(attempt 3)" in live.summary
