@@ -1,4 +1,4 @@
-"""Permission errors in words: which path stops us, who may pass it, and what to run instead.
+"""OS errors in words: which path stops us, who may pass it, and what to run instead.
 
 A field engineer without root who runs `devidctl` against files owned by the
 agent's user deserves "…/state is open to user devid-agent only (mode 0700):
@@ -12,7 +12,9 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import shlex
 import stat
+import sys
 from pathlib import Path
 
 from agent.errors import AccessDenied
@@ -112,3 +114,15 @@ def explain(error: PermissionError, what: str | None, command: str | None = None
             ) -> AccessDenied:
     """A PermissionError raised by the OS, explained."""
     return access_denied(error.filename or "?", what, command)
+
+
+def command_line(program: str, argv: list[str] | None) -> str:
+    """How the user ran `program` (argv None: this process's own), for "run `sudo …`"."""
+    return shlex.join([program, *(sys.argv[1:] if argv is None else argv)])
+
+
+def os_error_text(error: OSError, key: str | None = None) -> str:
+    """'[paths] state_dir: /var/lib/x: No space left on device' for an OSError that
+    reached a program's edge (`key`: the configuration key naming the path, if any)."""
+    where = "".join(f"{part}: " for part in (key, error.filename) if part)
+    return f"{where}{error.strerror or error}"

@@ -10,13 +10,12 @@ import argparse
 import datetime
 import json
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
 from agent import __version__
-from agent.access import explain
+from agent.access import command_line, explain, os_error_text
 from agent.audit import AGENT_AUDIT_LOG, AuditLog
 from agent.cli import bundle
 from agent.cli.render import (
@@ -168,7 +167,7 @@ def _local_tpm_facts(config: AgentConfig, command: str) -> TpmFacts:
     try:
         trust = load_trust_store(config.trust.ek_roots)
         with TpmCustody.open(config.tpm.tcti, config.paths.state_dir, readonly=True) as custody:
-            return collect_tpm_facts(custody, trust)
+            return collect_tpm_facts(custody, trust, occupancy=True)
     except DevidError as e:
         return TpmFacts(tcti=config.tpm.tcti, error=e)
     except PermissionError as e:  # the agent's state (key blobs) is not ours to read
@@ -279,7 +278,7 @@ def cmd_support_bundle(config: AgentConfig, args: argparse.Namespace,
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.command_line = _command_line(argv)
+    args.command_line = command_line("devidctl", argv)
     config_error: ConfigError | None = None
     try:
         # Files only the agent's user may read are the agent's to judge, not ours.
@@ -313,8 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(explain(e, key_for_path(config, e.filename or ""), args.command_line),
                      args.json, EXIT_BY_STATE["FAIL"])
     except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        return _fail(DevidError(f"{where}{e.strerror or e}"), args.json, EXIT_BY_STATE["FAIL"])
+        return _fail(DevidError(os_error_text(e)), args.json, EXIT_BY_STATE["FAIL"])
 
 
 def _daemon_answers(config: AgentConfig) -> bool:
@@ -323,11 +321,6 @@ def _daemon_answers(config: AgentConfig) -> bool:
     except DevidError:
         return False
     return True
-
-
-def _command_line(argv: list[str] | None) -> str:
-    """How the user ran us, for "run `sudo …`" hints."""
-    return shlex.join(["devidctl", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -7,13 +7,12 @@ import asyncio
 import grp
 import logging
 import os
-import shlex
 import signal
 import sys
 from pathlib import Path
 
 from agent import __version__, events, logsetup
-from agent.access import current_user, explain
+from agent.access import command_line, current_user, explain, os_error_text
 from agent.aio import first_of
 from agent.config import AgentConfig, key_for_path, load_config
 from agent.control.server import ControlServer
@@ -121,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"devid-agent {__version__}")
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.config, command=shlex.join(["devid-agent", *(
-            sys.argv[1:] if argv is None else argv)]))
+        config = load_config(args.config, command=command_line("devid-agent", argv))
     except ConfigError as e:
         print(f"devid-agent: configuration error: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -144,9 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                   "StateDirectory= and RuntimeDirectory= do that)", denied.message, user, user)
         return EXIT_STARTUP
     except OSError as e:
-        key = key_for_path(config, e.filename or "")
-        log.error("cannot start: %s%s: %s", f"{key}: " if key else "", e.filename or "",
-                  e.strerror or e)
+        log.error("cannot start: %s", os_error_text(e, key_for_path(config, e.filename or "")))
         return EXIT_STARTUP
 
 

@@ -237,12 +237,12 @@ class AgentService:
         self._facts.keys_destroyed = self.enrollment.decommissioned is not None
         return self._facts
 
-    async def _tpm_facts(self) -> TpmFacts:
+    async def _tpm_facts(self, occupancy: bool = False) -> TpmFacts:
         custody = self._custody
         if custody is None:
             return self._cached_facts()
         facts = await self.worker.call(collect_tpm_facts, custody, self.trust,
-                                       self._endorsement)
+                                       self._endorsement, occupancy)
         facts.keys_destroyed = self.enrollment.decommissioned is not None
         if isinstance(facts.error, TpmUnreachable):
             self._last_error = facts.error
@@ -290,7 +290,7 @@ class AgentService:
         return self._status_document(await self._tpm_facts())
 
     async def check(self, _params: dict[str, Any]) -> dict[str, Any]:
-        facts = await self._tpm_facts()
+        facts = await self._tpm_facts(occupancy=True)
         running = check_service(self.service_facts(), self._agent_section())
         probe = await asyncio.to_thread(probe_registrar, self.config.enrollment)
         self.rotation.observe_offset(probe.clock_offset)

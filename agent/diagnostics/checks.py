@@ -9,7 +9,7 @@ from enum import IntEnum
 from agent.clock import human_duration
 from agent.diagnostics.facts import ClockFacts, PathFacts, TpmFacts
 from agent.rotation.registrarclock import describe_offset
-from agent.tpm.handles import behind_resource_manager
+from agent.tpm.tcti import behind_resource_manager
 
 
 class Level(IntEnum):

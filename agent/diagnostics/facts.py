@@ -87,16 +87,19 @@ def try_endorsement_facts(custody: TpmCustody, trust: TrustStore) -> Endorsement
 
 
 def collect_tpm_facts(custody: TpmCustody, trust: TrustStore,
-                      endorsement: EndorsementResult | None = None) -> TpmFacts:
-    """Live facts; pass a cached `endorsement` to skip re-deriving the EKs."""
+                      endorsement: EndorsementResult | None = None,
+                      occupancy: bool = False) -> TpmFacts:
+    """Live facts; pass a cached `endorsement` to skip re-deriving the EKs. `occupancy`:
+    also count sessions and objects (two more TPM commands: for checks, not status)."""
     facts = TpmFacts(tcti=custody.tcti)
     try:
         facts.info = custody.info()
     except DevidError as e:
         facts.error = e
         return facts
-    with contextlib.suppress(DevidError):  # the counters are a bonus, not a check
-        facts.occupancy = custody.occupancy()
+    if occupancy:
+        with contextlib.suppress(DevidError):  # the counters are a bonus, not a check
+            facts.occupancy = custody.occupancy()
     if endorsement is None:
         endorsement = try_endorsement_facts(custody, trust)
     if isinstance(endorsement, DevidError):

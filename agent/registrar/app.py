@@ -26,7 +26,7 @@ from agent.enroll.problems import PROBLEM_CONTENT_TYPE, problem, problem_documen
 from agent.errors import Problem
 from agent.registrar.admission import InFlightLimit
 from agent.registrar.lifecycle import LifecycleService
-from agent.registrar.sealedchallenge import ID_LENGTH as SEALED_ID_LENGTH
+from agent.registrar.sealedchallenge import ID_FORM as SEALED_ID_FORM
 from agent.registrar.sealedchallenge import ID_PATTERN as SEALED_ID
 from agent.registrar.service import EnrollmentService
 
@@ -120,12 +120,10 @@ def create_app(service: EnrollmentService, lifecycle: LifecycleService,
         return await respond(request, 201, lifecycle.challenge, verifies=False)
 
     async def renew(request: Request) -> Response:
-        return await answer(request, lifecycle.renew, SEALED_ID,
-                            f"{SEALED_ID_LENGTH} base64url characters")
+        return await answer(request, lifecycle.renew, SEALED_ID, SEALED_ID_FORM)
 
     async def decommission(request: Request) -> Response:
-        return await answer(request, lifecycle.decommission, SEALED_ID,
-                            f"{SEALED_ID_LENGTH} base64url characters")
+        return await answer(request, lifecycle.decommission, SEALED_ID, SEALED_ID_FORM)
 
     async def crl(_request: Request) -> Response:
         der = await run_in_threadpool(lifecycle.crl_der)

@@ -20,7 +20,6 @@ import datetime
 import json
 import os
 import secrets
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 
 from agent import __version__, logsetup
-from agent.access import explain
+from agent.access import command_line, explain, os_error_text
 from agent.clock import isoformat_utc
 from agent.errors import ConfigError, DevidError, Problem
 from agent.fsutil import write_atomic
@@ -249,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return EXIT_USAGE if e.code not in (0, None) else 0
     logsetup.configure("info", "devid-registrar")
-    args.command_line = shlex.join(["devid-registrar", *(sys.argv[1:] if argv is None else argv)])
+    args.command_line = command_line("devid-registrar", argv)
     try:
         if args.command == "init":
             return _init(args)
@@ -276,8 +275,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_FAILURE
     except OSError as e:
-        print(f"devid-registrar: {e.filename or ''}: {e.strerror or e}".replace(": : ", ": "),
-              file=sys.stderr)
+        print(f"devid-registrar: {os_error_text(e)}", file=sys.stderr)
         return EXIT_FAILURE
 
 

@@ -84,6 +84,8 @@ class RegistrarHome:
         key = read_state_file(path)
         if key is None:
             write_atomic(path, secrets.token_bytes(32), mode=0o600)
+            # Read back, not the bytes just made: if another process sharing the
+            # directory made one at the same moment, both end up with the file's.
             key = path.read_bytes()
         if len(key) != 32:
             raise StateError(f"{path}: {len(key)} bytes, expected 32",

@@ -29,6 +29,7 @@ import struct
 from dataclasses import dataclass
 
 from agent.enroll.problems import problem
+from agent.registrar.base import NONCE_BYTES
 
 VERSION = 1
 PURPOSES = {"renew": 1, "decommission": 2}
@@ -38,8 +39,8 @@ MAC_BYTES = 16
 RANDOM_BYTES = 8
 SEALED_BYTES = _HEADER.size + MAC_BYTES  # 46
 ID_LENGTH = 62  # base64url of 46 bytes, unpadded
-ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{62}$")
-NONCE_BYTES = 32
+ID_PATTERN = re.compile(rf"^[A-Za-z0-9_-]{{{ID_LENGTH}}}$")
+ID_FORM = f"{ID_LENGTH} base64url characters"  # for "challenge id must be …"
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,7 @@ class ChallengeSealer:
         """The challenge behind an ID this registrar sealed for `purpose`, unexpired;
         else challenge-unknown or challenge-expired (which say nothing about devices)."""
         if not ID_PATTERN.match(challenge_id):
-            raise problem("challenge-unknown",
-                          f"challenge id must be {ID_LENGTH} base64url characters")
+            raise problem("challenge-unknown", f"challenge id must be {ID_FORM}")
         try:
             sealed = base64.urlsafe_b64decode(challenge_id + "==")
         except (binascii.Error, ValueError):

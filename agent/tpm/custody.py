@@ -98,14 +98,14 @@ from agent.tpm.ekpolicy import ek_policy
 from agent.tpm.handles import (
     PT_VAR_PROPERTIES,
     STALE_HANDLE_LISTS,
+    TRANSIENT_FIRST,
     TpmOccupancy,
-    behind_resource_manager,
     describe_flushed,
     flushable,
 )
 from agent.tpm.info import TpmInfo
 from agent.tpm.rc import translate
-from agent.tpm.tcti import parse_tcti
+from agent.tpm.tcti import behind_resource_manager, parse_tcti
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +116,12 @@ MAX_SEALED_BYTES = 128  # TPM2B_SENSITIVE_DATA limit
 MAX_CAP_HANDLES = 64  # asked per GetCapability; more than any TPM has slots
 MAX_FLUSH_ROUNDS = 16  # pages of stale handles per kind (each round flushes one page)
 
-def _unreachable_hint(tcti: str) -> str | None:
+def _unreachable_hint(tcti: str) -> str:
+    """What to check for this TCTI; the generic hint if it does not even parse."""
     try:
         return parse_tcti(tcti).unreachable_hint()
     except ValueError:
-        return None
+        return TpmUnreachable.default_hint
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,7 @@ class TpmCustody:
             _, data = tpm.get_capability(TPM2_CAP.TPM_PROPERTIES, PT_VAR_PROPERTIES[0],
                                          len(PT_VAR_PROPERTIES))
         props = {int(p.property): int(p.value) for p in data.data.tpmProperties}
-        transient = len(self._handles(STALE_HANDLE_LISTS[0][1]))
+        transient = len(self._handles(TRANSIENT_FIRST))
         return TpmOccupancy.from_properties(props, transient)
 
     @contextlib.contextmanager

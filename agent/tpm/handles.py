@@ -13,15 +13,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from agent.tpm.tcti import parse_tcti
-
 HT_LOADED_SESSION = 0x02  # also TPM_HT_HMAC_SESSION
 HT_SAVED_SESSION = 0x03  # also TPM_HT_POLICY_SESSION
 HT_TRANSIENT = 0x80
 
+TRANSIENT_FIRST = HT_TRANSIENT << 24
 # (what the list holds, the first handle to ask GetCapability for)
 STALE_HANDLE_LISTS = (
-    ("transient object", HT_TRANSIENT << 24),
+    ("transient object", TRANSIENT_FIRST),
     ("loaded session", HT_LOADED_SESSION << 24),
     ("saved session", HT_SAVED_SESSION << 24),
 )
@@ -39,14 +38,6 @@ PT_VAR_PROPERTIES = (PT_HR_LOADED, PT_HR_LOADED_AVAIL, PT_HR_ACTIVE, PT_HR_ACTIV
 # session, and two objects (EK and AK) beside the storage key it keeps loaded.
 NEEDED_SESSIONS = 1
 NEEDED_TRANSIENT = 2
-
-
-def behind_resource_manager(tcti: str) -> bool:
-    """Whether a resource manager flushes a dead client's handles for us."""
-    try:
-        return parse_tcti(tcti).resource_managed
-    except ValueError:
-        return False
 
 
 def flushable(handle: int) -> bool:

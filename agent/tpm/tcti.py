@@ -84,3 +84,12 @@ def parse_tcti(text: str) -> Tcti:
     if bus_type is not None and bus_type not in _BUS_TYPES:
         raise ValueError(f"{name}: bus_type {bus_type!r} must be one of {', '.join(_BUS_TYPES)}")
     return Tcti(name, conf, options)
+
+
+def behind_resource_manager(text: str) -> bool:
+    """Whether a resource manager flushes a dead client's handles for us (False for a
+    TCTI string that does not parse: nothing can be assumed of it)."""
+    try:
+        return parse_tcti(text).resource_managed
+    except ValueError:
+        return False

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.tpm.handles import behind_resource_manager
-from agent.tpm.tcti import parse_tcti
+from agent.tpm.tcti import behind_resource_manager, parse_tcti
 
 
 @pytest.mark.parametrize("text", [
@@ -44,5 +43,8 @@ def test_hints_fit_the_tcti():
 
 def test_resource_managers():
     assert behind_resource_manager("device:") and behind_resource_manager("tabrmd")
+    assert behind_resource_manager("device:/dev/tpmrm0")
+    assert behind_resource_manager("tabrmd:bus_type=system")
+    assert not behind_resource_manager("swtpm:host=127.0.0.1,port=2321")
     assert not behind_resource_manager("device:/dev/tpm0")
     assert not behind_resource_manager("nonsense:")

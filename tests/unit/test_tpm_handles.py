@@ -13,7 +13,6 @@ from agent.tpm.handles import (
     PT_HR_LOADED_AVAIL,
     PT_HR_TRANSIENT_AVAIL,
     TpmOccupancy,
-    behind_resource_manager,
     describe_flushed,
     flushable,
 )
@@ -41,13 +40,6 @@ def test_flushed_counts_in_words():
     assert describe_flushed({"saved session": 1, "loaded session": 3,
                              "transient object": 2}) == \
         "2 transient objects, 3 loaded sessions, 1 saved session"
-
-
-def test_resource_managers_are_recognised():
-    assert behind_resource_manager("device:/dev/tpmrm0")
-    assert behind_resource_manager("tabrmd:bus_type=system")
-    assert not behind_resource_manager("device:/dev/tpm0")
-    assert not behind_resource_manager("swtpm:host=127.0.0.1,port=2321")
 
 
 def _occupancy(loaded=0, loaded_free=3, active=0, active_free=64, transient=1,
