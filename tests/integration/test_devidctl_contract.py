@@ -150,7 +150,15 @@ def test_renew_wait_fails_at_once_when_the_tpm_is_gone(tpm, registrar_factory, a
     registrar = registrar_factory([tpm.vendor_ca])
     agent = agent_factory(tpm, extra=enrollment_toml(registrar, registrar.token())
                           + rotation_toml())
-    agent.wait_generation(1)
+    generation = agent.wait_generation(1)["rotation"]["generation"]
+    # A bad timeout over the socket is refused before anything starts.
+    from agent.control import client
+    from agent.errors import ControlError
+
+    for bad in ("soon", 0, 301, True):
+        with pytest.raises(ControlError, match="timeout: expected seconds between 1 and 300"):
+            client.call(agent.socket, "renew", {"wait": True, "timeout": bad})
+    assert agent.status()["rotation"]["generation"] == generation
     tpm.stop()
     agent.wait_status("TPM lost", lambda d: d["tpm"]["reachable"] is False)
     code, doc = agent.ctl_json("renew", "--wait", "--timeout", "120")

@@ -364,6 +364,10 @@ def test_renewal_window_defaults_to_a_tenth_of_the_lifetime(settings, window):
     ('renewal_window = "31d"', "between 0s and 30d"),
     ("max_renewals_per_window = 0", "max_renewals_per_window"),
     ("max_in_flight = 0", "max_in_flight"),
+    ("max_connections = 2", "max_connections"),
+    ('max_connections = "many"', "max_connections"),
+    ('request_timeout = "soon"', "request_timeout"),
+    ("handshake_timeout = -1", "handshake_timeout"),
 ])
 def test_registrar_limits_are_validated_by_key(tmp_path, text, needle):
     from agent.tomlconfig import parse_toml_model
