@@ -166,3 +166,8 @@ class RegistrarNotTrusted(DevidError):
     code = "registrar-not-trusted"
     default_hint = ("the registrar's TLS certificate does not chain to [enrollment] ca; pin the "
                     "CA file `devid-registrar serve` printed")
+
+
+class RegistrarNotValidNow(RegistrarNotTrusted):
+    """The registrar's TLS certificate is not valid at this gateway's time: the chain may be
+    fine and the local clock wrong."""

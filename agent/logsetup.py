@@ -63,3 +63,13 @@ def configure(level: str, identifier: str) -> None:
 
 def set_level(level: str) -> None:
     logging.getLogger().setLevel(level.upper())
+
+
+def stderr_log_file() -> str | None:
+    """The regular file this process's stderr is redirected to, if any (an agent run
+    outside systemd, `devid-agent ... 2>>agent.log`): the support bundle collects it."""
+    try:
+        target = os.readlink("/proc/self/fd/2")
+        return target if os.path.isfile(target) else None
+    except OSError:
+        return None

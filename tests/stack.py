@@ -72,6 +72,17 @@ def write_agent_config(path: Path, tcti: str, ek_roots: list[Path], extra: str =
 SWTPM_FRESH_PCRS = {i: "00" * 32 for i in range(8)}  # sha256 PCRs 0-7 after TPM2_Startup
 
 
+# Debian's libfaketime: moves a process's wall clock only, monotonic time untouched,
+# as with a bad RTC or a wrong NTP server.
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
+
+
+def faked_clock(offset: str) -> dict[str, str]:
+    """Environment for a child whose wall clock is `offset` off ("+3d", "-16s")."""
+    return {"LD_PRELOAD": str(LIBFAKETIME), "FAKETIME": offset,
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_NO_CACHE": "1"}
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

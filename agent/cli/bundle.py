@@ -1,11 +1,14 @@
 """`devidctl support-bundle`: one tarball a remote expert can diagnose from.
 
 It holds the status and check documents (from the daemon, or a local check
-when it is down), the recent audit records, recent journal lines, the
-configuration with secrets redacted, and the versions of everything that
-matters (agent, Python libraries, tpm2-tss, kernel, OS). It never holds state
-files, key blobs or the enrollment token. A part that cannot be collected is
-named in manifest.json with the reason; the bundle is still written.
+when it is out of reach), the recent audit records, the certificates (PEM:
+public), the clock and its offset from the registrar's, a listing of the state
+directory (names and modes, never contents), recent journal lines, the agent's
+log file when it logs to one, the configuration with secrets redacted, and the
+versions of everything that matters (agent, Python libraries, tpm2-tss,
+kernel, OS). It never holds state files, key blobs or the enrollment token. A
+part that cannot be collected is named in manifest.json with the reason; the
+bundle is still written, and devidctl exits 1 to say it is incomplete.
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ import datetime
 import importlib.metadata
 import io
 import json
+import os
 import platform
+import pwd
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import tarfile
 import tomllib
@@ -27,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.access import explain
+from agent.access import explain, os_error_text
 from agent.config import AgentConfig, secret_keys
 from agent.errors import DevidError
 from agent.fsutil import write_atomic
@@ -79,13 +85,17 @@ def _secret_values(text: str, secrets: set[tuple[str, str]]) -> list[str]:
     return values
 
 
-def _command(argv: list[str], timeout: float = 20.0) -> str:
+def _command_with_stderr(argv: list[str], timeout: float = 20.0) -> tuple[str, str]:
     if shutil.which(argv[0]) is None:
         raise OSError(f"{argv[0]} is not installed")
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     if proc.returncode != 0 and not proc.stdout:
         raise OSError(f"{' '.join(argv)}: exit {proc.returncode}: {proc.stderr.strip()[:300]}")
-    return proc.stdout
+    return proc.stdout, proc.stderr
+
+
+def _command(argv: list[str], timeout: float = 20.0) -> str:
+    return _command_with_stderr(argv, timeout)[0]
 
 
 def _tss_version() -> str:
@@ -146,7 +156,10 @@ class Bundle:
         except DevidError as e:
             self.problems[name] = str(e)
             return
-        except Exception as e:
+        except OSError as e:
+            self.problems[name] = os_error_text(e)
+            return
+        except Exception as e:  # a collector's bug must not cost the other parts
             self.problems[name] = f"{type(e).__name__}: {e}"
             return
         text = value if isinstance(value, str) else json.dumps(value, indent=2,
@@ -168,15 +181,30 @@ class Bundle:
         return buffer.getvalue()
 
 
-def collect(config: AgentConfig, status: Callable[[], dict[str, Any]],
-            check: Callable[[], dict[str, Any]], audit: Callable[[], dict[str, Any]]) -> Bundle:
+@dataclass(frozen=True)
+class Sources:
+    """Where the documents come from: the daemon, or a local fallback when it is down."""
+
+    status: Callable[[], dict[str, Any]]
+    check: Callable[[], dict[str, Any]]
+    audit: Callable[[], dict[str, Any]]
+    certificates: Callable[[], dict[str, Any]]
+
+
+def collect(config: AgentConfig, sources: Sources) -> Bundle:
     bundle = Bundle()
-    bundle.add("status.json", status)
-    bundle.add("check.json", check)
-    bundle.add("audit.json", audit)
-    bundle.add("journal.txt", lambda: _command(
-        ["journalctl", "--no-pager", "-o", "short-iso-precise", "-n", str(JOURNAL_LINES),
-         "-u", "devid-agent.service", "-u", "devid-registrar.service"]))
+    bundle.add("status.json", sources.status)
+    status = json.loads(bundle.files.get("status.json", b"{}"))
+    bundle.add("check.json", sources.check)
+    check = json.loads(bundle.files.get("check.json", b"{}"))
+    bundle.add("audit.json", sources.audit)
+    bundle.add("certificates.json", lambda: _without_pem(sources.certificates()))
+    bundle.add("certificates.pem", lambda: _pem(sources.certificates()))
+    bundle.add("clock.json", lambda: _clock(check))
+    bundle.add("state-dir.txt", lambda: state_dir_listing(config.paths.state_dir))
+    bundle.add("journal.txt", _journal)
+    log_file = (status.get("agent") or {}).get("log_file")
+    bundle.add("agent.log", lambda: _agent_log(log_file))
     if config.source is not None:
         source = config.source
         bundle.add("agent.toml", lambda: redact_config_text(source.read_text(),
@@ -184,6 +212,90 @@ def collect(config: AgentConfig, status: Callable[[], dict[str, Any]],
     bundle.add("config.effective.json", lambda: json.loads(config.model_dump_json()))
     bundle.add("versions.json", versions)
     return bundle
+
+
+def _without_pem(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: ({kk: vv for kk, vv in v.items() if kk != "pem"} if isinstance(v, dict) else v)
+            for k, v in doc.items()}
+
+
+def _pem(doc: dict[str, Any]) -> str:
+    """The identity and TLS chains: public, and what a relying party would be shown."""
+    pems = [str(part["pem"]) for part in (doc.get("identity"), doc.get("tls")) if part]
+    if not pems:
+        raise DevidError("not enrolled: no certificates")
+    return "".join(pems)
+
+
+def _clock(check: dict[str, Any]) -> dict[str, Any]:
+    """The local clock, its NTP state and its offset from the registrar's (from the check)."""
+    doc: dict[str, Any] = {"check": check.get("clock"),
+                           "collected": datetime.datetime.now(datetime.UTC)
+                           .isoformat(timespec="seconds")}
+    try:
+        doc["timedatectl"] = _command(["timedatectl", "show"], timeout=10.0)
+    except (OSError, subprocess.SubprocessError) as e:
+        doc["timedatectl"] = f"unknown ({e})"
+    if doc["check"] is None:
+        raise DevidError("no check document to read the registrar offset from")
+    return doc
+
+
+def state_dir_listing(state_dir: Path) -> str:
+    """Names, types, modes, owners, sizes and times: never contents."""
+    lines = [f"{state_dir}:"]
+    try:
+        top = state_dir.lstat()
+    except FileNotFoundError:
+        return f"{state_dir}: does not exist\n"
+    lines.append(_entry(state_dir, top, "."))
+    entries = sorted(state_dir.rglob("*"))  # PermissionError: named by Bundle.add
+    for path in entries:
+        try:
+            lines.append(_entry(path, path.lstat(), str(path.relative_to(state_dir))))
+        except OSError as e:
+            lines.append(f"?          {path.relative_to(state_dir)}: {e.strerror}")
+    return "\n".join(lines) + "\n"
+
+
+def _entry(path: Path, st: os.stat_result, name: str) -> str:
+    when = datetime.datetime.fromtimestamp(st.st_mtime, datetime.UTC)
+    return (f"{stat.filemode(st.st_mode)} {_owner(st.st_uid):>12} {st.st_size:>8} "
+            f"{when:%Y-%m-%d %H:%M:%SZ} {name}")
+
+
+def _owner(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _journal() -> str:
+    stdout, stderr = _command_with_stderr(
+        ["journalctl", "--no-pager", "-o", "short-iso-precise", "-n", str(JOURNAL_LINES),
+         "-u", "devid-agent.service", "-u", "devid-registrar.service"])
+    entries = [line for line in stdout.splitlines() if line and not line.startswith("-- ")]
+    if "insufficient permissions" in stderr and not entries:
+        raise DevidError(f"journalctl: {stderr.strip()[:300]}",
+                         "run as root or a member of group systemd-journal or adm")
+    return stdout
+
+
+AGENT_LOG_BYTES = 512 * 1024
+
+
+def _agent_log(path: str | None) -> str:
+    """The tail of the file the daemon writes its log to when not under the journal."""
+    if path is None:
+        raise DevidError("the daemon did not say where it logs (not running, or logging to "
+                         "the journal: see journal.txt)")
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - AGENT_LOG_BYTES))
+        data = f.read()
+    text = data.decode("utf-8", "replace")
+    return text if size <= AGENT_LOG_BYTES else text.partition("\n")[2]
 
 
 def default_name(now: datetime.datetime) -> str:

@@ -19,8 +19,10 @@ from agent.access import command_line, explain, os_error_text
 from agent.audit import AGENT_AUDIT_LOG, AuditLog
 from agent.cli import bundle
 from agent.cli.render import (
+    Style,
     render_audit,
     render_bundle,
+    render_certificates,
     render_check,
     render_decommission,
     render_error,
@@ -36,23 +38,19 @@ from agent.config import (
 )
 from agent.control import client
 from agent.control.protocol import RENEW_WAIT_MAX
-from agent.diagnostics.checks import check_daemon_down
-from agent.diagnostics.enrollment import (
-    check_enrollment,
-    probe_registrar,
-    stored_enrollment_facts,
-)
-from agent.diagnostics.facts import TpmFacts, collect_tpm_facts
-from agent.diagnostics.report import check_report
-from agent.errors import ConfigError, DaemonNotRunning, DevidError, PermissionDenied
-from agent.pki.ekchain import load_trust_store
-from agent.tpm.custody import TpmCustody
+from agent.diagnostics.certificates import certificates_document
+from agent.diagnostics.local import local_gateway_facts
+from agent.diagnostics.suite import check_document
+from agent.enroll.state import EnrollmentStore
+from agent.errors import ConfigError, DaemonNotRunning, DevidError, PermissionDenied, StateError
 
 DEFAULT_CONFIG = Path("/etc/devid-agent/agent.toml")
 CONFIG_ENV = "DEVIDCTL_CONFIG"
 EXIT_BY_STATE = {"OK": 0, "WARN": 1, "FAIL": 2}
 EXIT_NO_DAEMON = 3
 EXIT_USAGE = 64
+CHECK_NAMES = ("clock", "daemon", "tpm", "ek-certificate", "identity-key", "state-dir",
+               "registrar", "enrollment", "rotation")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = verb("check", help="diagnostics with a hint for each problem "
                            "(runs locally when the daemon is down)")
     check.add_argument("--json", action="store_true", help="print one JSON object")
+    check.add_argument("--only", metavar="NAME", action="append", choices=CHECK_NAMES,
+                       help="show only this check (repeatable); the exit status follows "
+                            "the checks shown")
+    check.add_argument("--verbose", "-v", action="store_true",
+                       help="also show what checks that were not run found")
     renew = verb("renew", help="renew the certificates now (re-attesting)")
     renew.add_argument("--wait", action="store_true",
                        help="wait for the outcome and report it (exit 2 if it failed)")
@@ -102,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--limit", type=_positive, default=50, help="show the last N "
                        "records (default 50)")
     audit.add_argument("--json", action="store_true", help="print one JSON object")
+    cert = verb("cert", help="the gateway's identity and TLS certificates")
+    cert.add_argument("action", choices=("show",), help="show: subject, serial, validity, "
+                      "fingerprint and chain of each")
+    cert.add_argument("--pem", action="store_true", help="print the PEM chains instead "
+                      "(identity, then TLS), for openssl or a relying party")
+    cert.add_argument("--json", action="store_true", help="print one JSON object (with PEM)")
     support = verb("support-bundle", help="write a tarball for remote diagnosis: "
                              "status, checks, journal, redacted config, versions")
     support.add_argument("-o", "--output", type=Path, metavar="FILE",
@@ -133,6 +142,20 @@ def _positive(text: str) -> int:
     return value
 
 
+# Where `check` hints point: the installed copy, else the source tree's.
+DOCS_PLACES = (Path("/usr/share/doc/devid-agent/operations.md"),
+               Path("/usr/share/doc/devid-agent/operations.md.gz"),
+               Path(__file__).resolve().parents[2] / "docs" / "operations.md")
+
+
+def terminal_style() -> Style:
+    """Colour only for a terminal, and never with NO_COLOR set (https://no-color.org)."""
+    colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR") and \
+        os.environ.get("TERM") != "dumb"
+    docs = next((p for p in DOCS_PLACES if p.exists()), Path("docs/operations.md"))
+    return Style(colour=colour, docs=str(docs))
+
+
 def _emit(doc: dict[str, Any], as_json: bool, render: Any) -> None:
     print(json.dumps(doc, indent=2, sort_keys=True) if as_json else render(doc))
 
@@ -159,37 +182,29 @@ def cmd_status(config: AgentConfig, args: argparse.Namespace) -> int:
         doc = _call(config, args, "status")
     except DevidError as e:
         return _fail(e, as_json, EXIT_NO_DAEMON)
-    _emit(doc, as_json, render_status)
+    _emit(doc, as_json, lambda d: render_status(d, terminal_style()))
     return EXIT_BY_STATE.get(str(doc.get("state")), 2)
 
 
-def _local_tpm_facts(config: AgentConfig, command: str) -> TpmFacts:
-    try:
-        trust = load_trust_store(config.trust.ek_roots)
-        with TpmCustody.open(config.tpm.tcti, config.paths.state_dir, readonly=True) as custody:
-            return collect_tpm_facts(custody, trust, occupancy=True)
-    except DevidError as e:
-        return TpmFacts(tcti=config.tpm.tcti, error=e)
-    except PermissionError as e:  # the agent's state (key blobs) is not ours to read
-        return TpmFacts(tcti=config.tpm.tcti, error=explain(e, "the agent's TPM state",
-                                                             command))
-
-
-def _check_document(config: AgentConfig, args: argparse.Namespace) -> dict[str, Any]:
+def _check_document(config: AgentConfig, args: argparse.Namespace,
+                    local_when: tuple[type[DevidError], ...] = (DaemonNotRunning,)
+                    ) -> dict[str, Any]:
     try:
         return _call(config, args, "check")
-    except DaemonNotRunning as e:
+    except local_when as e:
         # The daemon holds the TPM when it runs; when it does not, look ourselves.
-        probe = probe_registrar(config.enrollment)
-        # Certificates are dated by the registrar: judge them by its clock when known.
-        now = datetime.datetime.now(datetime.UTC) + datetime.timedelta(
-            seconds=probe.clock_offset or 0.0)
-        enrollment = stored_enrollment_facts(config.enrollment, config.paths.state_dir, now)
-        return check_report(_local_tpm_facts(config, args.command_line), config, expected_uid=None,
-                            extra=(check_daemon_down(e.message), probe.result,
-                                   check_enrollment(enrollment, now,
-                                                    config.rotation.clock_skew)),
-                            registrar_offset=probe.clock_offset)
+        return check_document(local_gateway_facts(config, args.command_line, e.message))
+
+
+def _only(doc: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The document cut down to the named checks, its state and summary recomputed."""
+    results = [r for r in doc.get("results", []) if r.get("name") in names]
+    levels = [{"pass": 0, "warn": 1, "fail": 2}.get(r.get("level"), 2) for r in results]
+    state = ("OK", "WARN", "FAIL")[max(levels, default=0)]
+    kept = {r["name"] for r in results}
+    summary = ", ".join(f"{name} {r['level']}" for name in names if name in kept
+                        for r in results if r["name"] == name)
+    return {**doc, "state": state, "results": results, "summary": summary}
 
 
 def cmd_check(config: AgentConfig, args: argparse.Namespace) -> int:
@@ -198,7 +213,9 @@ def cmd_check(config: AgentConfig, args: argparse.Namespace) -> int:
         doc = _check_document(config, args)
     except DevidError as e:
         return _fail(e, as_json, EXIT_NO_DAEMON)
-    _emit(doc, as_json, render_check)
+    if args.only:
+        doc = _only(doc, args.only)
+    _emit(doc, as_json, lambda d: render_check(d, terminal_style(), args.verbose))
     return EXIT_BY_STATE.get(str(doc.get("state")), 2)
 
 
@@ -235,11 +252,12 @@ def cmd_decommission(config: AgentConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit_document(config: AgentConfig, args: argparse.Namespace, limit: int
+def _audit_document(config: AgentConfig, args: argparse.Namespace, limit: int,
+                    local_when: tuple[type[DevidError], ...] = (DaemonNotRunning,)
                     ) -> dict[str, Any]:
     try:
         return _call(config, args, "audit", {"limit": limit})
-    except DaemonNotRunning:
+    except local_when:
         # The log is a file: read it directly when the daemon is down (needs access
         # to the state directory).
         return AuditLog(config.paths.state_dir / AGENT_AUDIT_LOG).report(limit)
@@ -254,14 +272,56 @@ def cmd_audit(config: AgentConfig, args: argparse.Namespace) -> int:
     return 0 if doc.get("intact") else EXIT_BY_STATE["FAIL"]
 
 
+def _certificates_document(config: AgentConfig, args: argparse.Namespace,
+                           local_when: tuple[type[DevidError], ...] = (DaemonNotRunning,)
+                           ) -> dict[str, Any]:
+    try:
+        return _call(config, args, "certificates")
+    except local_when:  # the certificates are in the state directory
+        stored = EnrollmentStore(config.paths.state_dir).load()
+        return certificates_document(stored, datetime.datetime.now(datetime.UTC))
+
+
+def cmd_cert(config: AgentConfig, args: argparse.Namespace) -> int:
+    try:
+        doc = _certificates_document(config, args)
+    except DevidError as e:
+        return _fail(e, args.json, EXIT_NO_DAEMON)
+    if args.pem and not args.json:
+        if not doc.get("enrolled"):
+            return _fail(StateError("not enrolled yet: there is no certificate",
+                                    "see `devidctl status`"), False, EXIT_BY_STATE["FAIL"])
+        print("".join(str(part["pem"]) for part in (doc["identity"], doc.get("tls")) if part),
+              end="")
+        return 0
+    _emit(doc, args.json, render_certificates)
+    return 0 if doc.get("enrolled") else EXIT_BY_STATE["WARN"]
+
+
+def _daemon_config(config: AgentConfig, args: argparse.Namespace) -> AgentConfig | None:
+    """The configuration the running daemon loaded, by the absolute path it advertises
+    (our --config may be relative to another directory, or broken since)."""
+    try:
+        loaded = _call(config, args, "status").get("agent", {}).get("config")
+        return load_config(Path(loaded), others_may_read=True, command=args.command_line) \
+            if loaded else None
+    except DevidError:
+        return None
+
+
 def cmd_support_bundle(config: AgentConfig, args: argparse.Namespace,
                        config_error: ConfigError | None) -> int:
     now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     path = args.output or Path(f"{bundle.default_name(now)}.tar.gz")
-    collected = bundle.collect(
-        config, status=lambda: _call(config, args, "status"),
-        check=lambda: _check_document(config, args),
-        audit=lambda: _audit_document(config, args, bundle.AUDIT_RECORDS))
+    if config_error is not None:
+        config = _daemon_config(config, args) or config
+    # Out of the daemon's reach (stopped, or not ours to ask): collect what we can see.
+    local = (DaemonNotRunning, PermissionDenied)
+    collected = bundle.collect(config, bundle.Sources(
+        status=lambda: _call(config, args, "status"),
+        check=lambda: _check_document(config, args, local),
+        audit=lambda: _audit_document(config, args, bundle.AUDIT_RECORDS, local),
+        certificates=lambda: _certificates_document(config, args, local)))
     if config_error is not None:
         collected.add("config-error.json", config_error.to_dict)
     try:
@@ -272,8 +332,11 @@ def cmd_support_bundle(config: AgentConfig, args: argparse.Namespace,
                      EXIT_BY_STATE["FAIL"])
     doc = {"path": str(path.resolve()), "files": sorted(collected.files),
            "not_collected": collected.problems}
+    if collected.problems and os.geteuid() != 0:
+        doc["hint"] = f"`sudo {args.command_line}` collects what this user may not read"
     _emit(doc, args.json, render_bundle)
-    return 0
+    # Written, but incomplete: say so to scripts too (the list is in the output).
+    return EXIT_BY_STATE["WARN"] if collected.problems else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                 "renew": lambda: cmd_renew(config, args),
                 "decommission": lambda: cmd_decommission(config, args),
                 "audit": lambda: cmd_audit(config, args),
+                "cert": lambda: cmd_cert(config, args),
                 "support-bundle": lambda: cmd_support_bundle(config, args, config_error)}
     try:
         code = commands[args.command]()

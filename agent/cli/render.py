@@ -1,10 +1,63 @@
-"""Text rendering of status and check documents for a terminal. Pure."""
+"""Text rendering of status and check documents for a terminal. Pure.
+
+Times are shown relative to the document's own time (the daemon's, in the
+registrar's clock when it knows it) with the absolute UTC time beside them:
+"in 14h 47m, 2026-11-23 19:59Z". Colour is the caller's choice (`Style`).
+"""
 
 from __future__ import annotations
 
+import datetime
+from dataclasses import dataclass
 from typing import Any
 
+from agent.clock import human_duration
 from agent.rotation.registrarclock import describe_offset
+
+
+@dataclass(frozen=True)
+class Style:
+    """ANSI colour for a terminal that wants it (not NO_COLOR, not a pipe)."""
+
+    colour: bool = False
+    docs: str = "docs/operations.md"  # where the check sections live on this machine
+
+    def paint(self, text: str, level: str) -> str:
+        code = {"pass": "32", "ok": "32", "warn": "33", "fail": "31;1",
+                "skip": "2"}.get(level.lower())
+        return f"\033[{code}m{text}\033[0m" if self.colour and code else text
+
+
+PLAIN = Style()
+
+
+def _parse(iso: object) -> datetime.datetime | None:
+    try:
+        when = datetime.datetime.fromisoformat(str(iso))
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=datetime.UTC)
+
+
+def _when(iso: object, now: datetime.datetime | None) -> str:
+    """'in 14h 47m, 2026-11-23 19:59Z' or '3m 2s ago, 2026-11-23 05:12Z'."""
+    when = _parse(iso)
+    if when is None:
+        return str(iso)
+    stamp = when.astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%MZ")
+    if now is None:
+        return stamp
+    delta = (when - now).total_seconds()
+    if abs(delta) < 1:
+        relative = "now"
+    else:
+        relative = f"in {human_duration(delta)}" if delta > 0 else \
+            f"{human_duration(-delta)} ago"
+    return f"{relative}, {stamp}"
+
+
+def _doc_now(doc: dict[str, Any]) -> datetime.datetime | None:
+    return _parse(doc["at"]) if doc.get("at") else None
 
 
 def _duration(seconds: float) -> str:
@@ -35,9 +88,10 @@ def _ek_lines(ek: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-def render_status(doc: dict[str, Any]) -> str:
+def render_status(doc: dict[str, Any], style: Style = PLAIN) -> str:
     agent, tpm, ident = doc.get("agent", {}), doc.get("tpm", {}), doc.get("identity", {})
-    lines = [f"devid-agent: {doc.get('state')}"]
+    now = _doc_now(doc)
+    lines = [f"devid-agent: {style.paint(str(doc.get('state')), str(doc.get('state')))}"]
     lines += [f"  ! {r}" for r in doc.get("reasons", [])]
     lines.append(f"  agent      {agent.get('version')}, up {_duration(agent.get('uptime_s', 0))}"
                  f" (pid {agent.get('pid')})")
@@ -66,12 +120,13 @@ def render_status(doc: dict[str, Any]) -> str:
     else:
         err = ident.get("error") or {}
         lines.append(f"  identity   unavailable: {err.get('message', 'TPM not reachable')}")
-    lines += _enrollment_lines(doc.get("enrollment") or {}, doc.get("certificate"))
-    lines += _rotation_lines(doc.get("rotation"), doc.get("tls_certificate"))
+    lines += _enrollment_lines(doc.get("enrollment") or {}, doc.get("certificate"), now)
+    lines += _rotation_lines(doc.get("rotation"), doc.get("tls_certificate"), now)
     return "\n".join(lines)
 
 
-def _enrollment_lines(enr: dict[str, Any], cert: dict[str, Any] | None) -> list[str]:
+def _enrollment_lines(enr: dict[str, Any], cert: dict[str, Any] | None,
+                      now: datetime.datetime | None) -> list[str]:
     state = enr.get("state", "not_configured")
     if state == "not_configured":
         return ["  enrollment not configured ([enrollment] url)"]
@@ -81,51 +136,53 @@ def _enrollment_lines(enr: dict[str, Any], cert: dict[str, Any] | None) -> list[
     if enr.get("revoked_reason"):
         lines.append(f"             revoked    {enr['revoked_reason']}")
     if enr.get("decommissioned_at"):
-        lines.append(f"             decommissioned at {_date(enr['decommissioned_at'])}")
+        lines.append(f"             decommissioned {_when(enr['decommissioned_at'], now)}")
     err = enr.get("last_error")
     if err and state not in ("enrolled", "revoked"):
         lines.append(f"             last error {err.get('type')}: {err.get('message')}")
         if err.get("hint"):
             lines.append(f"             hint: {err['hint']}")
         if enr.get("next_attempt"):
-            lines.append(f"             next attempt {_date(enr['next_attempt'])} "
+            lines.append(f"             next attempt {_when(enr['next_attempt'], now)} "
                          f"(attempt {enr.get('attempts', 0) + 1})")
     if cert:
-        lines += _certificate_lines("certificate", cert)
+        lines += _certificate_lines("certificate", cert, now)
         if cert.get("key_matches_tpm") is False:
             lines.append("             key      NOT this TPM's identity key")
     return lines
 
 
-def _certificate_lines(label: str, cert: dict[str, Any]) -> list[str]:
+def _certificate_lines(label: str, cert: dict[str, Any],
+                       now: datetime.datetime | None) -> list[str]:
     lines = [
         f"  {label:10} {cert.get('subject')}",
         f"             serial   {cert.get('serial')}",
         f"             issuer   {cert.get('issuer')}",
-        f"             valid    {_date(cert.get('not_before'))} .. "
-        f"{_date(cert.get('not_after'))}"
+        f"             from     {_when(cert.get('not_before'), now)}",
+        f"             until    {_when(cert.get('not_after'), now)}"
         + ("" if cert.get("valid_now") else "  (NOT VALID NOW)"),
     ]
     if cert.get("renew_at"):
-        lines.append(f"             renew at {_date(cert['renew_at'])}")
+        lines.append(f"             renews   {_when(cert['renew_at'], now)}")
     return lines
 
 
-def _rotation_lines(rot: dict[str, Any] | None, tls: dict[str, Any] | None) -> list[str]:
+def _rotation_lines(rot: dict[str, Any] | None, tls: dict[str, Any] | None,
+                    now: datetime.datetime | None) -> list[str]:
     if not rot or (rot.get("state") in (None, "stopped") and not tls):
         return []
     lines: list[str] = []
     if tls:
-        lines += _certificate_lines("TLS cert", tls)
+        lines += _certificate_lines("TLS cert", tls, now)
         lines.append(f"             key      software P-256, sealed to the TPM; "
                      f"{'presented' if tls.get('presented') else 'NOT presented'}")
     lines.append(f"  rotation   {rot.get('state')}, {rot.get('generation', 0)} renewal(s) "
                  "since enrollment")
     last = rot.get("last")
     if last:
-        took = f" in {last['duration_ms']:.0f} ms" if last.get("duration_ms") else ""
-        lines.append(f"             last     {_date(last.get('time'))} {last.get('result')}"
-                     f"{took}")
+        took = f" (took {last['duration_ms']:.0f} ms)" if last.get("duration_ms") else ""
+        lines.append(f"             last     {last.get('result')} "
+                     f"{_when(last.get('time'), now)}{took}")
         err = last.get("error")
         if err:
             lines.append(f"             error    {err.get('type')}: {err.get('message')}")
@@ -135,18 +192,37 @@ def _rotation_lines(rot: dict[str, Any] | None, tls: dict[str, Any] | None) -> l
             if not hook.get("ok"):
                 lines.append(f"             hook     {hook['command']}: {hook['detail']}")
     if rot.get("next_attempt"):
-        lines.append(f"             retry at {_date(rot['next_attempt'])} "
+        lines.append(f"             retry    {_when(rot['next_attempt'], now)} "
                      f"({rot.get('failures')} failure(s) in a row)")
     if rot.get("restore_error"):
         lines.append(f"             restore  {rot['restore_error'].get('message')}")
     if rot.get("held_until"):
-        lines.append(f"             held     until {_date(rot['held_until'])}: "
+        lines.append(f"             held     until {_when(rot['held_until'], now)}: "
                      f"{rot.get('hold_reason')}")
     offset = rot.get("registrar_clock_offset_s")
     if offset is not None and abs(offset) >= 2:
         lines.append(f"             clock    {describe_offset(offset)} ({offset:+.0f}s); "
                      "renewals are planned in the registrar's time")
     return lines
+
+
+def render_certificates(doc: dict[str, Any]) -> str:
+    if not doc.get("enrolled"):
+        return "not enrolled yet: no certificates (see `devidctl status`)"
+    now = _doc_now(doc)
+    lines = [f"device {doc.get('device_id')} ({doc.get('lifecycle')})"]
+    for label, key in (("identity", "identity"), ("TLS cert", "tls")):
+        cert = doc.get(key)
+        if cert is None:
+            lines.append(f"  {label:10} none yet")
+            continue
+        lines += _certificate_lines(label, cert, now)
+        lines.append(f"             SHA-256  {cert.get('sha256')}")
+        if cert.get("subject_alt_names"):
+            lines.append(f"             names    {', '.join(cert['subject_alt_names'])}")
+        lines.append(f"             chain    {' <- '.join(cert.get('chain', []))}")
+    lines.append("(`devidctl cert show --pem` prints the chains in PEM)")
+    return "\n".join(lines)
 
 
 def render_renew(doc: dict[str, Any]) -> str:
@@ -180,12 +256,21 @@ def render_audit(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render_check(doc: dict[str, Any]) -> str:
-    lines = [f"devid-agent check: {doc.get('state')}"]
+def render_check(doc: dict[str, Any], style: Style = PLAIN, verbose: bool = False) -> str:
+    state = str(doc.get("state"))
+    lines = [f"devid-agent check: {style.paint(state, state)}"
+             + (f" ({doc['summary']})" if doc.get("summary") else "")]
     for r in doc.get("results", []):
-        lines.append(f"  {r['level'].upper():4}  {r['name']:15} {r['summary']}")
+        checked = r.get("checked", True)
+        label = r["level"].upper() if checked else "SKIP"
+        lines.append(f"  {style.paint(f'{label:4}', label)}  {r['name']:15} {r['summary']}")
+        if verbose and r.get("detail"):
+            lines.append(f"        {'':15} found: {r['detail']}")
         if r.get("hint") and r["level"] != "pass":
             lines.append(f"        {'':15} hint: {r['hint']}")
+        if checked and r.get("docs") and r["level"] != "pass":
+            section = str(r["docs"]).partition("#")[2]
+            lines.append(f"        {'':15} docs: {style.docs}#{section}")
     return "\n".join(lines)
 
 
@@ -200,4 +285,7 @@ def render_bundle(doc: dict[str, Any]) -> str:
     lines = [f"support bundle written: {doc['path']}",
              f"  contains {', '.join(doc['files'])}"]
     lines += [f"  not collected: {name}: {why}" for name, why in doc["not_collected"].items()]
+    if doc["not_collected"]:
+        lines.append(f"  incomplete: {len(doc['not_collected'])} part(s) missing (exit 1)"
+                     + (f"; {doc['hint']}" if doc.get("hint") else ""))
     return "\n".join(lines)

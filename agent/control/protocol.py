@@ -21,7 +21,7 @@ from agent.errors import DevidError, ProtocolError
 
 VERSION = 1
 MAX_LINE = 1 << 20  # responses carry status documents; requests are tiny
-METHODS = ("status", "check", "renew", "decommission", "audit")
+METHODS = ("status", "check", "renew", "decommission", "audit", "certificates")
 RENEW_WAIT_MAX = 300.0  # seconds `renew` with wait=true may take before the daemon gives up
 
 

@@ -42,7 +42,8 @@ async def run(config: AgentConfig) -> int:
     server = ControlServer(config.paths.control_socket,
                            {"status": service.status, "check": service.check,
                             "renew": service.renew, "decommission": service.decommission,
-                            "audit": service.audit_log}, gid)
+                            "audit": service.audit_log,
+                            "certificates": service.certificates}, gid)
     await server.start()
     supervisor = Supervisor(SystemdNotifier(), watchdog_interval(os.environ, os.getpid()),
                             service.is_ready, service.headline, service.hung)

@@ -26,23 +26,25 @@ from agent.daemon.enrollment import EnrollmentManager, load_pinned_ca
 from agent.daemon.reload import ReloadPlan, plan_reload
 from agent.daemon.rotation import RotationManager
 from agent.daemon.tpmworker import TpmWorker
+from agent.diagnostics.certificates import certificates_document
 from agent.diagnostics.enrollment import (
     DECOMMISSIONED,
     FAILED,
     NOT_CONFIGURED,
-    check_enrollment,
     probe_registrar,
 )
 from agent.diagnostics.facts import (
     EndorsementResult,
     TpmFacts,
+    collect_clock_facts,
+    collect_path_facts,
     collect_tpm_facts,
     try_endorsement_facts,
 )
-from agent.diagnostics.report import check_report
-from agent.diagnostics.rotation import RotationFacts, check_rotation
-from agent.diagnostics.service import ServiceFacts, check_service
+from agent.diagnostics.rotation import RotationFacts
+from agent.diagnostics.service import ServiceFacts
 from agent.diagnostics.status import build_status, headline
+from agent.diagnostics.suite import GatewayFacts, check_document
 from agent.errors import ControlError, DevidError, StateError, TpmUnreachable
 from agent.pki.certinfo import summarize
 from agent.pki.ekchain import TrustStore, load_trust_store
@@ -59,6 +61,7 @@ class AgentService:
         self.trust = trust
         self.worker = TpmWorker()
         self.started = time.monotonic()
+        self._log_file = logsetup.stderr_log_file()
         self._backoff = backoff or Backoff(initial=1.0, cap=60.0)
         self._custody: TpmCustody | None = None
         self._endorsement: EndorsementResult | None = None
@@ -259,6 +262,7 @@ class AgentService:
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started, 1),
             "config": str(self.config.source) if self.config.source else None,
+            "log_file": self._log_file,
         }
 
     def rotation_facts(self) -> RotationFacts:
@@ -281,7 +285,8 @@ class AgentService:
         return build_status(facts, self._agent_section(), bool(self.config.trust.ek_roots),
                             self.enrollment.facts(), now=self.rotation.registrar_now(),
                             rotation=self.rotation_facts(),
-                            skew=self.config.rotation.clock_skew, service=self.service_facts())
+                            skew=self.config.rotation.clock_skew, service=self.service_facts(),
+                            clock=collect_clock_facts(remembered=self.rotation.clock_offset))
 
     def service_facts(self) -> ServiceFacts:
         return ServiceFacts(reload_error=self.reload_error, reloaded_at=self.reloaded_at)
@@ -291,15 +296,17 @@ class AgentService:
 
     async def check(self, _params: dict[str, Any]) -> dict[str, Any]:
         facts = await self._tpm_facts(occupancy=True)
-        running = check_service(self.service_facts(), self._agent_section())
         probe = await asyncio.to_thread(probe_registrar, self.config.enrollment)
-        self.rotation.observe_offset(probe.clock_offset)
-        now, skew = self.rotation.registrar_now(), self.config.rotation.clock_skew
-        enrollment = check_enrollment(self.enrollment.facts(), now, skew)
-        rotation = check_rotation(self.rotation_facts(), now, skew)
-        return check_report(facts, self.config, os.geteuid(),
-                            (running, probe.result, enrollment, rotation),
-                            registrar_offset=self.rotation.clock_offset)
+        self.rotation.observe_offset(probe.clock_offset)  # authenticated: plans renewals too
+        clock = collect_clock_facts(probe.clock_offset, probe.unverified_offset,
+                                    self.rotation.clock_offset)
+        return check_document(GatewayFacts(
+            tpm=facts, state_dir=collect_path_facts(self.config.paths.state_dir), clock=clock,
+            registrar=probe, enrollment=self.enrollment.facts(),
+            rotation=self.rotation_facts(), now=self.rotation.registrar_now(),
+            skew=self.config.rotation.clock_skew,
+            roots_configured=bool(self.config.trust.ek_roots), expected_uid=os.geteuid(),
+            agent=self._agent_section(), service=self.service_facts()))
 
     async def renew(self, params: dict[str, Any]) -> dict[str, Any]:
         """Renew now; with `wait`, report the outcome of that attempt."""
@@ -334,6 +341,9 @@ class AgentService:
                                  "sign the decommissioning request")
         return await decommission_gateway(self.enrollment, self.rotation, custody,
                                           self.worker.call, bool(params.get("force")))
+
+    async def certificates(self, _params: dict[str, Any]) -> dict[str, Any]:
+        return certificates_document(self.enrollment.stored, self.rotation.registrar_now())
 
     async def audit_log(self, params: dict[str, Any]) -> dict[str, Any]:
         limit = params.get("limit")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import datetime
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import IntEnum
 
 from agent.clock import human_duration
@@ -23,21 +24,49 @@ class Level(IntEnum):
         return self.name.lower()
 
 
-@dataclass(frozen=True)
-class CheckResult:
-    name: str
-    level: Level
-    summary: str
-    hint: str = ""
-
-    def to_dict(self) -> dict[str, object]:
-        d = asdict(self)
-        d["level"] = self.level.label()
-        return d
+HEADLINE = {Level.PASS: "OK", Level.WARN: "WARN", Level.FAIL: "FAIL"}  # status and check
 
 
 # The summary of a check that did not run because another failed (that one says why).
 NOT_CHECKED = "not checked: "
+
+# Each check has a section in docs/operations.md, under "When `devidctl check` fails".
+OPERATIONS_DOC = "operations.md"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One line of `devidctl check`. `because`: the check whose failure would explain this
+    one's (clock, tpm, daemon, state-dir); `cause`: how this check, failing, is quoted by
+    the checks it explains ("the local clock is 2d 0h behind the registrar's")."""
+
+    name: str
+    level: Level
+    summary: str
+    hint: str = ""
+    because: str = ""
+    cause: str = ""
+    detail: str = ""  # what a not-checked line found, for --verbose and --json
+
+    @property
+    def checked(self) -> bool:
+        return not self.summary.startswith(NOT_CHECKED)
+
+    @property
+    def docs(self) -> str:
+        return f"{OPERATIONS_DOC}#{self.name}"
+
+    def to_dict(self) -> dict[str, object]:
+        d: dict[str, object] = {"name": self.name, "level": self.level.label(),
+                                "summary": self.summary, "hint": self.hint,
+                                "checked": self.checked}
+        if self.level > Level.PASS:
+            d["docs"] = self.docs
+        if self.detail:
+            d["detail"] = self.detail
+        if not self.checked and self.because:
+            d["because"] = self.because
+        return d
 
 # The clock cannot be earlier than the day this release was cut.
 RELEASE_FLOOR = datetime.datetime(2026, 11, 1, tzinfo=datetime.UTC)
@@ -48,7 +77,8 @@ def check_tpm(facts: TpmFacts) -> CheckResult:
         err = facts.error
         return CheckResult("tpm", Level.FAIL,
                            f"TPM not usable via {facts.tcti}: {err.message if err else 'unknown'}",
-                           err.hint if err else "")
+                           err.hint if err else "", cause=f"the TPM is not usable via "
+                                                          f"{facts.tcti}")
     info = facts.info
     summary = (f"TPM reachable via {facts.tcti}: {info.manufacturer} {info.vendor_string!r}, "
                f"firmware {info.firmware_version}")
@@ -70,8 +100,7 @@ def check_tpm(facts: TpmFacts) -> CheckResult:
 
 def check_ek(facts: TpmFacts, roots_configured: bool) -> CheckResult:
     if not facts.reachable:
-        return CheckResult("ek-certificate", Level.FAIL, f"{NOT_CHECKED}TPM not reachable",
-                           "fix the TPM check first")
+        return _not_checked("ek-certificate", "tpm", "the TPM is not usable")
     if facts.ek_error is not None:
         return CheckResult("ek-certificate", Level.FAIL, facts.ek_error.message,
                            facts.ek_error.hint)
@@ -89,17 +118,27 @@ def check_ek(facts: TpmFacts, roots_configured: bool) -> CheckResult:
                            f"{kinds} present and matching this TPM, but no vendor root is "
                            "configured to verify them",
                            "add the TPM vendor's root CA certificate to [trust] ek_roots")
-    reason = facts.endorsement[0].verdict.reason
+    verdict = facts.endorsement[0].verdict
     return CheckResult("ek-certificate", Level.FAIL,
-                       f"{kinds} present and matching this TPM, but not trusted: {reason}",
+                       f"{kinds} present and matching this TPM, but not trusted: "
+                       f"{verdict.reason}",
                        "add the vendor's root CA (and any intermediate) to [trust] ek_roots; "
-                       "if the issuer is unexpected, this TPM may not be genuine")
+                       "if the issuer is unexpected, this TPM may not be genuine",
+                       because="clock" if verdict.dated else "")
+
+
+def _not_checked(name: str, because: str, why: str) -> CheckResult:
+    """A check that cannot run at all until `because` passes."""
+    return CheckResult(name, Level.WARN, f"{NOT_CHECKED}{why}", f"fix the {because} check "
+                       "first", because=because)
 
 
 def check_identity(facts: TpmFacts) -> CheckResult:
     if facts.keys_destroyed:
         return CheckResult("identity-key", Level.WARN, "identity key and AK destroyed: the "
                            "gateway was decommissioned", "enroll it again to get new keys")
+    if not facts.reachable:  # the key blob may be fine: only the TPM can load it
+        return _not_checked("identity-key", "tpm", "the TPM is not usable")
     if facts.identity is None:
         err = facts.identity_error
         return CheckResult("identity-key", Level.FAIL,
@@ -151,41 +190,55 @@ CLOCK_HINT = ("fix time synchronisation: `timedatectl set-ntp true`, and check t
               "certificates by theirs")
 
 
-def judge_registrar_offset(offset: float | None, skew: float) -> CheckResult | None:
+def judge_registrar_offset(offset: float | None, skew: float,
+                           authenticated: bool = True) -> CheckResult | None:
     """The local clock against the registrar's, as measured from its Date header: FAIL
-    beyond `skew`, WARN beyond half of it; None when never measured."""
+    beyond `skew`, WARN beyond half of it; None when never measured. Unauthenticated: read
+    over a TLS connection that failed verification (with a clock this wrong, it does)."""
     if offset is None:
         return None
-    summary = (f"{describe_offset(offset)} (registrar minus local {offset:+.0f}s, tolerated "
-               f"{human_duration(skew)})")
+    how = "" if authenticated else "; read without TLS verification, which this clock fails"
+    summary = (f"{describe_offset(offset)} (registrar minus local {round(offset):+d}s, tolerated "
+               f"{human_duration(skew)}{how})")
     if abs(offset) > skew:
-        return CheckResult("clock", Level.FAIL, summary, CLOCK_HINT)
+        return CheckResult("clock", Level.FAIL, summary, CLOCK_HINT,
+                           cause=describe_offset(offset))
     if abs(offset) > skew / 2:
         return CheckResult("clock", Level.WARN, summary + ", close to the tolerance", CLOCK_HINT)
     return CheckResult("clock", Level.PASS, summary)
 
 
-def check_clock(clock: ClockFacts, not_before: list[datetime.datetime],
-                skew: float = 300.0) -> CheckResult:
+def check_clock(clock: ClockFacts, starts: Sequence[tuple[str, datetime.datetime]] = (),
+                skew: float = 300.0, judge_sync: bool = True) -> CheckResult:
+    """The clock against this release, the registrar's clock, and the start of validity of
+    the certificates the gateway holds (`starts`: what, notBefore): a certificate cannot
+    start in the future of a right clock. `judge_sync`: warn when not NTP-synchronized."""
     now = datetime.datetime.fromtimestamp(clock.now, datetime.UTC)
     stamp = now.strftime("%Y-%m-%d %H:%M:%SZ")
     if now < RELEASE_FLOOR:
         return CheckResult("clock", Level.FAIL, f"clock reads {stamp}, before this agent's "
                            f"release ({RELEASE_FLOOR:%Y-%m-%d})",
                            "set the time (NTP, or an RTC with a working battery); certificates "
-                           "cannot be checked with a clock this wrong")
-    against_registrar = judge_registrar_offset(clock.registrar_offset, skew)
+                           "cannot be checked with a clock this wrong",
+                           cause=f"the clock reads {stamp}, before this agent's release")
+    against_registrar = judge_registrar_offset(clock.registrar_offset, skew,
+                                               clock.offset_authenticated)
     if against_registrar is not None and against_registrar.level > Level.PASS:
         return CheckResult("clock", against_registrar.level,
                            f"clock reads {stamp}: {against_registrar.summary}",
-                           against_registrar.hint)
-    for nb in not_before:
-        if now < nb:
-            return CheckResult("clock", Level.FAIL, f"clock reads {stamp}, before the EK "
-                               f"certificate's start of validity {nb:%Y-%m-%d}",
-                               "the clock is behind: enable NTP (timedatectl set-ntp true)")
+                           against_registrar.hint, cause=against_registrar.cause)
+    tolerated = datetime.timedelta(seconds=skew)
+    for what, not_before in starts:
+        if now + tolerated < not_before:
+            behind = human_duration((not_before - now).total_seconds())
+            return CheckResult("clock", Level.FAIL, f"clock reads {stamp}, {behind} before "
+                               f"{what} starts to be valid ({not_before:%Y-%m-%d %H:%M}Z): the "
+                               "clock is behind", "set the time: enable NTP (`timedatectl "
+                               "set-ntp true`), or an RTC with a working battery",
+                               cause=f"the clock is at least {behind} behind ({what} starts "
+                                     "later)")
     agrees = f"; {against_registrar.summary}" if against_registrar is not None else ""
-    if clock.synchronized is False:
+    if clock.synchronized is False and judge_sync:
         return CheckResult("clock", Level.WARN, f"clock reads {stamp} but is not "
                            f"NTP-synchronized{agrees}",
                            "enable time sync (timedatectl set-ntp true); short-lived "
@@ -197,21 +250,6 @@ def check_clock(clock: ClockFacts, not_before: list[datetime.datetime],
 def check_daemon_down(detail: str) -> CheckResult:
     return CheckResult("daemon", Level.FAIL, detail,
                        "start it with `systemctl start devid-agent`; checks below ran locally")
-
-
-def run_checks(tpm: TpmFacts, path: PathFacts, clock: ClockFacts, expected_uid: int | None,
-               roots_configured: bool, skew: float = 300.0) -> list[CheckResult]:
-    not_before = [
-        datetime.datetime.fromisoformat(str(ek.certificate["not_before"]))
-        for ek in tpm.endorsement
-    ]
-    return [
-        check_tpm(tpm),
-        check_ek(tpm, roots_configured),
-        check_identity(tpm),
-        check_state_dir(path, expected_uid),
-        check_clock(clock, not_before, skew),
-    ]
 
 
 def worst(results: list[CheckResult]) -> Level:

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from agent.clock import human_duration
 from agent.config import EnrollmentSection
-from agent.diagnostics.checks import CheckResult, Level
-from agent.enroll.state import ACTIVE, DecommissionStore, EnrollmentStore
-from agent.errors import DevidError
-from agent.pki.certinfo import summarize
+from agent.diagnostics.checks import NOT_CHECKED, CheckResult, Level
+from agent.errors import DevidError, RegistrarNotValidNow, RegistrarUnreachable
 from agent.pki.devicecert import Validity
 from agent.rotation.schedule import Health, health
 
@@ -83,9 +80,13 @@ def check_enrollment(facts: EnrollmentFacts, now: datetime.datetime,
                            f"(attempt {facts.attempts + 1})" + (f"; last error {why}" if why
                                                                  else ""),
                            str(err.get("hint", "")))
+    if facts.state == UNKNOWN and err.get("type") == "access-denied":  # not ours to read
+        return CheckResult(name, Level.WARN, f"{NOT_CHECKED}{err.get('message')}",
+                           str(err.get("hint", "")))
     if facts.state == UNKNOWN:
         return CheckResult(name, Level.FAIL, "cannot read the stored enrollment: "
-                           f"{err.get('message')}", str(err.get("hint", "")))
+                           f"{err.get('message')}", str(err.get("hint", "")),
+                           because="state-dir")
     if facts.state == FAILED:
         when = f"; next attempt {facts.next_attempt:%H:%M:%S}Z" if facts.next_attempt else ""
         return CheckResult(name, Level.FAIL, f"enrollment failed after {facts.attempts} "
@@ -121,12 +122,12 @@ def judge_certificate(name: str, what: str, cert: dict[str, Any], now: datetime.
         return CheckResult(name, Level.FAIL, f"{prefix}{what} {serial} expired at "
                            f"{_stamp(validity.not_after)}",
                            "renewal has not succeeded; check the registrar, the network and "
-                           "the rotation error in `devidctl status`")
+                           "the rotation error in `devidctl status`", because="clock")
     if state is Health.NOT_YET_VALID:
         return CheckResult(name, Level.FAIL, f"{prefix}{what} {serial} is not valid until "
                            f"{_stamp(validity.not_before)} by the local clock: the clock is "
                            f"behind by more than the tolerated {skew:.0f}s",
-                           "fix the gateway's time synchronization (NTP)")
+                           "fix the gateway's time synchronization (NTP)", because="clock")
     left = human_duration(validity.remaining(now).total_seconds())
     if state is Health.EXPIRING:
         return CheckResult(name, Level.WARN, f"{prefix}{what} {serial} expires in {left} "
@@ -136,30 +137,12 @@ def judge_certificate(name: str, what: str, cert: dict[str, Any], now: datetime.
                        f"{_stamp(validity.not_after)} ({left} left)")
 
 
-def stored_enrollment_facts(section: EnrollmentSection | None, state_dir: Path,
-                            now: datetime.datetime) -> EnrollmentFacts:
-    """What the state directory says, for checks run while the daemon is down."""
-    try:
-        marker = DecommissionStore(state_dir).load()
-        stored = EnrollmentStore(state_dir).load() if marker is None else None
-    except DevidError as e:
-        return EnrollmentFacts(UNKNOWN, section.url if section else None, last_error=e.to_dict())
-    if marker is not None:
-        return EnrollmentFacts(DECOMMISSIONED, device_id=marker.device_id,
-                               decommissioned_at=marker.at)
-    if stored is None:
-        return EnrollmentFacts(NOT_CONFIGURED if section is None else PENDING,
-                               section.url if section else None, local=True)
-    return EnrollmentFacts(ENROLLED if stored.lifecycle == ACTIVE else REVOKED,
-                           stored.registrar, stored.device_id,
-                           certificate=summarize(stored.certificate, now),
-                           revoked_reason=stored.revoked_reason)
-
-
 @dataclass(frozen=True)
 class RegistrarProbe:
     result: CheckResult
     clock_offset: float | None = None  # the registrar's clock minus ours, from its Date
+    unverified_offset: float | None = None  # the same, read when TLS failed on a date
+    unreachable: bool = False  # no answer at all (the network or the registrar is down)
 
 
 def probe_registrar(section: EnrollmentSection | None) -> RegistrarProbe:
@@ -175,9 +158,13 @@ def probe_registrar(section: EnrollmentSection | None) -> RegistrarProbe:
     client = RegistrarClient(section.url, section.ca, timeout=min(section.timeout, 10.0))
     try:
         health = client.health()
+    except RegistrarNotValidNow as e:  # a wrong clock fails TLS: measure it anyway
+        return RegistrarProbe(CheckResult(name, Level.FAIL, e.message, e.hint, because="clock"),
+                              unverified_offset=client.unverified_clock_offset())
     except DevidError as e:
         return RegistrarProbe(CheckResult(name, Level.FAIL, e.message, e.hint),
-                              client.clock_offset)
+                              client.clock_offset,
+                              unreachable=isinstance(e, RegistrarUnreachable))
     finally:
         client.close()
     return RegistrarProbe(CheckResult(name, Level.PASS, f"{section.url} reachable, TLS "

@@ -175,8 +175,17 @@ class ClockFacts:
     now: float
     synchronized: bool | None
     registrar_offset: float | None = None  # the registrar's clock minus ours, seconds
+    offset_authenticated: bool = True  # False: read from a response TLS could not verify
 
 
-def collect_clock_facts(registrar_offset: float | None = None) -> ClockFacts:
-    return ClockFacts(time.time(), clock_synchronized(), registrar_offset)
+def collect_clock_facts(verified: float | None = None, unverified: float | None = None,
+                        remembered: float | None = None) -> ClockFacts:
+    """The local clock, and its offset from the registrar's by the freshest measurement:
+    one just verified, else one just read over TLS that failed on a date, else the one
+    the agent remembers (which may predate a clock jump)."""
+    if verified is not None or unverified is None:
+        offset, authenticated = (verified if verified is not None else remembered), True
+    else:
+        offset, authenticated = unverified, False
+    return ClockFacts(time.time(), clock_synchronized(), offset, authenticated)
 

@@ -9,6 +9,9 @@ from typing import Any
 from agent.diagnostics.checks import NOT_CHECKED, CheckResult, Level
 from agent.diagnostics.enrollment import judge_certificate
 
+# The state devidctl gives rotation when it reads the state directory, the daemon down.
+NOT_RUNNING = "not_running"
+
 
 @dataclass(frozen=True)
 class RotationFacts:
@@ -58,6 +61,9 @@ def tls_certificate_section(facts: RotationFacts) -> dict[str, Any] | None:
 
 def check_rotation(facts: RotationFacts, now: datetime.datetime, skew: float) -> CheckResult:
     name = "rotation"
+    if facts.state == "unknown":
+        return CheckResult(name, Level.WARN, f"{NOT_CHECKED}the stored state cannot be read",
+                           "see the enrollment check", because="enrollment")
     if not facts.enrolled or facts.state == "revoked":
         # Not a pass: nothing was checked. The enrollment line says why.
         return CheckResult(name, Level.WARN if not facts.enrolled else Level.FAIL,
@@ -66,6 +72,14 @@ def check_rotation(facts: RotationFacts, now: datetime.datetime, skew: float) ->
     if facts.state == "not_configured":
         return CheckResult(name, Level.WARN, "no registrar configured: certificates will not "
                            "be renewed", "configure [enrollment] url and ca")
+    if facts.state == NOT_RUNNING:
+        if facts.tls_certificate is None:
+            return CheckResult(name, Level.WARN, "no TLS certificate stored; the agent renews "
+                               "for one when it runs", because="daemon")
+        found = judge_certificate(name, "TLS certificate", facts.tls_certificate, now, skew)
+        return CheckResult(name, max(found.level, Level.WARN), f"{found.summary}; nobody "
+                           "renews it while devid-agent is stopped", "start devid-agent",
+                           because="daemon")
     last = facts.last or {}
     error = last.get("error") if last.get("result") == "failed" else None
     why = f"; last renewal failed: {error.get('type')}: {error.get('message')}" if error \
@@ -81,12 +95,10 @@ def check_rotation(facts: RotationFacts, now: datetime.datetime, skew: float) ->
         reason = restore.get("message", "not restored yet")
         result = CheckResult(name, Level.WARN, f"TLS certificate not presented: {reason}",
                              "the agent renews to get a new TLS key; see the rotation error")
-    if facts.clock_offset is not None and result.level is Level.FAIL and \
-            abs(facts.clock_offset) > skew:
-        result = CheckResult(name, result.level, f"{result.summary}; the registrar's clock is "
-                             f"{facts.clock_offset:+.0f}s from ours", result.hint)
-    if error:
+    if error:  # still valid, but renewals fail: attention before it is too late
         hint = result.hint or str(error.get("hint", ""))
-        return CheckResult(name, result.level, f"{result.summary}{why}{retry}", hint)
+        return CheckResult(name, max(result.level, Level.WARN), f"{result.summary}{why}{retry}",
+                           hint, because=result.because)
     renew = f", renewal at {facts.renew_at:%Y-%m-%d %H:%M:%S}Z" if facts.renew_at else ""
-    return CheckResult(name, result.level, f"{result.summary}{renew}", result.hint)
+    return CheckResult(name, result.level, f"{result.summary}{renew}", result.hint,
+                       because=result.because)

@@ -11,12 +11,12 @@ import datetime
 from typing import Any
 
 from agent.diagnostics.checks import (
-    NOT_CHECKED,
+    HEADLINE,
     Level,
+    check_clock,
     check_ek,
     check_identity,
     check_tpm,
-    judge_registrar_offset,
 )
 from agent.diagnostics.enrollment import (
     EnrollmentFacts,
@@ -24,7 +24,7 @@ from agent.diagnostics.enrollment import (
     check_enrollment,
     enrollment_section,
 )
-from agent.diagnostics.facts import TpmFacts
+from agent.diagnostics.facts import ClockFacts, TpmFacts
 from agent.diagnostics.rotation import (
     RotationFacts,
     check_rotation,
@@ -32,8 +32,7 @@ from agent.diagnostics.rotation import (
     tls_certificate_section,
 )
 from agent.diagnostics.service import ServiceFacts, check_service, service_section
-
-HEADLINE = {Level.PASS: "OK", Level.WARN: "WARN", Level.FAIL: "FAIL"}
+from agent.diagnostics.suite import attribute_causes, certificate_starts
 
 
 def _tpm_section(facts: TpmFacts) -> dict[str, Any]:
@@ -72,7 +71,8 @@ def _identity_section(facts: TpmFacts) -> dict[str, Any]:
 def build_status(facts: TpmFacts, agent: dict[str, Any], roots_configured: bool,
                  enrollment: EnrollmentFacts, now: datetime.datetime | None = None,
                  rotation: RotationFacts | None = None, skew: float = 0.0,
-                 service: ServiceFacts | None = None) -> dict[str, Any]:
+                 service: ServiceFacts | None = None,
+                 clock: ClockFacts | None = None) -> dict[str, Any]:
     when = now or datetime.datetime.now(datetime.UTC)
     judged = [check_tpm(facts), check_ek(facts, roots_configured), check_identity(facts),
               check_enrollment(enrollment, when, skew)]
@@ -80,18 +80,20 @@ def build_status(facts: TpmFacts, agent: dict[str, Any], roots_configured: bool,
         judged.insert(0, check_service(service, agent))
     if rotation is not None:
         judged.append(check_rotation(rotation, when, skew))
-        clock = judge_registrar_offset(rotation.clock_offset, skew)
-        if clock is not None and clock.level > Level.PASS:
-            judged.insert(0, clock)  # the root cause of whatever else looks wrong
+    if clock is not None:  # the root cause of whatever else looks wrong
+        starts = certificate_starts(facts, enrollment.certificate,
+                                    rotation.tls_certificate if rotation else None)
+        judged.insert(0, check_clock(clock, starts, skew, judge_sync=False))
+    judged = attribute_causes(judged)
     level = max(r.level for r in judged)
     certificate = certificate_section(enrollment)
     if certificate is not None and rotation is not None:
         certificate["renew_at"] = rotation_section(rotation)["renew_at"]
     return {
         "state": HEADLINE[level],
+        "at": when.isoformat(timespec="seconds"),  # the time it was judged by
         # A check that did not run because of another adds nothing to that one's reason.
-        "reasons": [r.summary for r in judged
-                    if r.level > Level.PASS and not r.summary.startswith(NOT_CHECKED)],
+        "reasons": [r.summary for r in judged if r.level > Level.PASS and r.checked],
         "agent": {**agent, **service_section(service)} if service else agent,
         "tpm": _tpm_section(facts),
         "identity": _identity_section(facts),

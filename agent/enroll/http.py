@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
+import warnings
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,6 +41,7 @@ from agent.errors import (
     Problem,
     ProtocolError,
     RegistrarNotTrusted,
+    RegistrarNotValidNow,
     RegistrarUnreachable,
 )
 
@@ -87,7 +89,7 @@ class RegistrarClient:
         except requests.exceptions.SSLError as e:
             dated = any(m in str(e) for m in ("certificate is not yet valid",
                                               "certificate has expired"))
-            raise RegistrarNotTrusted(
+            raise (RegistrarNotValidNow if dated else RegistrarNotTrusted)(
                 f"{self.base}: TLS verification failed with the pinned CA {self.ca_file}: "
                 + ("the registrar's certificate is not valid at this gateway's time "
                    f"({time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime())}): the clock is "
@@ -132,6 +134,24 @@ class RegistrarClient:
         p = problem_from_document(doc, response.status_code)
         p.retry_after = retry_after_seconds(response.headers.get("Retry-After"))
         return p
+
+    def unverified_clock_offset(self) -> float | None:
+        """The registrar's clock minus ours from a Date header read WITHOUT verifying TLS.
+
+        Only for diagnostics, when verification failed on a date: a peer on the path could
+        lie, so this never plans a renewal; it lets `devidctl check` say "the clock is 2 days
+        behind" instead of blaming the registrar's certificate."""
+        import urllib3
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
+                response = self._session.get(f"{self.base}{API_PREFIX}/health", stream=True,
+                                              timeout=self.timeout, verify=False)
+        except requests.exceptions.RequestException:
+            return None
+        response.close()
+        return _clock_offset(response.headers.get("Date"))
 
     def health(self) -> dict[str, Any]:
         response = self._request("GET", "/health", None)

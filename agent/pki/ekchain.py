@@ -48,6 +48,7 @@ class ChainVerdict:
     verified: bool
     reason: str
     chain: tuple[str, ...] = field(default=())  # subjects, leaf first
+    dated: bool = False  # failed on a date: with a wrong clock, the clock is the cause
 
     def to_dict(self) -> dict[str, object]:
         return {"verified": self.verified, "reason": self.reason, "chain": list(self.chain)}
@@ -155,6 +156,7 @@ def verify_ek_chain(
             f"TPM vendor root ({plain_verification_error(e)})"
             + ("; the certificates' dates do not cover this gateway's clock: check the clock "
                "first" if is_validity_error(e) else ""),
+            dated=is_validity_error(e),
         )
     return ChainVerdict(True, "chains to a trusted TPM vendor root",
                         tuple(c.subject.rfc4514_string() for c in verified.chain))

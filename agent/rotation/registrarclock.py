@@ -49,4 +49,6 @@ def describe_offset(offset: float) -> str:
     if abs(offset) < 1:
         return "the local clock agrees with the registrar's"
     direction = "ahead of" if offset < 0 else "behind"
-    return f"the local clock is {human_duration(abs(offset))} {direction} the registrar's"
+    # The Date header has 1 s resolution: 172799 s is "2d 0h", not "1d 23h".
+    size = round(abs(offset) / 60) * 60 if abs(offset) >= 3600 else abs(offset)
+    return f"the local clock is {human_duration(size)} {direction} the registrar's"

@@ -74,6 +74,7 @@ from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 from agent import faults
 from agent.codec import unmarshal_exact
 from agent.errors import (
+    AccessDenied,
     EkCertificateMissing,
     KeyBlobMismatch,
     PcrPolicyMismatch,
@@ -272,7 +273,14 @@ class TpmCustody:
             )
         self._srk = handle
         name = bytes(public.get_name().marshal())
-        pinned = self._blobs.load_bytes(SRK_NAME_FILE)
+        try:
+            pinned = self._blobs.load_bytes(SRK_NAME_FILE)
+        except AccessDenied:
+            if pin:
+                raise
+            # Looking from outside (devidctl as another user): the TPM is still worth
+            # describing; the key checks say the state is not ours to read.
+            return
         if pinned is None and pin:
             self._blobs.save_bytes(SRK_NAME_FILE, name.hex().encode() + b"\n")
         elif pinned is not None and pinned.strip() != name.hex().encode():

@@ -13,13 +13,18 @@ import itertools
 import json
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import requests
-from stack import AgentProcess, RegistrarProcess, enrollment_toml, rotation_toml
+from stack import (
+    LIBFAKETIME,
+    AgentProcess,
+    RegistrarProcess,
+    enrollment_toml,
+    faked_clock,
+    rotation_toml,
+)
 
-LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
 LIFETIME = 20.0  # seconds; the registrar backdates notBefore by a tenth of it
 OBSERVE = 32.0  # seconds of renewals watched: three windows of this lifetime
 
@@ -27,17 +32,12 @@ pytestmark = pytest.mark.skipif(not LIBFAKETIME.exists(),
                                 reason="libfaketime is installed by `make deps`")
 
 
-def _faked(offset: str) -> dict[str, str]:
-    return {"LD_PRELOAD": str(LIBFAKETIME), "FAKETIME": offset,
-            "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_NO_CACHE": "1"}
-
-
 def _skewed_agent(tpm, registrar_factory, agent_factory, offset: str
                   ) -> tuple[RegistrarProcess, AgentProcess]:
     registrar = registrar_factory([tpm.vendor_ca],
                                   settings={"cert_lifetime": json.dumps(f"{LIFETIME:g}s")})
     agent = agent_factory(tpm, extra=enrollment_toml(registrar, registrar.token())
-                          + rotation_toml() + 'clock_skew = "5s"\n', env=_faked(offset))
+                          + rotation_toml() + 'clock_skew = "5s"\n', env=faked_clock(offset))
     agent.wait_enrollment("enrolled")
     return registrar, agent
 
@@ -172,7 +172,7 @@ def test_a_clock_days_behind_is_named_as_the_cause_without_reprs(tpm, registrar_
                           + rotation_toml())
     agent.wait_generation(1)
     agent.stop()
-    agent.env = _faked("-2d")  # a dead RTC battery: two days behind
+    agent.env = faked_clock("-2d")  # a dead RTC battery: two days behind
     agent.start()
     code, renewed = agent.ctl_json("renew", "--wait", "--timeout", "60")
     text = json.dumps(renewed)

@@ -250,16 +250,30 @@ def test_the_clock_is_judged_against_the_registrar(offset, level, words):
 
 
 def test_status_leads_with_the_clock_when_it_is_off():
-    def rotation(offset: float) -> RotationFacts:
-        return RotationFacts("scheduled", True, tls_certificate=LEAF, presented=True,
-                             clock_offset=offset)
+    rotation = RotationFacts("scheduled", True, tls_certificate=LEAF, presented=True)
 
-    doc = build_status(facts(), AGENT, True, ENROLLED, AT, rotation(-1500.0), skew=300)
+    def clock(offset: float, synchronized: bool = True) -> ClockFacts:
+        return ClockFacts(AT.timestamp(), synchronized, offset)
+
+    doc = build_status(facts(), AGENT, True, ENROLLED, AT, rotation, skew=300,
+                       clock=clock(-1500.0))
     assert doc["state"] == "FAIL" and doc["reasons"] == [
-        "the local clock is 25m 0s ahead of the registrar's (registrar minus local -1500s, "
-        "tolerated 5m 0s)"]
-    assert build_status(facts(), AGENT, True, ENROLLED, AT, rotation(-10.0),
-                        skew=300)["state"] == "OK"
+        "clock reads 2026-11-21 12:00:00Z: the local clock is 25m 0s ahead of the registrar's "
+        "(registrar minus local -1500s, tolerated 5m 0s)"]
+    # Status leaves NTP to `check`: an unsynchronised clock that agrees is no reason.
+    assert build_status(facts(), AGENT, True, ENROLLED, AT, rotation, skew=300,
+                        clock=clock(-10.0, synchronized=False))["state"] == "OK"
+
+
+def test_status_names_a_clock_behind_the_certificates_and_skips_what_it_explains():
+    # Two days behind, the offset unknown (TLS to the registrar fails on the dates):
+    # the certificates themselves say the clock is behind.
+    behind = AT - datetime.timedelta(days=2)
+    doc = build_status(facts(), AGENT, True, ENROLLED, behind,
+                       RotationFacts("scheduled", True, tls_certificate=LEAF, presented=True),
+                       skew=300, clock=ClockFacts(behind.timestamp(), True, None))
+    assert doc["state"] == "FAIL" and len(doc["reasons"]) == 1, doc["reasons"]
+    assert "before the identity certificate starts to be valid" in doc["reasons"][0]
 
 
 # --- the stored offset -----------------------------------------------------------------------

@@ -107,7 +107,8 @@ NOW = datetime.datetime(2026, 11, 21, 12, tzinfo=datetime.UTC).timestamp()
     (NOW, None, [], Level.PASS, "unknown"),
     (NOW, False, [], Level.WARN, "not NTP-synchronized"),
     (0.0, True, [], Level.FAIL, "before this agent's release"),
-    (NOW, True, [datetime.datetime(2027, 1, 1, tzinfo=datetime.UTC)], Level.FAIL, "EK"),
+    (NOW, True, [("the EK certificate", datetime.datetime(2027, 1, 1, tzinfo=datetime.UTC))],
+     Level.FAIL, "before the EK certificate starts to be valid"),
 ])
 def test_clock(now, synced, not_before, level, needle):
     r = check_clock(ClockFacts(now, synced), not_before)
