@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -219,11 +220,28 @@ def cmd_check(config: AgentConfig, args: argparse.Namespace) -> int:
     return EXIT_BY_STATE.get(str(doc.get("state")), 2)
 
 
+def _follow_renewal(config: AgentConfig, done: threading.Event) -> None:
+    """Print each renewal step as the daemon reports it (its status, polled), until
+    `done`: on a real TPM and a distant registrar a renewal takes seconds."""
+    shown: str | None = None
+    while not done.wait(0.5):
+        try:
+            step = (client.call(config.paths.control_socket, "status", timeout=5.0)
+                    .get("rotation") or {}).get("step")
+        except DevidError:
+            return
+        if step and step != shown:
+            print(f"  ... {step}", file=sys.stderr, flush=True)
+            shown = step
+
+
 def cmd_renew(config: AgentConfig, args: argparse.Namespace) -> int:
     timeout = args.timeout + 10 if args.wait else client.DEFAULT_TIMEOUT_S
+    done = threading.Event()
     if args.wait and not args.json:
         print(f"renewing (re-attesting with the TPM and the registrar; waiting up to "
               f"{args.timeout:g}s)...", file=sys.stderr, flush=True)
+        threading.Thread(target=_follow_renewal, args=(config, done), daemon=True).start()
     try:
         doc = _call(config, args, "renew", {"wait": args.wait, "timeout": args.timeout},
                     timeout=timeout)
@@ -231,6 +249,8 @@ def cmd_renew(config: AgentConfig, args: argparse.Namespace) -> int:
         return _fail(e, args.json, EXIT_NO_DAEMON)
     except DevidError as e:
         return _fail(e, args.json, EXIT_BY_STATE["FAIL"])
+    finally:
+        done.set()
     _emit(doc, args.json, render_renew)
     outcome = doc.get("outcome")
     return 0 if outcome is None or outcome.get("result") == "renewed" else EXIT_BY_STATE["FAIL"]

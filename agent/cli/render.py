@@ -176,7 +176,8 @@ def _rotation_lines(rot: dict[str, Any] | None, tls: dict[str, Any] | None,
         lines += _certificate_lines("TLS cert", tls, now)
         lines.append(f"             key      software P-256, sealed to the TPM; "
                      f"{'presented' if tls.get('presented') else 'NOT presented'}")
-    lines.append(f"  rotation   {rot.get('state')}, {rot.get('generation', 0)} renewal(s) "
+    step = f" (now: {rot['step']})" if rot.get("step") else ""
+    lines.append(f"  rotation   {rot.get('state')}{step}, {rot.get('generation', 0)} renewal(s) "
                  "since enrollment")
     last = rot.get("last")
     if last:

@@ -110,6 +110,7 @@ class RotationManager:
         self._monotonic = monotonic
         self.backoff = Backoff(initial=section.retry_initial, cap=section.retry_max)
         self.state = WAITING
+        self.step: str | None = None  # the current renewal's last step, while renewing
         self.last: RotationOutcome | None = None
         self.next_attempt: datetime.datetime | None = None  # after a failure
         self.failures = 0
@@ -266,7 +267,10 @@ class RotationManager:
                 if stored is None or stored.lifecycle != ACTIVE:
                     continue  # decommissioned while we waited
                 self.state = RENEWING
-                outcome = await self._rotate(custody, run_tpm, tpm_lost)
+                try:
+                    outcome = await self._rotate(custody, run_tpm, tpm_lost)
+                finally:
+                    self.step = None
             self._settle_kick(outcome)
         self.state = STOPPED
 
@@ -376,6 +380,7 @@ class RotationManager:
         stored = self.enrollment.stored
         assert stored is not None and self.registrar is not None
         began = self._monotonic()
+        self.step = "starting"
         client = RegistrarClient(self.registrar.url, self.registrar.ca, self.registrar.timeout)
 
         def registrar_now() -> datetime.datetime:  # by this exchange's own Date header
@@ -435,6 +440,7 @@ class RotationManager:
 
     def _progress(self, step: str) -> None:
         log.debug("renewal: %s", step)
+        self.step = step  # status shows it while renewing: `renew --wait` follows it
         faults.point(f"rotation.{step}")
 
     async def _save(self, stored: StoredEnrollment) -> None:

@@ -279,7 +279,7 @@ class AgentService:
             clock_offset=rotation.clock_offset,
             restore_error=rotation.restore_error.to_dict() if rotation.restore_error else None,
             held_until=rotation.held_until, hold_reason=rotation.hold_reason(),
-            renewal_floor=rotation.renewal_floor())
+            renewal_floor=rotation.renewal_floor(), step=rotation.step)
 
     def _status_document(self, facts: TpmFacts) -> dict[str, Any]:
         return build_status(facts, self._agent_section(), bool(self.config.trust.ek_roots),

@@ -29,6 +29,7 @@ class RotationFacts:
     held_until: datetime.datetime | None = None  # a due renewal held back by the floor
     hold_reason: str | None = None
     renewal_floor: float | None = None  # seconds between automatic renewals, at least
+    step: str | None = None  # while renewing: the last step done (challenged, quoted, ...)
 
 
 def _iso(when: datetime.datetime | None) -> str | None:
@@ -50,6 +51,7 @@ def rotation_section(facts: RotationFacts) -> dict[str, Any]:
         "hold_reason": facts.hold_reason,
         "renewal_floor_s": round(facts.renewal_floor, 1)
         if facts.renewal_floor is not None else None,
+        "step": facts.step,
     }
 
 

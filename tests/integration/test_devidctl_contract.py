@@ -168,3 +168,21 @@ def test_renew_wait_fails_at_once_when_the_tpm_is_gone(tpm, registrar_factory, a
     assert "swtpm is running" in doc["error"]["hint"], doc
     proc = agent.ctl("renew", "--wait", "--timeout", "0")
     assert proc.returncode == 64 and "expected 1 to 300 seconds" in proc.stderr
+
+
+def test_renew_wait_shows_each_step_while_the_registrar_is_slow(tpm, registrar_factory,
+                                                               agent_factory):
+    # Each request the registrar verifies takes 2 s: long enough to watch the steps go by.
+    registrar = registrar_factory([tpm.vendor_ca], start=False)
+    registrar.start(env={"DEVID_FAILPOINTS": "registrar.verify=stall:2"})
+    agent = agent_factory(tpm, extra=enrollment_toml(registrar, registrar.token())
+                          + rotation_toml())
+    agent.wait_enrollment("enrolled", timeout=60)
+    proc = agent.ctl("renew", "--wait", "--timeout", "60")
+    assert proc.returncode == 0, proc.stderr
+    steps = [line.strip().removeprefix("... ") for line in proc.stderr.splitlines()
+             if line.strip().startswith("...")]
+    assert steps and set(steps) <= {"starting", "challenged", "quoted", "signed", "sealed",
+                                    "issued", "checked"}, proc.stderr
+    assert "renewed in" in proc.stdout
+    assert agent.status()["rotation"]["step"] is None  # cleared once done

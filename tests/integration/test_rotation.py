@@ -118,14 +118,19 @@ def test_registrar_down_longer_than_the_lifetime(tpm, registrar_factory, agent_f
     registrar.stop()
 
     seen: dict[str, dict] = {}
+    warnings: set[str] = set()
     deadline = time.monotonic() + 40
     while time.monotonic() < deadline and "FAIL" not in seen:
         doc = agent.ctl_json("status")[1]
         seen.setdefault(doc["state"], doc)
+        if doc["state"] == "WARN":
+            warnings.update(doc["reasons"])
         time.sleep(0.1)
-    # Under 1/6 of the lifetime left: WARN; expired: FAIL, and never presented expired.
+    # A failed renewal while still valid: WARN, and under 1/6 of the lifetime left it says
+    # so; expired: FAIL, and never presented expired.
     assert "WARN" in seen and "FAIL" in seen, list(seen)
-    assert any("expires in" in r for r in seen["WARN"]["reasons"])
+    assert any("last renewal failed: registrar-unreachable" in r for r in warnings), warnings
+    assert any("expires in" in r for r in warnings), warnings
     failed = seen["FAIL"]
     assert any("TLS certificate" in r and "expired" in r for r in failed["reasons"])
     assert failed["tls_certificate"]["presented"] is False
@@ -254,7 +259,9 @@ def test_full_disk_leaves_the_old_state_and_recovers(tpm, registrar_factory, age
         assert not [p for p in state_file.parent.iterdir() if p.name.endswith(".tmp")]
         status = agent.ctl_json("status")[1]
         assert status["tls_certificate"]["presented"] is True  # the old credentials serve on
-        assert status["state"] == "OK"
+        # Still valid, but the renewal failed: a warning that says why.
+        assert status["state"] == "WARN", status["reasons"]
+        assert "No space left on device" in status["reasons"][0], status["reasons"]
 
         filler.unlink()
         code, doc = agent.ctl_json("renew", "--wait")
