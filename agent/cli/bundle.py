@@ -35,6 +35,7 @@ from typing import Any
 from agent import __version__
 from agent.access import explain, os_error_text
 from agent.config import AgentConfig, secret_keys
+from agent.diagnostics.certificates import certificates_pem, without_pem
 from agent.errors import DevidError
 from agent.fsutil import write_atomic
 
@@ -147,24 +148,29 @@ class Bundle:
     files: dict[str, bytes] = field(default_factory=dict)
     problems: dict[str, str] = field(default_factory=dict)
 
-    def add(self, name: str, collect: Callable[[], str | dict[str, Any]]) -> None:
+    def fetch(self, name: str, collect: Callable[[], Any]) -> Any | None:
+        """`collect()`, or None with the reason recorded under `name`."""
         try:
-            value = collect()
+            return collect()
         except PermissionError as e:
             self.problems[name] = str(explain(e, None, "devidctl support-bundle"))
-            return
         except DevidError as e:
             self.problems[name] = str(e)
-            return
         except OSError as e:
             self.problems[name] = os_error_text(e)
-            return
         except Exception as e:  # a collector's bug must not cost the other parts
             self.problems[name] = f"{type(e).__name__}: {e}"
-            return
+        return None
+
+    def add(self, name: str, collect: Callable[[], str | dict[str, Any]]) -> Any | None:
+        """Collect `name` into the bundle; its value, for the parts built from it."""
+        value = self.fetch(name, collect)
+        if value is None:
+            return None
         text = value if isinstance(value, str) else json.dumps(value, indent=2,
                                                                 sort_keys=True) + "\n"
         self.files[name] = text.encode()
+        return value
 
     def tar_gz(self, now: datetime.datetime, top: str) -> bytes:
         manifest = {"created": now.isoformat(timespec="seconds"), "host": socket.gethostname(),
@@ -193,13 +199,13 @@ class Sources:
 
 def collect(config: AgentConfig, sources: Sources) -> Bundle:
     bundle = Bundle()
-    bundle.add("status.json", sources.status)
-    status = json.loads(bundle.files.get("status.json", b"{}"))
-    bundle.add("check.json", sources.check)
-    check = json.loads(bundle.files.get("check.json", b"{}"))
+    status = bundle.add("status.json", sources.status) or {}
+    check = bundle.add("check.json", sources.check) or {}
     bundle.add("audit.json", sources.audit)
-    bundle.add("certificates.json", lambda: _without_pem(sources.certificates()))
-    bundle.add("certificates.pem", lambda: _pem(sources.certificates()))
+    certificates = bundle.fetch("certificates.json", sources.certificates)
+    if certificates is not None:  # asked once; the PEM in a file of its own
+        bundle.add("certificates.json", lambda: without_pem(certificates))
+        bundle.add("certificates.pem", lambda: _pem(certificates))
     bundle.add("clock.json", lambda: _clock(check))
     bundle.add("state-dir.txt", lambda: state_dir_listing(config.paths.state_dir))
     bundle.add("journal.txt", _journal)
@@ -214,30 +220,25 @@ def collect(config: AgentConfig, sources: Sources) -> Bundle:
     return bundle
 
 
-def _without_pem(doc: dict[str, Any]) -> dict[str, Any]:
-    return {k: ({kk: vv for kk, vv in v.items() if kk != "pem"} if isinstance(v, dict) else v)
-            for k, v in doc.items()}
-
-
 def _pem(doc: dict[str, Any]) -> str:
     """The identity and TLS chains: public, and what a relying party would be shown."""
-    pems = [str(part["pem"]) for part in (doc.get("identity"), doc.get("tls")) if part]
-    if not pems:
+    pem = certificates_pem(doc)
+    if not pem:
         raise DevidError("not enrolled: no certificates")
-    return "".join(pems)
+    return pem
 
 
 def _clock(check: dict[str, Any]) -> dict[str, Any]:
     """The local clock, its NTP state and its offset from the registrar's (from the check)."""
-    doc: dict[str, Any] = {"check": check.get("clock"),
+    if check.get("clock") is None:
+        raise DevidError("no check document to read the registrar offset from")
+    doc: dict[str, Any] = {"check": check["clock"],
                            "collected": datetime.datetime.now(datetime.UTC)
                            .isoformat(timespec="seconds")}
     try:
         doc["timedatectl"] = _command(["timedatectl", "show"], timeout=10.0)
     except (OSError, subprocess.SubprocessError) as e:
         doc["timedatectl"] = f"unknown ({e})"
-    if doc["check"] is None:
-        raise DevidError("no check document to read the registrar offset from")
     return doc
 
 

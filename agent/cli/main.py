@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -39,9 +40,9 @@ from agent.config import (
 )
 from agent.control import client
 from agent.control.protocol import RENEW_WAIT_MAX
-from agent.diagnostics.certificates import certificates_document
+from agent.diagnostics.certificates import certificates_document, certificates_pem
 from agent.diagnostics.local import local_gateway_facts
-from agent.diagnostics.suite import check_document
+from agent.diagnostics.suite import CHECK_NAMES, check_document, only
 from agent.enroll.state import EnrollmentStore
 from agent.errors import ConfigError, DaemonNotRunning, DevidError, PermissionDenied, StateError
 
@@ -50,8 +51,6 @@ CONFIG_ENV = "DEVIDCTL_CONFIG"
 EXIT_BY_STATE = {"OK": 0, "WARN": 1, "FAIL": 2}
 EXIT_NO_DAEMON = 3
 EXIT_USAGE = 64
-CHECK_NAMES = ("clock", "daemon", "tpm", "ek-certificate", "identity-key", "state-dir",
-               "registrar", "enrollment", "rotation")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -187,25 +186,26 @@ def cmd_status(config: AgentConfig, args: argparse.Namespace) -> int:
     return EXIT_BY_STATE.get(str(doc.get("state")), 2)
 
 
+Look = Callable[[DevidError], dict[str, Any]]
+
+
+def _ask_or_look(config: AgentConfig, args: argparse.Namespace, method: str, look: Look,
+                 local_when: tuple[type[DevidError], ...], params: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
+    """The daemon's answer; when it is out of reach (`local_when`), `look` at the state
+    directory and the TPM ourselves."""
+    try:
+        return _call(config, args, method, params)
+    except local_when as e:
+        return look(e)
+
+
 def _check_document(config: AgentConfig, args: argparse.Namespace,
                     local_when: tuple[type[DevidError], ...] = (DaemonNotRunning,)
                     ) -> dict[str, Any]:
-    try:
-        return _call(config, args, "check")
-    except local_when as e:
-        # The daemon holds the TPM when it runs; when it does not, look ourselves.
-        return check_document(local_gateway_facts(config, args.command_line, e.message))
-
-
-def _only(doc: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    """The document cut down to the named checks, its state and summary recomputed."""
-    results = [r for r in doc.get("results", []) if r.get("name") in names]
-    levels = [{"pass": 0, "warn": 1, "fail": 2}.get(r.get("level"), 2) for r in results]
-    state = ("OK", "WARN", "FAIL")[max(levels, default=0)]
-    kept = {r["name"] for r in results}
-    summary = ", ".join(f"{name} {r['level']}" for name in names if name in kept
-                        for r in results if r["name"] == name)
-    return {**doc, "state": state, "results": results, "summary": summary}
+    # The daemon holds the TPM when it runs; when it does not, look ourselves.
+    return _ask_or_look(config, args, "check", lambda e: check_document(
+        local_gateway_facts(config, args.command_line, e.message)), local_when)
 
 
 def cmd_check(config: AgentConfig, args: argparse.Namespace) -> int:
@@ -215,7 +215,7 @@ def cmd_check(config: AgentConfig, args: argparse.Namespace) -> int:
     except DevidError as e:
         return _fail(e, as_json, EXIT_NO_DAEMON)
     if args.only:
-        doc = _only(doc, args.only)
+        doc = only(doc, args.only)
     _emit(doc, as_json, lambda d: render_check(d, terminal_style(), args.verbose))
     return EXIT_BY_STATE.get(str(doc.get("state")), 2)
 
@@ -275,12 +275,10 @@ def cmd_decommission(config: AgentConfig, args: argparse.Namespace) -> int:
 def _audit_document(config: AgentConfig, args: argparse.Namespace, limit: int,
                     local_when: tuple[type[DevidError], ...] = (DaemonNotRunning,)
                     ) -> dict[str, Any]:
-    try:
-        return _call(config, args, "audit", {"limit": limit})
-    except local_when:
-        # The log is a file: read it directly when the daemon is down (needs access
-        # to the state directory).
-        return AuditLog(config.paths.state_dir / AGENT_AUDIT_LOG).report(limit)
+    # The log is a file: read it directly when the daemon is down (needs access to the
+    # state directory).
+    return _ask_or_look(config, args, "audit", lambda _: AuditLog(
+        config.paths.state_dir / AGENT_AUDIT_LOG).report(limit), local_when, {"limit": limit})
 
 
 def cmd_audit(config: AgentConfig, args: argparse.Namespace) -> int:
@@ -295,11 +293,10 @@ def cmd_audit(config: AgentConfig, args: argparse.Namespace) -> int:
 def _certificates_document(config: AgentConfig, args: argparse.Namespace,
                            local_when: tuple[type[DevidError], ...] = (DaemonNotRunning,)
                            ) -> dict[str, Any]:
-    try:
-        return _call(config, args, "certificates")
-    except local_when:  # the certificates are in the state directory
-        stored = EnrollmentStore(config.paths.state_dir).load()
-        return certificates_document(stored, datetime.datetime.now(datetime.UTC))
+    # The certificates are in the state directory.
+    return _ask_or_look(config, args, "certificates", lambda _: certificates_document(
+        EnrollmentStore(config.paths.state_dir).load(), datetime.datetime.now(datetime.UTC)),
+        local_when)
 
 
 def cmd_cert(config: AgentConfig, args: argparse.Namespace) -> int:
@@ -311,8 +308,7 @@ def cmd_cert(config: AgentConfig, args: argparse.Namespace) -> int:
         if not doc.get("enrolled"):
             return _fail(StateError("not enrolled yet: there is no certificate",
                                     "see `devidctl status`"), False, EXIT_BY_STATE["FAIL"])
-        print("".join(str(part["pem"]) for part in (doc["identity"], doc.get("tls")) if part),
-              end="")
+        print(certificates_pem(doc), end="")
         return 0
     _emit(doc, args.json, render_certificates)
     return 0 if doc.get("enrolled") else EXIT_BY_STATE["WARN"]

@@ -42,3 +42,14 @@ def certificates_document(stored: StoredEnrollment | None, now: datetime.datetim
             "identity": _chain(stored.chain, now),
             "tls": _chain(stored.tls.chain, now) if stored.tls else None,
             "at": now.isoformat(timespec="seconds")}
+
+
+def certificates_pem(doc: dict[str, Any]) -> str:
+    """The identity chain, then the TLS chain, in PEM; "" when not enrolled."""
+    return "".join(str(part["pem"]) for part in (doc.get("identity"), doc.get("tls")) if part)
+
+
+def without_pem(doc: dict[str, Any]) -> dict[str, Any]:
+    """The document with the summaries only (the PEM goes into its own file)."""
+    return {key: {k: v for k, v in value.items() if k != "pem"} if isinstance(value, dict)
+            else value for key, value in doc.items()}

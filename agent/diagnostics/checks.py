@@ -249,7 +249,8 @@ def check_clock(clock: ClockFacts, starts: Sequence[tuple[str, datetime.datetime
 
 def check_daemon_down(detail: str) -> CheckResult:
     return CheckResult("daemon", Level.FAIL, detail,
-                       "start it with `systemctl start devid-agent`; checks below ran locally")
+                       "start it with `systemctl start devid-agent`; checks below ran locally",
+                       cause="devid-agent is not running")
 
 
 def worst(results: list[CheckResult]) -> Level:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.errors import DevidError
+from agent.libc import libc
 from agent.pki.certinfo import public_key_sha256, summarize
 from agent.pki.ekchain import ChainVerdict, TrustStore, verify_ek_chain
 from agent.tpm.custody import KeyInfo, TpmCustody
@@ -157,12 +157,11 @@ class _Timex(ctypes.Structure):
 
 def clock_synchronized() -> bool | None:
     """The kernel's NTP sync status; None when it cannot be asked."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
+    c = libc()
+    if c is None:
         return None
     try:
-        libc = ctypes.CDLL(libc_name, use_errno=True)
-        state = libc.adjtimex(ctypes.byref(_Timex()))
+        state = c.adjtimex(ctypes.byref(_Timex()))
     except (OSError, AttributeError):
         return None
     if state < 0:

@@ -35,6 +35,10 @@ from agent.diagnostics.facts import ClockFacts, PathFacts, TpmFacts
 from agent.diagnostics.rotation import RotationFacts, check_rotation
 from agent.diagnostics.service import ServiceFacts, check_service
 
+# Every check, in the order run_checks gives them: root causes first.
+CHECK_NAMES = ("clock", "daemon", "tpm", "ek-certificate", "identity-key", "state-dir",
+               "registrar", "enrollment", "rotation")
+
 
 @dataclass(frozen=True)
 class GatewayFacts:
@@ -55,8 +59,7 @@ class GatewayFacts:
 
 def _daemon(facts: GatewayFacts) -> CheckResult:
     if facts.daemon_down is not None or facts.agent is None:
-        down = check_daemon_down(facts.daemon_down or "devid-agent is not running")
-        return replace(down, cause="devid-agent is not running")
+        return check_daemon_down(facts.daemon_down or "devid-agent is not running")
     return check_service(facts.service or ServiceFacts(), facts.agent)
 
 
@@ -114,6 +117,17 @@ def run_checks(facts: GatewayFacts) -> list[CheckResult]:
         enrollment,
         check_rotation(facts.rotation, facts.now, facts.skew),
     ])
+
+
+def only(doc: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """A check document (as JSON, from either side) cut down to the named checks, in the
+    order asked; its state follows the checks kept."""
+    by_name = {r.get("name"): r for r in doc.get("results", [])}
+    kept = [by_name[name] for name in dict.fromkeys(names) if name in by_name]
+    level = max((Level.__members__.get(str(r.get("level")).upper(), Level.FAIL) for r in kept),
+                default=Level.PASS)
+    return {**doc, "state": HEADLINE[level], "results": kept,
+            "summary": ", ".join(f"{r['name']} {r['level']}" for r in kept)}
 
 
 def tally(results: list[CheckResult]) -> str:

@@ -19,8 +19,7 @@ internals.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -30,6 +29,7 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from agent.libc import libc
 from agent.registrar.admission import RateLimitedWarning
 
 log = logging.getLogger(__name__)
@@ -147,11 +147,11 @@ def guarded_protocol(guard: ConnectionGuard) -> type[H11Protocol]:
 def release_free_memory() -> None:
     """Hand freed heap memory back to the system. glibc keeps what a burst of TLS
     connections used (about 0.3 MiB each) in its arenas otherwise; elsewhere, nothing."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    c = libc()
+    if c is None:
+        return
+    with contextlib.suppress(AttributeError):  # not glibc: no malloc_trim
+        c.malloc_trim(0)
 
 
 def quiet_accept_errors(logger: logging.Logger, monotonic: Callable[[], float] = time.monotonic

@@ -52,7 +52,10 @@ def test_exit_codes_against_a_running_daemon(tpm, agent_factory):
     agent = agent_factory(tpm)  # not configured to enroll: WARN
     for argv, expected in ((["status"], 1), (["check"], 1), (["audit"], 0),
                            (["renew"], 2), (["decommission"], 64), (["bogus"], 64),
-                           (["audit", "--limit", "0"], 64), (["status", "--nope"], 64)):
+                           (["audit", "--limit", "0"], 64), (["status", "--nope"], 64),
+                           (["check", "--only", "nope"], 64), (["cert"], 64),
+                           (["cert", "delete"], 64), (["cert", "show"], 1),
+                           (["cert", "show", "--pem"], 2)):
         proc = agent.ctl(*argv)
         assert proc.returncode == expected, (argv, proc.stdout, proc.stderr)
         assert "Traceback" not in proc.stderr

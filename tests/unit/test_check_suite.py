@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 
 from agent.cli.render import Style, render_check, render_status
@@ -11,7 +12,13 @@ from agent.diagnostics.facts import ClockFacts, PathFacts
 from agent.diagnostics.rotation import NOT_RUNNING, RotationFacts
 from agent.diagnostics.service import ServiceFacts
 from agent.diagnostics.status import build_status
-from agent.diagnostics.suite import GatewayFacts, attribute_causes, check_document, tally
+from agent.diagnostics.suite import (
+    GatewayFacts,
+    attribute_causes,
+    check_document,
+    only,
+    tally,
+)
 from agent.errors import TpmUnreachable
 from tests.unit.test_diagnostics import AGENT, AT, CERT, ENROLLED, LEAF, facts
 
@@ -85,8 +92,8 @@ def test_an_unreachable_registrar_warns_while_the_certificate_is_good_and_fails_
                           unreachable=True)
     good = _by_name(check_document(gateway(registrar=down)))["registrar"]
     assert good["level"] == "warn" and "keeps working" in good["summary"]
-    expired = ENROLLED.__class__(**{**ENROLLED.__dict__, "certificate": {
-        **LEAF, "not_after": "2026-11-21T11:00:00+00:00"}})
+    expired = dataclasses.replace(ENROLLED, certificate={
+        **LEAF, "not_after": "2026-11-21T11:00:00+00:00"})
     late = _by_name(check_document(gateway(registrar=down, enrollment=expired)))
     assert late["registrar"]["level"] == "fail" and late["enrollment"]["level"] == "fail"
 
@@ -123,3 +130,12 @@ def test_colour_only_when_asked_and_times_are_relative_with_utc():
     assert "until    in 12h 0m, 2026-11-22 00:00Z" in text, text
     assert "from     12h 0m ago, 2026-11-21 00:00Z" in text, text
     assert CERT["subject"] in text
+
+
+def test_only_keeps_the_named_checks_in_the_order_asked():
+    doc = check_document(gateway(registrar=RegistrarProbe(
+        CheckResult("registrar", Level.FAIL, "refused"))))
+    cut = only(doc, ["registrar", "tpm", "registrar"])
+    assert [r["name"] for r in cut["results"]] == ["registrar", "tpm"]
+    assert cut["state"] == "FAIL" and cut["summary"] == "registrar fail, tpm pass"
+    assert only(doc, ["tpm"])["state"] == "OK"

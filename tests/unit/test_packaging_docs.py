@@ -7,10 +7,10 @@ import re
 from pathlib import Path
 
 from agent.cli.main import build_parser
+from agent.diagnostics.suite import CHECK_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]
-CHECKS = ("daemon", "tpm", "ek-certificate", "identity-key", "state-dir", "clock",
-          "registrar", "enrollment", "rotation")
+CHECKS = CHECK_NAMES  # the suite's own list: each needs a section and a CLI name
 
 
 def _verbs() -> dict[str, set[str]]:
