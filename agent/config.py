@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import grp
+import pwd
 import re
 import shlex
 import tomllib
@@ -137,6 +138,16 @@ class EnrollmentSection(_Section):
         return token or None
 
 
+def _absolute_command(command: str, where: str) -> None:
+    try:
+        argv = shlex.split(command)
+    except ValueError as e:
+        raise ValueError(f"{where}{e}") from None
+    if not argv or not Path(argv[0]).is_absolute():
+        raise ValueError(f"{where}{command!r}: start with an absolute path to the program "
+                         "(commands run without a shell or PATH lookup)")
+
+
 class RotationSection(_Section):
     # Renew at this fraction of the certificate lifetime, moved by up to ±jitter of it.
     renew_fraction: Annotated[float, Field(ge=0.1, le=0.95)] = 2 / 3
@@ -162,17 +173,108 @@ class RotationSection(_Section):
     @classmethod
     def _commands(cls, v: list[str]) -> list[str]:
         for i, command in enumerate(v):
-            try:
-                argv = shlex.split(command)
-            except ValueError as e:
-                raise ValueError(f"[{i}]: {e}") from None
-            if not argv or not Path(argv[0]).is_absolute():
-                raise ValueError(f"[{i}]: {command!r}: start with an absolute path to the "
-                                 "program (hooks run without a shell or PATH lookup)")
+            _absolute_command(command, f"[{i}]: ")
         return v
 
     def hook_argvs(self) -> list[list[str]]:
         return [shlex.split(c) for c in self.reload_hooks]
+
+
+class IdentityApiSection(_Section):
+    # The local identity API (docs/identity-api.md); any local user may connect,
+    # the agent decides from the peer's uid/gid/unit which consumer it is.
+    socket: Path = Path("/run/devid-agent/identity.sock")
+    # Where file sinks go: one directory per consumer; must be on tmpfs or ramfs.
+    sink_root: Path = Path("/run/devid-agent/tls")
+    # PCRs (sha256) consumers' secrets are sealed to. Unlike the TLS key, a secret cannot
+    # be re-made after these change (firmware update): choose what must stay the same.
+    secret_pcrs: list[Annotated[int, Field(ge=0, le=23)]] = Field(
+        default_factory=lambda: [0, 1, 2, 3, 4, 5, 6, 7], min_length=1, max_length=24)
+
+
+CONSUMER_NAME = r"^[a-z][a-z0-9-]{0,31}$"
+UNIT_NAME = r"^[A-Za-z0-9:_.@\\-]+\.(service|scope)$"
+
+
+def _user_id(value: str | int, what: str) -> int:
+    if isinstance(value, int):
+        if not 0 <= value < 2**32 - 1:
+            raise ValueError(f"{what} {value} is out of range")
+        return value
+    try:
+        return pwd.getpwnam(value).pw_uid if what == "uid" else grp.getgrnam(value).gr_gid
+    except KeyError:
+        kind = "user" if what == "uid" else "group"
+        raise ValueError(f"no such {kind} {value!r} on this system") from None
+
+
+class ConsumerSection(_Section):
+    """One program allowed to use the gateway's identity ([[consumers]])."""
+    name: Annotated[str, Field(pattern=CONSUMER_NAME)]
+    # Who may act as this consumer: a user (name or uid), optionally also a group
+    # (primary or supplementary) and the systemd unit the peer runs in.
+    user: str | int
+    group: str | int | None = None
+    unit: Annotated[str, Field(pattern=UNIT_NAME)] | None = None
+    grants: Annotated[list[Literal["credentials", "sign", "secrets"]], Field(min_length=1)]
+    # `sign`: at most sign_burst signatures at once, then one per sign_interval.
+    sign_burst: Annotated[int, Field(ge=1, le=100)] = 5
+    sign_interval: Duration = 10.0
+    # A file sink: cert.pem, chain.pem, fullchain.pem, key.pem, bundle.pem under
+    # [identity_api] sink_root/NAME, readable by the user (0600) or also the group (0640).
+    sink: bool = False
+    sink_mode: Literal["0600", "0640"] = "0600"
+    # Run (no shell, absolute path) after the sink changed, e.g. to reload the consumer.
+    reload: Annotated[str, Field(min_length=1)] | None = None
+
+    @field_validator("user")
+    @classmethod
+    def _user_exists(cls, v: str | int) -> str | int:
+        _user_id(v, "uid")
+        return v
+
+    @field_validator("group")
+    @classmethod
+    def _group_exists(cls, v: str | int | None) -> str | int | None:
+        if v is not None:
+            _user_id(v, "gid")
+        return v
+
+    @field_validator("grants")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("a grant is listed twice")
+        return v
+
+    @field_validator("reload")
+    @classmethod
+    def _command(cls, v: str | None) -> str | None:
+        if v is not None:
+            _absolute_command(v, "")
+        return v
+
+    @model_validator(mode="after")
+    def _sink_needs(self) -> ConsumerSection:
+        if (self.sink or self.reload) and "credentials" not in self.grants:
+            raise ValueError("sink and reload need the grant \"credentials\"")
+        if self.reload and not self.sink:
+            raise ValueError("reload runs after the sink changes: set sink = true")
+        if self.sink_mode == "0640" and self.group is None:
+            raise ValueError("sink_mode \"0640\" makes the files readable by the group: "
+                             "set group")
+        return self
+
+    @property
+    def uid(self) -> int:
+        return _user_id(self.user, "uid")
+
+    @property
+    def gid(self) -> int | None:
+        return None if self.group is None else _user_id(self.group, "gid")
+
+    def reload_argv(self) -> list[str] | None:
+        return shlex.split(self.reload) if self.reload else None
 
 
 class LogSection(_Section):
@@ -187,11 +289,30 @@ class AgentConfig(_Section):
     log: LogSection = Field(default_factory=LogSection)
     enrollment: EnrollmentSection | None = None
     rotation: RotationSection = Field(default_factory=RotationSection)
+    identity_api: IdentityApiSection = Field(default_factory=IdentityApiSection)
+    consumers: list[ConsumerSection] = Field(default_factory=list)
     source: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("consumers")
+    @classmethod
+    def _distinct(cls, v: list[ConsumerSection]) -> list[ConsumerSection]:
+        names: set[str] = set()
+        who: dict[tuple[int, int | None, str | None], str] = {}
+        for consumer in v:
+            if consumer.name in names:
+                raise ValueError(f"two consumers are named {consumer.name!r}")
+            names.add(consumer.name)
+            key = (consumer.uid, consumer.gid, consumer.unit)
+            if key in who:
+                raise ValueError(f"{who[key]!r} and {consumer.name!r} match the same peers "
+                                 "(same user, group and unit): a peer must be one consumer")
+            who[key] = consumer.name
+        return v
 
 
 _PATH_KEYS = (("paths", "state_dir"), ("paths", "control_socket"), ("trust", "ek_roots"),
-              ("enrollment", "ca"), ("enrollment", "token_file"))
+              ("enrollment", "ca"), ("enrollment", "token_file"), ("identity_api", "socket"),
+              ("identity_api", "sink_root"))
 
 
 def named_files(config: AgentConfig) -> list[tuple[str, Path]]:
@@ -205,8 +326,13 @@ def named_files(config: AgentConfig) -> list[tuple[str, Path]]:
 
 def hook_programs(config: AgentConfig) -> list[tuple[str, Path]]:
     """(key, program) of every reload hook, which must exist and be executable."""
-    return [(f"[rotation] reload_hooks[{i}]", Path(argv[0]))
-            for i, argv in enumerate(config.rotation.hook_argvs())]
+    programs = [(f"[rotation] reload_hooks[{i}]", Path(argv[0]))
+                for i, argv in enumerate(config.rotation.hook_argvs())]
+    for i, consumer in enumerate(config.consumers):
+        argv = consumer.reload_argv()
+        if argv:
+            programs.append((f"[[consumers]][{i}] reload", Path(argv[0])))
+    return programs
 
 
 def key_for_path(config: AgentConfig, path: Path | str) -> str | None:
@@ -214,6 +340,8 @@ def key_for_path(config: AgentConfig, path: Path | str) -> str | None:
     target = Path(path)
     candidates = [("[paths] state_dir", config.paths.state_dir),
                   ("[paths] control_socket", config.paths.control_socket),
+                  ("[identity_api] socket", config.identity_api.socket),
+                  ("[identity_api] sink_root", config.identity_api.sink_root),
                   *named_files(config), *hook_programs(config)]
     for key, named in candidates:
         if target == named or named in target.parents:

@@ -171,3 +171,17 @@ class RegistrarNotTrusted(DevidError):
 class RegistrarNotValidNow(RegistrarNotTrusted):
     """The registrar's TLS certificate is not valid at this gateway's time: the chain may be
     fine and the local clock wrong."""
+
+
+def from_dict(err: dict[str, str]) -> DevidError:
+    """Rebuild an error sent across a local socket as `to_dict()`: the class with that
+    code (PcrPolicyMismatch for "pcr-policy-mismatch"), else a DevidError keeping it."""
+    code = err.get("type", DevidError.code)
+    classes: list[type[DevidError]] = [DevidError]
+    for cls in classes:
+        classes.extend(cls.__subclasses__())
+    found = next((c for c in classes if c.__dict__.get("code") == code and c is not Problem),
+                 DevidError)
+    error = found(err.get("message", "unknown error"), err.get("hint") or None)
+    error.code = code
+    return error

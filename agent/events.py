@@ -116,6 +116,17 @@ _EVENTS = (
     EventType("reload-failed", "1530945e761d4568a57cd8c9a2262eb3", logging.ERROR,
            "the new configuration was refused; the agent keeps running with the old one",
            "Fix the file named in the message and reload again."),
+    EventType("consumer-refused", "95da9c3ecd0a4295ab76ae90c7bbbf23", logging.WARNING,
+           "the identity API refused a local peer: it matches no declared consumer, or "
+           "asked for something it is not granted",
+           "DEVID_REASON says which; declare the program under [[consumers]] in agent.toml "
+           "if it should have access (docs/identity-api.md)."),
+    EventType("sink-failed", "9d163402f6394509bade19b2b3aefb9a", logging.ERROR,
+           "a consumer's file sink could not be written or its reload command failed",
+           "Read the message; the sink root must be a writable tmpfs with POSIX ACLs."),
+    EventType("consumer-purged", "413b5ac2c39b491c9934b83efbcded98", logging.WARNING,
+           "a removed consumer's sealed secrets were destroyed (devidctl consumers purge)",
+           "None, if intended: data encrypted under those secrets is now unreadable."),
 )
 
 EVENTS: dict[str, EventType] = {e.name: e for e in _EVENTS}

@@ -47,10 +47,10 @@ def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     def make(tpm: SimulatedTpm, ek_roots: list[Path] | None = None, extra: str = "",
              name: str = "agent", wait: bool = True,
              control_socket: Path | None = None, env: dict[str, str] | None = None,
-             state_dir: str = "state") -> AgentProcess:
+             state_dir: str = "state", identity_api: str = "") -> AgentProcess:
         roots = [tpm.vendor_ca] if ek_roots is None else ek_roots
         config = write_agent_config(tmp_path / name / "agent.toml", tpm.tcti, roots, extra,
-                                    control_socket, state_dir)
+                                    control_socket, state_dir, identity_api)
         agent = AgentProcess(config, control_socket, env)
         started.append(agent)
         return agent.start(wait=wait)

@@ -53,7 +53,10 @@ def start_tpm(state_dir: Path) -> SimulatedTpm:
 
 
 def write_agent_config(path: Path, tcti: str, ek_roots: list[Path], extra: str = "",
-                       control_socket: Path | None = None, state_dir: str = "state") -> Path:
+                       control_socket: Path | None = None, state_dir: str = "state",
+                       identity_api: str = "") -> Path:
+    """An agent.toml for a test agent; its sockets beside it (never the system's in /run).
+    `identity_api`: more lines for [identity_api]."""
     roots = ", ".join(json.dumps(str(r)) for r in ek_roots)
     sock = json.dumps(str(control_socket or "run/control.sock"))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,6 +66,9 @@ def write_agent_config(path: Path, tcti: str, ek_roots: list[Path], extra: str =
         "[paths]\n"
         f"state_dir = {json.dumps(state_dir)}\n"
         f"control_socket = {sock}\n\n"
+        "[identity_api]\n"
+        + ("" if "socket =" in identity_api else 'socket = "run/identity.sock"\n')
+        + identity_api + "\n"
         "[trust]\n"
         f"ek_roots = [{roots}]\n" + extra
     )

@@ -20,6 +20,8 @@ from agent import __version__
 from agent.access import command_line, explain, os_error_text
 from agent.audit import AGENT_AUDIT_LOG, AuditLog
 from agent.cli import bundle
+from agent.cli.identity import add_verbs as identity_verbs
+from agent.cli.identity import cmd_consumers, cmd_credentials
 from agent.cli.render import (
     Style,
     render_audit,
@@ -111,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("--pem", action="store_true", help="print the PEM chains instead "
                       "(identity, then TLS), for openssl or a relying party")
     cert.add_argument("--json", action="store_true", help="print one JSON object (with PEM)")
+    identity_verbs(verb)
     support = verb("support-bundle", help="write a tarball for remote diagnosis: "
                              "status, checks, journal, redacted config, versions")
     support.add_argument("-o", "--output", type=Path, metavar="FILE",
@@ -378,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
                 "decommission": lambda: cmd_decommission(config, args),
                 "audit": lambda: cmd_audit(config, args),
                 "cert": lambda: cmd_cert(config, args),
+                "credentials": lambda: cmd_credentials(config, args, _fail),
+                "consumers": lambda: cmd_consumers(
+                    args, lambda method, params=None: _call(config, args, method, params),
+                    _fail),
                 "support-bundle": lambda: cmd_support_bundle(config, args, config_error)}
     try:
         code = commands[args.command]()

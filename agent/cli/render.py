@@ -290,3 +290,49 @@ def render_bundle(doc: dict[str, Any]) -> str:
         lines.append(f"  incomplete: {len(doc['not_collected'])} part(s) missing (exit 1)"
                      + (f"; {doc['hint']}" if doc.get("hint") else ""))
     return "\n".join(lines)
+
+
+def render_credentials(doc: dict[str, Any]) -> str:
+    """One update from `credentials fetch|watch` (never the key)."""
+    if doc.get("event") == "withdrawn":
+        line = f"withdrawn: {doc.get('reason')}"
+        return line + (f"\n  removed  {doc['removed']}" if doc.get("removed") else "")
+    lines = [f"credentials for {doc.get('device_id')} (generation {doc.get('generation')})",
+             f"  serial   {doc.get('serial')}",
+             f"  subject  {doc.get('subject')}",
+             f"  valid    {_date(doc.get('not_before'))} to {_date(doc.get('not_after'))}",
+             f"  chain    {doc.get('chain_certificates')} intermediate(s), bundle "
+             f"{doc.get('bundle_certificates')} certificate(s)"]
+    if doc.get("written"):
+        lines.append(f"  written  {doc['written']}/{{cert,chain,fullchain,key,bundle}}.pem")
+    return "\n".join(lines)
+
+
+def render_consumers(doc: dict[str, Any]) -> str:
+    if "destroyed" in doc:
+        names = ", ".join(doc["destroyed"]) or "none"
+        return f"consumer {doc.get('consumer')}: destroyed sealed secrets: {names}"
+    consumers = doc.get("consumers") or []
+    lines = [f"identity API  {doc.get('socket')}  ({len(consumers)} consumer(s) declared, "
+             f"{doc.get('connections', 0)} connection(s) open)"]
+    for c in consumers:
+        who = f"user {c.get('user')}" + (f", group {c['group']}" if c.get("group") else "") \
+            + (f", unit {c['unit']}" if c.get("unit") else "")
+        last = c.get("last")
+        got = f"{last['what']} via {last['via']} {_date(last['at'])}" + \
+            (f" ({last['detail']})" if last.get("detail") else "") if last else "nothing yet"
+        lines += [f"{c.get('name')}", f"  who      {who}",
+                  f"  grants   {', '.join(c.get('grants') or [])}",
+                  f"  last     {got}"]
+        if c.get("sink"):
+            lines.append(f"  sink     {c['sink']}" + (f"  ERROR {c['sink_error']}"
+                                                       if c.get("sink_error") else ""))
+        if c.get("secrets"):
+            lines.append(f"  secrets  {', '.join(c['secrets'])}")
+        if c.get("watchers") or c.get("refused"):
+            lines.append(f"  watching {c.get('watchers', 0)}, refused {c.get('refused', 0)}")
+    orphans = doc.get("undeclared_with_secrets") or []
+    if orphans:
+        lines.append(f"secrets of consumers no longer declared: {', '.join(orphans)} "
+                     "(devidctl consumers purge NAME destroys them)")
+    return "\n".join(lines)

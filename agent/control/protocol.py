@@ -12,16 +12,16 @@ the blocking client are thin shells around them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.codec import decode_json_object
 from agent.errors import DevidError, ProtocolError
+from agent.framing import decode_line, encode_line
 
 VERSION = 1
 MAX_LINE = 1 << 20  # responses carry status documents; requests are tiny
-METHODS = ("status", "check", "renew", "decommission", "audit", "certificates")
+METHODS = ("status", "check", "renew", "decommission", "audit", "certificates", "consumers",
+           "consumers-purge")
 RENEW_WAIT_MAX = 300.0  # seconds `renew` with wait=true may take before the daemon gives up
 
 
@@ -39,16 +39,11 @@ class Response:
 
 
 def _encode(doc: dict[str, Any]) -> bytes:
-    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+    return encode_line(doc)
 
 
 def _decode_object(line: bytes, what: str) -> dict[str, Any]:
-    if len(line) > MAX_LINE:
-        raise ProtocolError(f"{what}: longer than {MAX_LINE} bytes")
-    doc = decode_json_object(line, what)
-    if doc.get("v") != VERSION:
-        raise ProtocolError(f"{what}: unsupported protocol version {doc.get('v')!r}")
-    return doc
+    return decode_line(line, what, VERSION, MAX_LINE)
 
 
 def encode_request(request: Request) -> bytes:

@@ -24,6 +24,40 @@ READ_TIMEOUT_S = 5.0
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
+async def listen_unix(path: Path, serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                                   Awaitable[None]],
+                      limit: int, mode: int, gid: int | None, key: str) -> asyncio.AbstractServer:
+    """Listen on a Unix socket at `path`, taking over a stale one left by a crash.
+    Bound with a tight umask, then widened to `mode`: never a window with more."""
+    _take_over_stale_socket(path, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = os.umask(0o177)
+    try:
+        server = await asyncio.start_unix_server(serve, path=str(path), limit=limit)
+    finally:
+        os.umask(old)
+    if gid is not None:
+        os.chown(path, -1, gid)
+    os.chmod(path, mode)
+    return server
+
+
+def _take_over_stale_socket(path: Path, key: str) -> None:
+    if not path.exists():
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # left over from a crash: nobody is listening
+            return
+    raise ControlError(
+        f"another process is already serving {path}",
+        hint=f"stop the other devid-agent first, or give this one another {key}",
+    )
+
+
 class ControlServer:
     def __init__(self, path: Path, handlers: dict[str, Handler], allowed_gid: int | None) -> None:
         self.path = path
@@ -32,35 +66,9 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        self._take_over_stale_socket()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Bind with a tight umask, then widen to 0660: never a window with more.
-        old = os.umask(0o177)
-        try:
-            self._server = await asyncio.start_unix_server(
-                self._serve, path=str(self.path), limit=protocol.MAX_LINE
-            )
-        finally:
-            os.umask(old)
-        if self.allowed_gid is not None:
-            os.chown(self.path, -1, self.allowed_gid)
-        os.chmod(self.path, SOCKET_MODE)
+        self._server = await listen_unix(self.path, self._serve, protocol.MAX_LINE,
+                                         SOCKET_MODE, self.allowed_gid, "control_socket")
         log.info("control socket listening at %s", self.path)
-
-    def _take_over_stale_socket(self) -> None:
-        if not self.path.exists():
-            return
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            probe.settimeout(1.0)
-            try:
-                probe.connect(str(self.path))
-            except OSError:
-                self.path.unlink()  # left over from a crash: nobody is listening
-                return
-        raise ControlError(
-            f"another process is already serving {self.path}",
-            hint="stop the other devid-agent first, or give this one another control_socket",
-        )
 
     async def close(self) -> None:
         if self._server is not None:

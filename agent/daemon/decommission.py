@@ -63,7 +63,7 @@ async def decommission_gateway(enrollment: EnrollmentManager, rotation: Rotation
                                  "wiped", "retry when it is reachable, or add --force to "
                                           "wipe this gateway anyway") from None
             note = e.message
-        rotation.holder.withdraw()
+        rotation.holder.withdraw("the gateway was decommissioned")
         marker = Decommissioned(stored.device_id, enrollment.clock(), notified)
         await asyncio.to_thread(enrollment.decommission_store.save, marker)
         await asyncio.to_thread(enrollment.store.remove)

@@ -17,8 +17,12 @@ from agent.aio import first_of
 from agent.config import AgentConfig, key_for_path, load_config
 from agent.control.server import ControlServer
 from agent.daemon.service import AgentService
+from agent.daemon.subsystem import Subsystem
 from agent.errors import ConfigError, DevidError
 from agent.fsutil import ensure_private_dir, remove_stale_temp_files
+from agent.identityapi.api import IdentityApi
+from agent.identityapi.consumers import read_unit_of_pid
+from agent.identityapi.service import IdentityApiSubsystem
 from agent.pki.ekchain import load_trust_store
 from agent.supervision.notify import SystemdNotifier, watchdog_interval
 from agent.supervision.supervisor import Supervisor
@@ -38,13 +42,16 @@ async def run(config: AgentConfig) -> int:
             log.info("removed %s, left by an interrupted write", directory / name)
     service = AgentService(config, trust)
     service.enrollment.load()
+    service.subsystems.append(identity_api(config, service))
     gid = grp.getgrnam(config.control.group).gr_gid if config.control.group else None
-    server = ControlServer(config.paths.control_socket,
-                           {"status": service.status, "check": service.check,
-                            "renew": service.renew, "decommission": service.decommission,
-                            "audit": service.audit_log,
-                            "certificates": service.certificates}, gid)
+    handlers = {"status": service.status, "check": service.check,
+                "renew": service.renew, "decommission": service.decommission,
+                "audit": service.audit_log, "certificates": service.certificates}
+    for subsystem in service.subsystems:
+        handlers.update(subsystem.handlers())
+    server = ControlServer(config.paths.control_socket, handlers, gid)
     await server.start()
+    started: list[Subsystem] = []
     supervisor = Supervisor(SystemdNotifier(), watchdog_interval(os.environ, os.getpid()),
                             service.is_ready, service.headline, service.hung)
     stop = asyncio.Event()
@@ -60,16 +67,35 @@ async def run(config: AgentConfig) -> int:
              asyncio.create_task(supervisor.run(stop)),
              asyncio.create_task(reloads.run(stop))]
     try:
+        for subsystem in service.subsystems:
+            await subsystem.start()
+            started.append(subsystem)
+            tasks.append(asyncio.create_task(subsystem.run(stop)))
         await stop.wait()
         log.info("shutting down")
         supervisor.stopping()
     finally:
+        for subsystem in reversed(started):
+            await subsystem.close()
         await server.close()
         stop.set()
         await asyncio.gather(*tasks)
         await service.close()
     events.emit(log, "stopped", "devid-agent stopped")
     return 0
+
+
+def identity_api(config: AgentConfig, service: AgentService) -> IdentityApiSubsystem:
+    """The local identity API (docs/identity-api.md), fed by the agent's credentials,
+    TPM and audit log."""
+    enrollment = service.enrollment
+    api = IdentityApi(
+        config, service.holder, service.with_custody, service.audit,
+        trust_bundle=lambda: enrollment.pinned,
+        identity_chain=lambda: enrollment.stored.chain if enrollment.stored else (),
+        generation=lambda: enrollment.stored.generation if enrollment.stored else 0,
+        read_unit=read_unit_of_pid)
+    return IdentityApiSubsystem(config, api)
 
 
 class Reloader:

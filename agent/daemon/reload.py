@@ -1,7 +1,7 @@
 """SIGHUP: what a new configuration changes in the running daemon. Pure.
 
-Most sections apply in place. `[paths]` and `[control]` do not: the state
-directory and the control socket are open for the daemon's lifetime, so a
+Most sections apply in place. `[paths]`, `[control]` and `[identity_api]` do not: the state
+directory and the sockets are open for the daemon's lifetime, so a
 change there is reported as needing a restart and the running values are
 kept. Removing `[enrollment]` from an enrolled gateway would leave rotation
 with no registrar mid-flight, so it too waits for a restart.
@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 from agent.config import AgentConfig
 
-RESTART_ONLY = ("paths", "control")
-SECTIONS = ("tpm", "paths", "trust", "control", "log", "enrollment", "rotation")
+RESTART_ONLY = ("paths", "control", "identity_api")
+SECTIONS = ("tpm", "paths", "trust", "control", "log", "enrollment", "rotation",
+            "identity_api", "consumers")
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,16 @@ class ReloadPlan:
         return "; ".join(parts)
 
 
+def _label(section: str) -> str:
+    return "[[consumers]]" if section == "consumers" else f"[{section}]"
+
+
 def plan_reload(running: AgentConfig, loaded: AgentConfig) -> ReloadPlan:
     changed = [s for s in SECTIONS if getattr(running, s) != getattr(loaded, s)]
     keep = {s: getattr(running, s) for s in RESTART_ONLY if s in changed}
-    needs_restart = [f"[{s}]" for s in keep]
+    needs_restart = [_label(s) for s in keep]
     if "enrollment" in changed and loaded.enrollment is None:
         keep["enrollment"] = running.enrollment
         needs_restart.append("[enrollment] (removed)")
-    applied = tuple(f"[{s}]" for s in changed if s not in keep)
+    applied = tuple(_label(s) for s in changed if s not in keep)
     return ReloadPlan(loaded.model_copy(update=keep), applied, tuple(needs_restart))

@@ -477,7 +477,7 @@ class RotationManager:
         """The registrar revoked (or decommissioned) us: stop presenting, destroy the key."""
         stored = self.enrollment.stored
         assert stored is not None
-        self.holder.withdraw()
+        self.holder.withdraw(f"the registrar retired this gateway ({p.code}: {p.message})")
         revoked = stored.revoked(f"{p.code}: {p.message}")
         try:
             await self._save(revoked)

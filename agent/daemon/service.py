@@ -13,7 +13,8 @@ import datetime
 import logging
 import os
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from agent import __version__, events, logsetup
 from agent.aio import first_of
@@ -25,6 +26,7 @@ from agent.daemon.decommission import decommission_gateway
 from agent.daemon.enrollment import EnrollmentManager, load_pinned_ca
 from agent.daemon.reload import ReloadPlan, plan_reload
 from agent.daemon.rotation import RotationManager
+from agent.daemon.subsystem import Subsystem
 from agent.daemon.tpmworker import TpmWorker
 from agent.diagnostics.certificates import certificates_document
 from agent.diagnostics.enrollment import (
@@ -52,6 +54,7 @@ from agent.rotation.credentials import CredentialHolder
 from agent.tpm.custody import TpmCustody
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class AgentService:
@@ -81,6 +84,9 @@ class AgentService:
                                             skew=config.rotation.clock_skew)
         self.rotation = RotationManager(config.rotation, config.enrollment, self.enrollment,
                                         self.holder, self.audit)
+        # Parts wired in by the daemon (agent/daemon/subsystem.py): reloaded with the
+        # rest, each with its own section in the status document.
+        self.subsystems: list[Subsystem] = []
 
     # --- TPM connection -------------------------------------------------------
 
@@ -149,6 +155,19 @@ class AgentService:
         if custody is not None:
             await self.worker.call(custody.close)
 
+    async def with_custody(self, fn: Callable[..., T], *args: object) -> T:
+        """`fn(custody, *args)` on the TPM worker, for subsystems; TpmUnreachable at once
+        when there is no TPM connection (a request is not held until there is one)."""
+        custody = self._custody
+        if custody is None:
+            error = self._last_error or TpmUnreachable("not connected to the TPM yet")
+            raise TpmUnreachable(f"the TPM is not available: {error.message}", error.hint)
+        try:
+            return await self.worker.call(fn, custody, *args)
+        except TpmUnreachable:
+            self._lost.set()
+            raise
+
     async def custody_ready(self, stop: asyncio.Event) -> TpmCustody | None:
         """The TPM connection once there is one; None if the agent stops first."""
         while not stop.is_set():
@@ -207,6 +226,8 @@ class AgentService:
         enrollment_changed = "[enrollment]" in plan.applied
         pinned = load_pinned_ca(new.enrollment.ca) \
             if enrollment_changed and new.enrollment is not None else []
+        for subsystem in self.subsystems:
+            subsystem.check(new)
         self.config = new
         logsetup.set_level(new.log.level)
         if "[trust]" in plan.applied:
@@ -225,6 +246,8 @@ class AgentService:
         if "[tpm]" in plan.applied:
             self._lost.set()  # reconnect through the new TCTI
             self._tcti_changed.set()  # at once, if waiting to retry the old one
+        for subsystem in self.subsystems:
+            subsystem.apply(new)
         self._reconfigured.set()
         self.reload_error, self.reloaded_at = None, datetime.datetime.now(datetime.UTC)
         return plan
@@ -282,11 +305,14 @@ class AgentService:
             renewal_floor=rotation.renewal_floor(), step=rotation.step)
 
     def _status_document(self, facts: TpmFacts) -> dict[str, Any]:
-        return build_status(facts, self._agent_section(), bool(self.config.trust.ek_roots),
-                            self.enrollment.facts(), now=self.rotation.registrar_now(),
-                            rotation=self.rotation_facts(),
-                            skew=self.config.rotation.clock_skew, service=self.service_facts(),
-                            clock=collect_clock_facts(remembered=self.rotation.clock_offset))
+        doc = build_status(facts, self._agent_section(), bool(self.config.trust.ek_roots),
+                           self.enrollment.facts(), now=self.rotation.registrar_now(),
+                           rotation=self.rotation_facts(),
+                           skew=self.config.rotation.clock_skew, service=self.service_facts(),
+                           clock=collect_clock_facts(remembered=self.rotation.clock_offset))
+        for subsystem in self.subsystems:
+            doc[subsystem.name] = subsystem.status_section()
+        return doc
 
     def service_facts(self) -> ServiceFacts:
         return ServiceFacts(reload_error=self.reload_error, reloaded_at=self.reloaded_at)

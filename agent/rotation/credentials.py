@@ -29,10 +29,11 @@ from agent.clock import Clock, utcnow
 from agent.pki.devicecert import Validity, validity_of
 from agent.rotation.tlskey import private_pem
 
-Listener = Callable[["TlsCredentials | None"], None]
+# Called with the new credentials, or None and the reason when they are withdrawn.
+Listener = Callable[["TlsCredentials | None", "str | None"], None]
 
 
-def _load_chain_from_memory(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
+def load_chain_from_memory(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
     fd = os.memfd_create("devid-tls", os.MFD_CLOEXEC)
     try:
         data = memoryview(chain_pem + key_pem)
@@ -79,7 +80,7 @@ class TlsCredentials:
                     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cadata=trust_pem)
                     ctx.verify_mode = ssl.CERT_REQUIRED
                 ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-                _load_chain_from_memory(ctx, self.chain_pem(), private_pem(self.key))
+                load_chain_from_memory(ctx, self.chain_pem(), private_pem(self.key))
                 self._contexts[key] = ctx
         return ctx
 
@@ -94,22 +95,23 @@ class CredentialHolder:
         self._listeners: list[Listener] = []
 
     def subscribe(self, listener: Listener) -> None:
-        """Called with the new credentials (None when withdrawn) after every change."""
+        """Called after every change: (credentials, None), or (None, reason) on withdrawal."""
         self._listeners.append(listener)
 
     def publish(self, credentials: TlsCredentials) -> None:
         with self._lock:
             self._current = credentials
-        self._notify(credentials)
+        self._notify(credentials, None)
 
-    def withdraw(self) -> None:
+    def withdraw(self, reason: str) -> None:
+        """No credentials any more (revoked, decommissioned): `reason` says why."""
         with self._lock:
             self._current = None
-        self._notify(None)
+        self._notify(None, reason)
 
-    def _notify(self, credentials: TlsCredentials | None) -> None:
+    def _notify(self, credentials: TlsCredentials | None, reason: str | None) -> None:
         for listener in self._listeners:
-            listener(credentials)
+            listener(credentials, reason)
 
     def current(self, now: datetime.datetime | None = None) -> TlsCredentials | None:
         """The credentials to present now; None if there are none or they expired."""

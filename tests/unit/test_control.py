@@ -16,7 +16,7 @@ def test_request_and_response_roundtrip():
 
 
 @pytest.mark.parametrize("line, needle", [
-    (b"", "not valid JSON"),
+    (b"", "empty line"),
     (b"{", "not valid JSON"),
     (b"\xff\xfe", "not valid JSON"),
     (b"[]", "expected a JSON object, got list"),

@@ -161,7 +161,7 @@ def test_holder_never_hands_out_expired_or_withdrawn_credentials(ca):
     stored, key = _stored(ca)
     holder = CredentialHolder(clock=lambda: NOW)
     seen = []
-    holder.subscribe(seen.append)
+    holder.subscribe(lambda creds, reason: seen.append((creds, reason)))
     creds = TlsCredentials(stored.device_id, stored.tls.chain, key)
     holder.publish(creds)
     assert holder.current() is creds
@@ -170,8 +170,8 @@ def test_holder_never_hands_out_expired_or_withdrawn_credentials(ca):
                                 .decode())
     assert context is creds.ssl_context("client", ca.root.public_bytes(
         serialization.Encoding.PEM).decode())  # made once per trust
-    holder.withdraw()
-    assert holder.current() is None and seen == [creds, None]
+    holder.withdraw("revoked")
+    assert holder.current() is None and seen == [(creds, None), (None, "revoked")]
 
 
 # --- registrar lifecycle ------------------------------------------------------------------
