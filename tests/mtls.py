@@ -23,7 +23,7 @@ from agent.rotation.credentials import CredentialHolder
 REQUESTS_PER_CONNECTION = 5  # a few on each connection: connections outlive rotations
 
 
-def _server_identity(directory: Path) -> tuple[Path, Path, str]:
+def server_identity(directory: Path) -> tuple[Path, Path, str]:
     """A throwaway CA and a 127.0.0.1 server certificate; returns cert, key, CA PEM."""
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -58,7 +58,7 @@ class MtlsServer:
     """Answers GET / with the serial of the client certificate it was shown."""
 
     def __init__(self, directory: Path, client_ca: Path) -> None:
-        cert, key, self.ca_pem = _server_identity(directory)
+        cert, key, self.ca_pem = server_identity(directory)
         self.client_serials: set[str] = set()
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(client_ca))
         context.verify_mode = ssl.CERT_REQUIRED
