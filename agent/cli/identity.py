@@ -64,7 +64,7 @@ def cmd_credentials(config: AgentConfig, args: argparse.Namespace, fail: Fail) -
     client = IdentityClient(args.socket or config.identity_api.socket)
     try:
         if args.out is not None:
-            check_volatile(args.out.parent)
+            check_volatile(args.out.absolute().parent, what="--out")
         if args.action == "fetch":
             _show(client.credentials(), args.json, args.out)
             return 0

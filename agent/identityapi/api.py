@@ -233,7 +233,10 @@ class IdentityApi:
                 "permission denied: the data has the form of the agent's own signed requests "
                 "(a device request or a DER structure such as a certificate request)",
                 "sign application data such as a JWS signing input (docs/identity-api.md)")
-        wait = self._states[consumer.name].bucket.take()
+        state = self._states.get(consumer.name)
+        if state is None:  # removed by a reload while this request was on its way
+            raise PermissionDenied(f"consumer {consumer.name!r} is no longer declared")
+        wait = state.bucket.take()
         if wait is not None:
             raise StateError(f"sign: rate limit of consumer {consumer.name!r} reached "
                              f"({consumer.sign_burst} at once, then one per "
@@ -292,22 +295,22 @@ class IdentityApi:
         watch.latest, _ = self._event_line()
         watch.changed.set()
         self._watches.add(watch)
-        state = self._states[consumer.name]
-        state.watchers += 1
+        if consumer.name in self._states:
+            self._states[consumer.name].watchers += 1
         try:
             while not closed.is_set():
                 if watch.changed.is_set():
                     watch.changed.clear()
+                    ended = self._watch_ended(consumer.name)
+                    if ended is not None:  # undeclared, or its grant taken away
+                        await peer.send(protocol.encode_error(ended))
+                        return
                     line, watch.latest = watch.latest, None
                     if line is not None:
                         await peer.send(line)
                         what = "credentials" if b'"event":"credentials"' in line else \
                             "withdrawn"
                         await self._delivered(consumer.name, what, "watch", "")
-                if consumer.name not in self._states:
-                    await peer.send(protocol.encode_error(PermissionDenied(
-                        f"consumer {consumer.name!r} is no longer declared")))
-                    return
                 waiter = asyncio.ensure_future(watch.changed.wait())
                 closer = asyncio.ensure_future(closed.wait())
                 try:
@@ -319,6 +322,14 @@ class IdentityApi:
             self._watches.discard(watch)
             if consumer.name in self._states:
                 self._states[consumer.name].watchers -= 1
+
+    def _watch_ended(self, name: str) -> DevidError | None:
+        current = next((c for c in self.consumers if c.name == name), None)
+        if current is None:
+            return PermissionDenied(f"consumer {name!r} is no longer declared")
+        if "credentials" not in current.grants:
+            return PermissionDenied(f"consumer {name!r} is no longer granted 'credentials'")
+        return None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Distribute every change to watchers and sinks until `stop`."""

@@ -85,15 +85,17 @@ def filesystem_type(path: Path, mountinfo: str) -> str | None:
     return best[1] if best else None
 
 
-def check_volatile(directory: Path, mountinfo: str | None = None) -> None:
-    """Refuse a sink root that is not on tmpfs or ramfs (ConfigError naming the key)."""
+def check_volatile(directory: Path, mountinfo: str | None = None,
+                   what: str = "[identity_api] sink_root") -> None:
+    """Refuse a directory for keys that is not on tmpfs or ramfs (ConfigError naming
+    `what`: the configuration key, or the command-line option)."""
     if mountinfo is None:
         mountinfo = Path("/proc/self/mountinfo").read_text()
     resolved = directory.resolve()
     fstype = filesystem_type(resolved, mountinfo)
     if fstype not in VOLATILE_FILESYSTEMS:
         raise ConfigError(
-            f"[identity_api] sink_root: {directory} is on {fstype or 'an unknown filesystem'}, "
+            f"{what}: {directory} is on {fstype or 'an unknown filesystem'}, "
             "not tmpfs or ramfs: a private key written there could reach persistent storage",
             "put the sinks under /run (tmpfs on systemd systems) or mount a tmpfs there")
 

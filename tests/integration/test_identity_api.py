@@ -3,8 +3,11 @@ serving consumers over its Unix socket and through file sinks on tmpfs."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,12 +17,14 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from stack import REPO, AgentProcess, enrollment_toml, rotation_toml
 
 from agent.consumer import IdentityClient, Withdrawn
-from agent.errors import PcrPolicyMismatch, PermissionDenied
+from agent.errors import PcrPolicyMismatch, PermissionDenied, StateError
 from agent.identityapi.protocol import b64url_decode
 from agent.tpm.custody import TpmCustody
 
@@ -65,6 +70,16 @@ def _agent(tpm, registrar_factory, agent_factory, public: Path, consumers: str,
 
 def _socket(agent: AgentProcess) -> Path:
     return agent.public / "identity.sock"  # type: ignore[attr-defined,no-any-return]
+
+
+def _found_in_files(root: Path, forms: dict[str, bytes]) -> list[str]:
+    """Which of `forms` occur in which regular file under `root` ("what: path")."""
+    found = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            found += [f"{what}: {path}" for what, form in forms.items() if form in data]
+    return found
 
 
 def _as_nobody(agent: AgentProcess, code: str) -> subprocess.CompletedProcess[str]:
@@ -135,6 +150,16 @@ def test_a_consumer_fetches_watches_signs_and_keeps_a_secret(tpm, registrar_fact
     with pytest.raises(PcrPolicyMismatch, match="changed since sealing: sha256:7"):
         client.secret("db")
 
+    # Nothing handed out is anywhere on persistent storage: not the key in any form, not
+    # the secret (config, state, logs and sockets of this agent: all it writes).
+    key = serialization.load_pem_private_key(creds.key.reveal(), None)
+    scalar = key.private_numbers().private_value.to_bytes(32, "big")  # type: ignore[union-attr]
+    forms = {"key PEM": creds.key.reveal(), "key scalar": scalar,
+             "key scalar hex": scalar.hex().encode(), "secret": first.reveal(),
+             "secret base64": base64.b64encode(first.reveal()),
+             "secret hex": first.reveal().hex().encode()}
+    assert _found_in_files(agent.config.parent, forms) == []
+
     records = agent.ctl_json("audit", "--limit", "1000")[1]["records"]
     delivered = [r for r in records if r["event"] == "consumer-credentials"]
     assert {r["via"] for r in delivered} >= {"socket", "watch"}
@@ -200,7 +225,8 @@ def test_sink_files_follow_rotation_and_vanish_on_revocation(tpm, registrar_fact
                             "--clear-groups", "cat", str(sink / "key.pem")],
                            capture_output=True, text=True)
     assert other.returncode != 0 and "Permission denied" in other.stderr
-    assert oct((sink / "..data").resolve().joinpath("key.pem").stat().st_mode & 0o077) != "0o4"
+    assert _found_in_files(agent.config.parent,
+                           {"sink key": (sink / "key.pem").read_bytes()}) == []
 
     assert agent.ctl("renew", "--wait").returncode == 0
     second = agent.status()["tls_certificate"]["serial"]
@@ -247,3 +273,120 @@ def test_a_sink_off_tmpfs_is_refused_at_start(tpm, agent_factory, tmp_path):
     log = agent.log_path.read_text()
     assert "[identity_api] sink_root" in log and "not tmpfs or ramfs" in log
     assert not (tmp_path / "tls").exists()
+
+
+# --- garbage on the socket ------------------------------------------------------------------
+
+def _raw(path: Path, data: bytes, half_close: bool = True, timeout: float = 10.0) -> bytes:
+    """Send `data`, optionally half-close, and read what the agent answers until it closes."""
+    import socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(data)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _errors(answer: bytes) -> list[dict]:
+    lines = [json.loads(line) for line in answer.splitlines()]
+    assert lines and all(line["v"] == 1 for line in lines), answer
+    return [line["error"] for line in lines if not line["ok"]]
+
+
+@pytest.fixture
+def serving(tpm, registrar_factory, agent_factory, public):
+    _, agent = _agent(tpm, registrar_factory, agent_factory, public,
+                      _consumer("tester", ["credentials", "sign"], sign_burst=2,
+                                sign_interval="1h"))
+    yield agent, _socket(agent)
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"\xff\xfe\x00garbage\n", "not valid JSON"),
+    (b'{"v": 1, "method": "hello"', "half-closed before the end of the line"),
+    (b"{" + b"x" * 70000 + b"}\n", "longer than 65536 bytes"),
+    (b'{"v": 9, "method": "hello"}\n', "unsupported protocol version 9"),
+    (b'{"v": 1, "method": "sign", "params": {"data": 3}}\n', "params.data"),
+    (b"\n", "empty line"),
+])
+def test_garbage_gets_a_clear_error_and_the_agent_serves_others(serving, data, message):
+    _, path = serving
+    errors = _errors(_raw(path, data))
+    assert errors[-1]["type"] == "protocol-error" and message in errors[-1]["message"]
+    assert IdentityClient(path).hello()["consumer"] == "tester"
+
+
+def test_a_slow_or_silent_peer_is_cut_off_and_others_are_served(serving):
+    _, path = serving
+    import socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        silent.connect(str(path))
+        silent.settimeout(15)
+        assert IdentityClient(path).hello()["consumer"] == "tester"  # served meanwhile
+        answer = silent.recv(65536)
+    assert "none arrived within 5s" in _errors(answer)[0]["message"]
+    # Several requests on one connection are answered in order.
+    two = _raw(path, b'{"v":1,"method":"hello"}\n{"v":1,"method":"hello"}\n')
+    assert [json.loads(line)["result"]["consumer"] for line in two.splitlines()] == \
+        ["tester", "tester"]
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frames=st.lists(st.binary(min_size=1, max_size=300), min_size=1, max_size=4))
+def test_random_frames_never_break_the_agent(serving, frames):
+    agent, path = serving
+    answer = _raw(path, b"\n".join(frames) + b"\n")
+    for line in answer.splitlines():
+        doc = json.loads(line)  # every answer is a protocol line, never a traceback
+        assert doc["v"] == 1 and (doc["ok"] or doc["error"]["message"])
+        assert "Traceback" not in line.decode()
+        if not doc["ok"]:
+            assert doc["error"]["type"] != "error", doc  # never "internal error"
+    assert agent.proc.poll() is None
+
+
+def test_sign_is_rate_limited_per_consumer(serving):
+    _, path = serving
+    client = IdentityClient(path)
+    client.sign(b"one")
+    client.sign(b"two")
+    with pytest.raises(StateError, match=r"rate limit of consumer 'tester' reached \(2 at "
+                                         r"once, then one per 3600s\); retry in"):
+        client.sign(b"three")
+
+
+def test_a_removed_consumers_secrets_are_purged_on_request(tpm, registrar_factory,
+                                                           agent_factory, public):
+    _, agent = _agent(tpm, registrar_factory, agent_factory, public,
+                      _consumer("vault", ["credentials", "secrets"]))
+    IdentityClient(_socket(agent)).secret("db")
+    watch = IdentityClient(_socket(agent)).watch(idle_timeout=30)
+    assert not isinstance(next(watch), Withdrawn)
+    secrets_dir = agent.config.parent / "state" / "consumers" / "vault"
+    assert (secrets_dir / "db.json").exists()
+    code, _ = agent.ctl_json("consumers", "purge", "vault")
+    assert code == 2  # still declared: refused
+    assert "still declared" in agent.ctl("consumers", "purge", "vault").stderr
+    # Undeclare it and reload: its secrets stay until purged, and list says so.
+    text = agent.config.read_text()
+    agent.config.write_text(text[:text.index("\n[[consumers]]")] + "\n")
+    agent.proc.send_signal(signal.SIGHUP)
+    listed = agent.wait_status("reloaded", lambda d: d["identity_api"]["consumers"] == [])
+    assert listed["identity_api"]["undeclared_with_secrets"] == ["vault"]
+    with pytest.raises(PermissionDenied, match="'vault' is no longer declared"):
+        next(watch)  # its watch ends, saying why
+    with pytest.raises(PermissionDenied, match="matches no consumer"):
+        IdentityClient(_socket(agent)).secret("db")
+    code, done = agent.ctl_json("consumers", "purge", "vault")
+    assert code == 0 and done["destroyed"] == ["db"]
+    assert not secrets_dir.exists()
+    records = agent.ctl_json("audit", "--limit", "100")[1]["records"]
+    assert any(r["event"] == "consumer-purged" and r["secrets"] == ["db"] for r in records)
