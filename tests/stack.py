@@ -326,8 +326,11 @@ def demo(directory: Path, keep: bool) -> int:
     _banner("devid-registrar token create")
     token = registrar.token("15m")
     print("one-time enrollment token created (not shown)")
+    # The demo's own user is a consumer of the identity API (docs/identity-api.md).
+    consumer = (f'\n[[consumers]]\nname = "demo-shell"\nuser = {os.getuid()}\n'
+                'grants = ["credentials", "sign"]\n')
     config = write_agent_config(directory / "agent" / "agent.toml", tpm.tcti, [tpm.vendor_ca],
-                                enrollment_toml(registrar, token))
+                                enrollment_toml(registrar, token) + consumer)
     _banner(f"starting devid-agent --config {config}")
     agent = AgentProcess(config).start()
     status = check = 2
@@ -342,6 +345,11 @@ def demo(directory: Path, keep: bool) -> int:
         proc = agent.ctl("check")
         print(proc.stdout or proc.stderr, end="")
         check = proc.returncode
+        _banner("devidctl credentials fetch (as consumer demo-shell, over the identity API)")
+        proc = agent.ctl("credentials", "fetch")
+        print(proc.stdout or proc.stderr, end="")
+        _banner("devidctl consumers list")
+        print(agent.ctl("consumers", "list").stdout, end="")
         _banner("devid-registrar devices list")
         print(registrar.cli("devices", "list", "--dir", str(registrar.directory)).stdout, end="")
         _banner("devid-registrar audit verify")

@@ -122,7 +122,20 @@ def render_status(doc: dict[str, Any], style: Style = PLAIN) -> str:
         lines.append(f"  identity   unavailable: {err.get('message', 'TPM not reachable')}")
     lines += _enrollment_lines(doc.get("enrollment") or {}, doc.get("certificate"), now)
     lines += _rotation_lines(doc.get("rotation"), doc.get("tls_certificate"), now)
+    lines += _consumer_lines(doc.get("identity_api"))
     return "\n".join(lines)
+
+
+def _consumer_lines(api: dict[str, Any] | None) -> list[str]:
+    if not api:
+        return []
+    consumers = api.get("consumers") or []
+    watching = sum(c.get("watchers", 0) for c in consumers)
+    troubled = [f"{c['name']}: {c['sink_error']}" for c in consumers if c.get("sink_error")]
+    lines = [f"  consumers  {len(consumers)} declared, {watching} watching "
+             f"(devidctl consumers list)"]
+    lines += [f"             sink error {t}" for t in troubled]
+    return lines
 
 
 def _enrollment_lines(enr: dict[str, Any], cert: dict[str, Any] | None,

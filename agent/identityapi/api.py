@@ -352,10 +352,10 @@ class IdentityApi:
         for watch in list(self._watches):
             watch.latest = line  # the latest state wins; a slow watcher skips none it needs
             watch.changed.set()
-        try:
-            creds: TlsCredentials | None = self._current()
-        except StateError:
-            creds = None
+        # Sinks follow withdrawal, not expiry: files of a certificate that expired offline
+        # stay until the renewal replaces them (a consumer restarting meanwhile finds its
+        # files, and the TLS peer judges the dates).
+        creds = None if self._withdrawn_reason is not None else self._holder.held
         for consumer in self.consumers:
             if consumer.sink:
                 await self._update_sink(consumer, creds)
