@@ -260,6 +260,13 @@ class IdentityApi:
             blob = await asyncio.to_thread(self.secrets.load, consumer.name, name)
             created = blob is None
             if blob is None:
+                held = await asyncio.to_thread(self.secrets.names, consumer.name)
+                if len(held) >= protocol.MAX_SECRETS:
+                    raise StateError(
+                        f"consumer {consumer.name!r} already has {len(held)} secrets, the "
+                        f"most one may have; not creating {name!r}",
+                        "reuse a secret (derive more keys from it with HKDF), or purge the "
+                        "consumer's secrets")
                 secret = SecretBytes(secrets.token_bytes(protocol.SECRET_BYTES))
                 sealed: KeyBlob = await self._custody(
                     TpmCustody.seal, secret, self._config.identity_api.secret_pcrs)

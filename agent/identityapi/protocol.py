@@ -42,6 +42,7 @@ EVENTS = ("credentials", "withdrawn")
 
 SECRET_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 SECRET_BYTES = 32
+MAX_SECRETS = 16  # per consumer: each is a TPM object created and a file kept
 
 
 @dataclass(frozen=True)

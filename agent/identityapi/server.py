@@ -124,6 +124,10 @@ class IdentityServer:
         """Answer one request line; False when the connection should end."""
         try:
             consumer = await self.api.identify(peer)
+        except DevidError as e:  # a stranger: told why, and not listened to any further
+            writer.write(protocol.encode_error(e))
+            return False
+        try:
             request = protocol.decode_request(line)
             await self.api.check_grant(peer, consumer, request.method)
             if request.method == "watch":

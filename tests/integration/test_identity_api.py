@@ -137,6 +137,10 @@ def test_a_consumer_fetches_watches_signs_and_keeps_a_secret(tpm, registrar_fact
     # A secret: made once, the same afterwards and after a restart.
     first = client.secret("db")
     assert client.secret("db") == first and client.secret("other") != first
+    for n in range(14):
+        client.secret(f"more-{n}")
+    with pytest.raises(StateError, match="already has 16 secrets, the most one may have"):
+        client.secret("one-too-many")
     agent.stop()
     agent.start()
     agent.wait_enrollment("enrolled")
