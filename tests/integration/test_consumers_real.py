@@ -162,10 +162,12 @@ def test_a_mosquitto_bridge_follows_20_rotations_without_losing_a_message(
         missing = sorted(set(published) - received, key=lambda m: int(m.split("-")[1]))
         assert not missing, f"{len(missing)} of {len(published)} lost, e.g. {missing[:5]}"
 
-        # It reconnected with each new certificate: the upstream accepted a fresh
-        # handshake per rotation, and 5-second certificates leave no old one valid.
+        # It reconnected with the new certificates: the upstream accepted fresh handshakes
+        # throughout, and 5-second certificates leave no old one valid for long. (A
+        # rotation that lands while the previous restart is still connecting supersedes
+        # it, so there may be a few fewer connections than rotations on a busy machine.)
         connects = (public / "up.log").read_text().count("as gateway-bridge")
-        assert connects >= ROTATIONS, connects
+        assert connects >= ROTATIONS * 3 // 4, connects
         assert _sink_serial(agent) == agent.status()["tls_certificate"]["serial"]
     finally:
         if subscriber is not None:
