@@ -1,23 +1,20 @@
-"""The identity API's decisions: who a peer is, what it gets, who got what.
+"""The identity API's decisions: who a peer is and what it may have.
 
-`IdentityApi` is the subsystem the daemon wires: it answers requests for a
-peer (the server shell in server.py feeds it), follows the credential holder
-to push every rotation or withdrawal to watchers and file sinks, and keeps a
-status section (`devidctl consumers list`). The TPM, the audit log and the
-clock are injected; nothing here opens a socket.
+`IdentityApi` answers requests for a peer (the socket shell in server.py
+feeds it): it identifies the consumer, checks its grants, and serves
+`credentials`, `sign` and `secret`. Pushed updates (watches, file sinks) are
+distribution.py's; who got what is the ledger's. The TPM, the audit log and
+the clock are injected; nothing here opens a socket.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import datetime
 import hashlib
 import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from cryptography import x509
@@ -29,17 +26,16 @@ from agent.audit import AuditLog
 from agent.codec import b64encode
 from agent.config import AgentConfig, ConsumerSection
 from agent.control.peer import PeerCredentials
-from agent.daemon.hooks import run_hook
 from agent.enroll.evidence import REQUEST_LABEL
-from agent.errors import ControlError, DevidError, PermissionDenied, StateError
+from agent.errors import ControlError, PermissionDenied, StateError
 from agent.identityapi import protocol
-from agent.identityapi.consumers import Refusal, UnitReader, grant_refusal, identify
-from agent.identityapi.credentialset import CredentialSet, credential_document
-from agent.identityapi.ratelimit import TokenBucket
+from agent.identityapi.consumers import UnitReader, grant_refusal, identify
+from agent.identityapi.distribution import Distribution, Peer
+from agent.identityapi.ledger import Ledger
 from agent.identityapi.secretstore import SecretStore
-from agent.identityapi.sinks import FileSink, check_volatile
+from agent.identityapi.sinks import check_volatile
 from agent.pki.certinfo import public_key_sha256
-from agent.rotation.credentials import CredentialHolder, TlsCredentials
+from agent.rotation.credentials import CredentialHolder
 from agent.secret import SecretBytes
 from agent.tpm.blobs import KeyBlob
 from agent.tpm.custody import Signature, TpmCustody
@@ -51,45 +47,11 @@ T = TypeVar("T")
 # device requests (renewal, decommissioning: agent.enroll.evidence) and DER structures
 # (certificate requests, certificates).
 _RESERVED_PREFIXES = (len(REQUEST_LABEL).to_bytes(4, "big") + REQUEST_LABEL, b"\x30")
-_REFUSAL_AUDIT_BURST, _REFUSAL_AUDIT_INTERVAL = 10, 6.0  # per uid: a local flood stays small
 
 
 class CustodyCall(Protocol):
     """Runs `fn(custody, *args)` on the TPM worker; TpmUnreachable if there is no TPM."""
     def __call__(self, fn: Callable[..., T], *args: object) -> Awaitable[T]: ...
-
-
-class Peer(Protocol):
-    """A watch connection as the API sees it: it is sent lines until it goes away."""
-    async def send(self, line: bytes) -> None: ...
-
-
-@dataclass
-class Delivery:
-    what: str  # credentials | withdrawn | signature | secret
-    via: str  # socket | watch | sink
-    at: datetime.datetime
-    detail: str = ""
-
-    def to_dict(self) -> dict[str, str]:
-        return {"what": self.what, "via": self.via, "at": self.at.isoformat(),
-                "detail": self.detail}
-
-
-@dataclass
-class _ConsumerState:
-    bucket: TokenBucket
-    last: Delivery | None = None
-    watchers: int = 0
-    sink_error: str | None = None
-    refused: int = 0
-
-
-@dataclass(eq=False)  # kept in a set: identity, not value
-class _Watch:
-    consumer: str
-    latest: bytes | None = None
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class IdentityApi:
@@ -99,22 +61,16 @@ class IdentityApi:
                  generation: Callable[[], int], read_unit: UnitReader,
                  monotonic: Callable[[], float] = time.monotonic,
                  mountinfo: Callable[[], str] | None = None) -> None:
-        self._holder, self._custody, self._audit = holder, custody, audit
-        self._trust_bundle, self._identity_chain = trust_bundle, identity_chain
-        self._generation, self._read_unit = generation, read_unit
-        self._monotonic = monotonic
+        self._custody, self._audit = custody, audit
+        self._identity_chain, self._read_unit = identity_chain, read_unit
         self._mountinfo = mountinfo
         self.secrets = SecretStore(config.paths.state_dir)
-        self._states: dict[str, _ConsumerState] = {}
-        self._watches: set[_Watch] = set()
-        self._refusal_audit: dict[int, TokenBucket] = {}
+        self.ledger = Ledger(audit, monotonic)
+        self.distribution = Distribution(holder, self.ledger, trust_bundle, generation, config)
         self._secret_locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self._changed = asyncio.Event()
-        self._withdrawn_reason: str | None = None
         self._config = config
         self.check(config)
         self.apply(config)
-        holder.subscribe(self._on_change)
 
     # --- configuration ---------------------------------------------------------------
 
@@ -130,22 +86,16 @@ class IdentityApi:
 
     def apply(self, config: AgentConfig) -> None:
         """(Re)load the consumers; sinks of removed ones go at the next distribution."""
-        old = {c.name: c for c in self._config.consumers}
         self._config = config
-        for consumer in config.consumers:
-            state = self._states.get(consumer.name)
-            if state is None:
-                self._states[consumer.name] = _ConsumerState(
-                    TokenBucket(consumer.sign_burst, consumer.sign_interval, self._monotonic))
-            else:
-                state.bucket.reshape(consumer.sign_burst, consumer.sign_interval)
-        for name in set(old) - {c.name for c in config.consumers}:
-            self._states.pop(name, None)
-        self._changed.set()  # sinks follow the new declarations
+        self.ledger.apply(config.consumers)
+        self.distribution.apply(config)
 
-    def _sink(self, consumer: ConsumerSection) -> FileSink:
-        return FileSink(self._config.identity_api.sink_root, consumer.name, consumer.uid,
-                        consumer.gid, consumer.sink_mode == "0640")
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.distribution.run(stop)
+
+    async def watch(self, consumer: ConsumerSection, peer: Peer,
+                    closed: asyncio.Event) -> None:
+        await self.distribution.watch(consumer, peer, closed)
 
     # --- who is asking -----------------------------------------------------------------
 
@@ -154,7 +104,7 @@ class IdentityApi:
         found = identify(peer, self.consumers, self._read_unit)
         if isinstance(found, ConsumerSection):
             return found
-        await self._refused(peer, "connect", found)
+        await self.ledger.refused(peer, "connect", found)
         raise PermissionDenied(f"permission denied: {found.reason}", found.hint)
 
     async def check_grant(self, peer: PeerCredentials, consumer: ConsumerSection,
@@ -163,22 +113,8 @@ class IdentityApi:
         refusal = grant_refusal(consumer, protocol.GRANT_FOR[method], method)
         if refusal is None:
             return
-        state = self._states.get(consumer.name)
-        if state is not None:
-            state.refused += 1
-        await self._refused(peer, method, refusal)
+        await self.ledger.refused(peer, method, refusal, consumer.name)
         raise PermissionDenied(f"permission denied: {refusal.reason}", refusal.hint)
-
-    async def _refused(self, peer: PeerCredentials, method: str, refusal: Refusal) -> None:
-        bucket = self._refusal_audit.setdefault(peer.uid, TokenBucket(
-            _REFUSAL_AUDIT_BURST, _REFUSAL_AUDIT_INTERVAL, self._monotonic))
-        if bucket.take() is not None:
-            return  # this uid is flooding: it was audited and journaled already
-        events.emit(log, "consumer-refused", "identity API: refused %s: %s", method,
-                    refusal.reason, uid=peer.uid, pid=peer.pid, reason=refusal.reason)
-        await asyncio.to_thread(self._audit.append, "consumer-refused", uid=peer.uid,
-                                gid=peer.gid, pid=peer.pid, method=method,
-                                reason=refusal.reason)
 
     # --- requests ----------------------------------------------------------------------
 
@@ -198,34 +134,10 @@ class IdentityApi:
             return await self._secret(consumer, protocol.secret_name(request.params))
         raise ControlError(f"{request.method} is not a one-shot request")
 
-    def _current(self) -> TlsCredentials:
-        creds = self._holder.current()
-        if creds is not None:
-            return creds
-        held = self._holder.held
-        if self._withdrawn_reason is not None:
-            why = f"they were withdrawn: {self._withdrawn_reason}"
-        elif held is not None:
-            expired = held.certificate.not_valid_after_utc
-            why = f"the certificate expired at {expired:%Y-%m-%d %H:%M}Z and is not renewed yet"
-        else:
-            why = "the gateway is not enrolled yet"
-        raise StateError(f"no credentials to hand out: {why}", "see `devidctl status`")
-
-    def _document(self, creds: TlsCredentials) -> dict[str, Any]:
-        return credential_document(creds, self._trust_bundle(), self._generation())
-
     async def _credentials(self, consumer: ConsumerSection, via: str) -> dict[str, Any]:
-        creds = self._current()
-        await self._delivered(consumer.name, "credentials", via, f"serial {creds.serial}")
-        return self._document(creds)
-
-    async def _delivered(self, name: str, what: str, via: str, detail: str) -> None:
-        state = self._states.get(name)
-        if state is not None:
-            state.last = Delivery(what, via, datetime.datetime.now(datetime.UTC), detail)
-        await asyncio.to_thread(self._audit.append, f"consumer-{what}", consumer=name, via=via,
-                                detail=detail)
+        creds = self.distribution.current()
+        await self.ledger.delivered(consumer.name, "credentials", via, f"serial {creds.serial}")
+        return self.distribution.document(creds)
 
     async def _sign(self, consumer: ConsumerSection, data: bytes) -> dict[str, Any]:
         if data.startswith(_RESERVED_PREFIXES):
@@ -233,7 +145,7 @@ class IdentityApi:
                 "permission denied: the data has the form of the agent's own signed requests "
                 "(a device request or a DER structure such as a certificate request)",
                 "sign application data such as a JWS signing input (docs/identity-api.md)")
-        state = self._states.get(consumer.name)
+        state = self.ledger.states.get(consumer.name)
         if state is None:  # removed by a reload while this request was on its way
             raise PermissionDenied(f"consumer {consumer.name!r} is no longer declared")
         wait = state.bucket.take()
@@ -247,7 +159,7 @@ class IdentityApi:
         r, s = decode_dss_signature(signature.der)
         chain = self._identity_chain()
         digest = hashlib.sha256(data).hexdigest()
-        await self._delivered(consumer.name, "signature", "socket", f"sha256 {digest}")
+        await self.ledger.delivered(consumer.name, "signature", "socket", f"sha256 {digest}")
         return {"algorithm": "ES256", "signature": b64encode(signature.der),
                 "jws_signature": protocol.b64url(r.to_bytes(32, "big") + s.to_bytes(32, "big")),
                 "certificate_chain": "".join(
@@ -276,137 +188,9 @@ class IdentityApi:
                 if len(secret) != protocol.SECRET_BYTES:
                     raise StateError(f"secret {consumer.name}/{name}: unsealed {len(secret)} "
                                      f"bytes, expected {protocol.SECRET_BYTES}")
-        await self._delivered(consumer.name, "secret", "socket",
+        await self.ledger.delivered(consumer.name, "secret", "socket",
                               f"{name} ({'created' if created else 'unsealed'})")
         return {"name": name, "secret": b64encode(secret.reveal()), "created": created}
-
-    # --- watches and sinks ---------------------------------------------------------------
-
-    def _on_change(self, credentials: TlsCredentials | None, reason: str | None = None) -> None:
-        self._withdrawn_reason = None if credentials is not None else (reason or "withdrawn")
-        self._changed.set()
-
-    def _event_line(self) -> tuple[bytes, str]:
-        """The line a watcher gets for the current state, and what it is."""
-        try:
-            creds = self._current()
-        except StateError as e:
-            return protocol.encode_event("withdrawn", {"reason": e.message}), "withdrawn"
-        return protocol.encode_event("credentials", self._document(creds)), "credentials"
-
-    async def watch(self, consumer: ConsumerSection, peer: Peer,
-                    closed: asyncio.Event) -> None:
-        """Stream the current state, then every change, until the peer goes or the
-        consumer is undeclared (then with a final error)."""
-        watch = _Watch(consumer.name)
-        watch.latest, _ = self._event_line()
-        watch.changed.set()
-        self._watches.add(watch)
-        if consumer.name in self._states:
-            self._states[consumer.name].watchers += 1
-        try:
-            while not closed.is_set():
-                if watch.changed.is_set():
-                    watch.changed.clear()
-                    ended = self._watch_ended(consumer.name)
-                    if ended is not None:  # undeclared, or its grant taken away
-                        await peer.send(protocol.encode_error(ended))
-                        return
-                    line, watch.latest = watch.latest, None
-                    if line is not None:
-                        await peer.send(line)
-                        what = "credentials" if b'"event":"credentials"' in line else \
-                            "withdrawn"
-                        await self._delivered(consumer.name, what, "watch", "")
-                waiter = asyncio.ensure_future(watch.changed.wait())
-                closer = asyncio.ensure_future(closed.wait())
-                try:
-                    await asyncio.wait({waiter, closer}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    waiter.cancel()
-                    closer.cancel()
-        finally:
-            self._watches.discard(watch)
-            if consumer.name in self._states:
-                self._states[consumer.name].watchers -= 1
-
-    def _watch_ended(self, name: str) -> DevidError | None:
-        current = next((c for c in self.consumers if c.name == name), None)
-        if current is None:
-            return PermissionDenied(f"consumer {name!r} is no longer declared")
-        if "credentials" not in current.grants:
-            return PermissionDenied(f"consumer {name!r} is no longer granted 'credentials'")
-        return None
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Distribute every change to watchers and sinks until `stop`."""
-        self._changed.set()  # the sinks' first state: written, or removed
-        while not stop.is_set():
-            waiter = asyncio.ensure_future(self._changed.wait())
-            stopper = asyncio.ensure_future(stop.wait())
-            try:
-                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiter.cancel()
-                stopper.cancel()
-            if stop.is_set():
-                return
-            self._changed.clear()
-            await self._distribute()
-
-    async def _distribute(self) -> None:
-        line, _ = self._event_line()
-        for watch in list(self._watches):
-            watch.latest = line  # the latest state wins; a slow watcher skips none it needs
-            watch.changed.set()
-        # Sinks follow withdrawal, not expiry: files of a certificate that expired offline
-        # stay until the renewal replaces them (a consumer restarting meanwhile finds its
-        # files, and the TLS peer judges the dates).
-        creds = None if self._withdrawn_reason is not None else self._holder.held
-        for consumer in self.consumers:
-            if consumer.sink:
-                await self._update_sink(consumer, creds)
-        await self._remove_undeclared_sinks()
-
-    async def _update_sink(self, consumer: ConsumerSection,
-                           creds: TlsCredentials | None) -> None:
-        sink, state = self._sink(consumer), self._states[consumer.name]
-        try:
-            if creds is None:
-                if not await asyncio.to_thread(sink.remove):
-                    return
-                what, detail = "withdrawn", "files removed"
-            else:
-                current = CredentialSet.from_document(self._document(creds))
-                if state.last is not None and state.last.via == "sink" and \
-                        state.last.detail == f"serial {creds.serial}":
-                    return  # already written
-                await asyncio.to_thread(sink.write, current.files(), creds.serial)
-                what, detail = "credentials", f"serial {creds.serial}"
-        except DevidError as e:
-            state.sink_error = e.message
-            events.emit(log, "sink-failed", "file sink of %s: %s", consumer.name, e.message,
-                        consumer=consumer.name)
-            return
-        state.sink_error = None
-        await self._delivered(consumer.name, what, "sink", detail)
-        argv = consumer.reload_argv()
-        if argv:
-            result = await run_hook(argv, {"DEVID_CONSUMER": consumer.name,
-                                           "DEVID_SINK": str(sink.directory)},
-                                    self._config.rotation.hook_timeout)
-            if not result.ok:
-                state.sink_error = f"reload {result.command}: {result.detail}"
-                events.emit(log, "sink-failed", "reload command of %s: %s", consumer.name,
-                            result.detail, consumer=consumer.name)
-
-    async def _remove_undeclared_sinks(self) -> None:
-        root = self._config.identity_api.sink_root
-        declared = {c.name for c in self.consumers if c.sink}
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            for entry in root.iterdir():
-                if entry.name not in declared and entry.is_dir() and not entry.is_symlink():
-                    await asyncio.to_thread(FileSink(root, entry.name, 0, None, False).remove)
 
     # --- operators (control socket) ----------------------------------------------------
 
@@ -414,12 +198,13 @@ class IdentityApi:
         """`devidctl consumers list` and the status document's `identity_api`."""
         consumers = []
         for consumer in self.consumers:
-            state = self._states[consumer.name]
+            state = self.ledger.states[consumer.name]
             consumers.append({
                 "name": consumer.name, "user": consumer.user, "uid": consumer.uid,
                 "group": consumer.group, "unit": consumer.unit,
                 "grants": list(consumer.grants),
-                "sink": str(self._sink(consumer).directory) if consumer.sink else None,
+                "sink": str(self.distribution.sink(consumer).directory) if consumer.sink
+                else None,
                 "watchers": state.watchers, "refused": state.refused,
                 "last": state.last.to_dict() if state.last else None,
                 "sink_error": state.sink_error,
