@@ -185,3 +185,23 @@ def from_dict(err: dict[str, str]) -> DevidError:
     error = found(err.get("message", "unknown error"), err.get("hint") or None)
     error.code = code
     return error
+
+
+class SensorError(DevidError):
+    """A sensor request the broker refuses (unknown sensor, bad name, bad import)."""
+
+    code = "sensor-error"
+
+
+class SensorNotFound(SensorError):
+    code = "sensor-not-found"
+
+
+class ImportRefused(SensorError):
+    """A sensor import file with problems; `problems` has one line each, naming the line."""
+
+    code = "import-refused"
+
+    def __init__(self, message: str, problems: list[str], hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.problems = problems

@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import datetime
 import sqlite3
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.clock import isoformat_utc
 from agent.enroll.problems import problem
-from agent.errors import StateError
+from agent.sqlite import Database
 
 SCHEMA_VERSION = 2
 DEVICE_STATUSES = ("active", "revoked", "decommissioned")
@@ -156,28 +153,14 @@ class IssuedCertificate:
     reason: str | None = None
 
 
-class Store:
+class Store(Database):
     def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
-                                       timeout=10.0)
-            path.chmod(0o600)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-        except sqlite3.Error as e:
-            raise StateError(f"{path}: cannot open the database: {e}",
-                             "check that the registrar's directory is writable by this user "
-                             "and the disk is not full") from None
-        self._lock = threading.Lock()
+        super().__init__(path, "the registrar")
         self._migrate()
 
     def _migrate(self) -> None:
         with self._transaction() as db:
-            version = int(db.execute("PRAGMA user_version").fetchone()[0])
-            if version > SCHEMA_VERSION:
-                raise StateError(f"{self.path}: schema version {version} is newer than this "
-                                 f"registrar ({SCHEMA_VERSION})", "upgrade devid-registrar")
+            version = self._schema_version(db, SCHEMA_VERSION, "devid-registrar")
             has_devices = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
                                      "name = 'devices'").fetchone() is not None
             if not has_devices:
@@ -201,24 +184,6 @@ class Store:
                                "issued_at, not_after) VALUES (?, ?, 'identity', ?, ?)",
                                (serial, device_id, stamp, stamp))
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-    def close(self) -> None:
-        self._db.close()
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
 
     # --- tokens ------------------------------------------------------------
 
