@@ -127,6 +127,22 @@ _EVENTS = (
     EventType("consumer-purged", "413b5ac2c39b491c9934b83efbcded98", logging.WARNING,
            "a removed consumer's sealed secrets were destroyed (devidctl consumers purge)",
            "None, if intended: data encrypted under those secrets is now unreadable."),
+    EventType("broker-started", "acb5bee4398e4016b1f1dfc60e3c6776", logging.INFO,
+           "devid-broker started and opened its sensor registry",
+           "None; the number of sensors by status is in the message."),
+    EventType("broker-stopped", "892e119a30504dde9d464b53f63b7b9a", logging.INFO,
+           "devid-broker stopped",
+           "None."),
+    EventType("broker-data-key-refused", "e3bce6df44134008bc43a8ef5b3e66d9", logging.ERROR,
+           "the agent refused devid-broker its data key; the broker cannot open its registry",
+           "Declare the broker under [[consumers]] in agent.toml with the grant \"secrets\" "
+           "(docs/broker.md); after a PCR change the key is lost: onboard the sensors again."),
+    EventType("sensor-added", "78edd80c60ad4f82866b8ced7368ca7b", logging.INFO,
+           "a sensor was onboarded with a credential of its own",
+           "None; DEVID_SENSOR names it."),
+    EventType("sensor-changed", "f6b54bde0c69464180a2e74fe0c1a33b", logging.WARNING,
+           "a sensor was quarantined, released, revoked, rekeyed or removed",
+           "None, if intended; DEVID_SENSOR and DEVID_CHANGE say which and how."),
 )
 
 EVENTS: dict[str, EventType] = {e.name: e for e in _EVENTS}

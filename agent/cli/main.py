@@ -33,6 +33,8 @@ from agent.cli.render import (
     render_renew,
     render_status,
 )
+from agent.cli.sensors import add_verbs as sensor_verbs
+from agent.cli.sensors import cmd_sensors
 from agent.config import (
     AgentConfig,
     PathsSection,
@@ -114,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "(identity, then TLS), for openssl or a relying party")
     cert.add_argument("--json", action="store_true", help="print one JSON object (with PEM)")
     identity_verbs(verb)
+    sensor_verbs(verb)
     support = verb("support-bundle", help="write a tarball for remote diagnosis: "
                              "status, checks, journal, redacted config, versions")
     support.add_argument("-o", "--output", type=Path, metavar="FILE",
@@ -361,6 +364,8 @@ def cmd_support_bundle(config: AgentConfig, args: argparse.Namespace,
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_line = command_line("devidctl", argv)
+    if args.command == "sensors":  # devid-broker's, not the agent's: no agent.toml needed
+        return cmd_sensors(args, _fail)
     config_error: ConfigError | None = None
     try:
         # Files only the agent's user may read are the agent's to judge, not ours.

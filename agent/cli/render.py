@@ -349,3 +349,40 @@ def render_consumers(doc: dict[str, Any]) -> str:
         lines.append(f"secrets of consumers no longer declared: {', '.join(orphans)} "
                      "(devidctl consumers purge NAME destroys them)")
     return "\n".join(lines)
+
+
+def render_sensor(doc: dict[str, Any]) -> str:
+    """One sensor; with a newly minted credential, that too (shown this once)."""
+    if "added" in doc:
+        return (f"{doc['added']} sensors added ({doc['first']} ... {doc['last']}); their "
+                f"credentials are in {doc['file']} (mode 0600): hand it to the installer "
+                "and delete it")
+    attrs = ", ".join(f"{k}={v}" for k, v in sorted((doc.get("attributes") or {}).items()))
+    lines = [f"{doc.get('name')}  {doc.get('status')}"
+             + (f" ({doc['status_reason']})" if doc.get("status_reason") else ""),
+             f"  id          {doc.get('id')}",
+             f"  profile     {doc.get('profile')}" + (f"  [{attrs}]" if attrs else ""),
+             f"  transport   {doc.get('transport')}, identifier {doc.get('kid')}",
+             f"  created     {_date(doc.get('created_at'))}, last seen "
+             f"{_date(doc.get('last_seen')) if doc.get('last_seen') else 'never'}",
+             f"  traffic     {doc.get('messages', 0)} messages, {doc.get('denials', 0)} denied"]
+    credential = doc.get("credential")
+    if credential:
+        lines.append("  credential  (shown once: the broker keeps it sealed and never shows "
+                     "it again)")
+        lines += [f"    {key:<13} {value}" for key, value in credential.items()
+                  if key != "transport"]
+    return "\n".join(lines)
+
+
+def render_sensors(doc: dict[str, Any]) -> str:
+    sensors = doc.get("sensors") or []
+    if any("credential" in s for s in sensors):
+        return "\n".join(render_sensor(s) for s in sensors)
+    counts = doc.get("counts")
+    lines = [f"{'NAME':<24} {'STATUS':<12} {'PROFILE':<14} {'TRANSPORT':<9} LAST SEEN"]
+    lines += [f"{s['name']:<24} {s['status']:<12} {s['profile']:<14} {s['transport']:<9} "
+              f"{_date(s['last_seen']) if s.get('last_seen') else 'never'}" for s in sensors]
+    if counts:
+        lines.append(", ".join(f"{n} {status}" for status, n in counts.items()))
+    return "\n".join(lines)

@@ -15,7 +15,8 @@ DEFAULT_TIMEOUT_S = 30.0
 
 
 def call(path: Path, method: str, params: dict[str, Any] | None = None,
-         timeout: float = DEFAULT_TIMEOUT_S, command: str | None = None) -> dict[str, Any]:
+         timeout: float = DEFAULT_TIMEOUT_S, command: str | None = None,
+         max_line: int = protocol.MAX_LINE) -> dict[str, Any]:
     """Send one request; return its result or raise the daemon's error as ControlError.
     `command` is how the user ran us, for the "run `sudo …`" hint."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -37,13 +38,13 @@ def call(path: Path, method: str, params: dict[str, Any] | None = None,
             raise ControlError(f"cannot connect to {path}: {e.strerror}") from None
         try:
             sock.sendall(protocol.encode_request(protocol.Request(method, params or {})))
-            line = _read_line(sock)
+            line = _read_line(sock, max_line)
         except TimeoutError:
             raise ControlError(f"devid-agent did not answer within {timeout:.0f}s",
                                hint="the agent may be hung; check its log") from None
         except OSError as e:
             raise ControlError(f"control socket {path}: {e.strerror or e}") from None
-    response = protocol.decode_response(line)
+    response = protocol.decode_response(line, max_line)
     if response.ok:
         assert response.result is not None
         return response.result
@@ -54,7 +55,7 @@ def call(path: Path, method: str, params: dict[str, Any] | None = None,
     raise error
 
 
-def _read_line(sock: socket.socket) -> bytes:
+def _read_line(sock: socket.socket, max_line: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -63,6 +64,6 @@ def _read_line(sock: socket.socket) -> bytes:
             break
         chunks.append(chunk)
         size += len(chunk)
-        if chunk.endswith(b"\n") or size > protocol.MAX_LINE:
+        if chunk.endswith(b"\n") or size > max_line:
             break
     return b"".join(chunks)

@@ -42,19 +42,20 @@ def _encode(doc: dict[str, Any]) -> bytes:
     return encode_line(doc)
 
 
-def _decode_object(line: bytes, what: str) -> dict[str, Any]:
-    return decode_line(line, what, VERSION, MAX_LINE)
+def _decode_object(line: bytes, what: str, max_line: int = MAX_LINE) -> dict[str, Any]:
+    return decode_line(line, what, VERSION, max_line)
 
 
 def encode_request(request: Request) -> bytes:
     return _encode({"v": VERSION, "method": request.method, "params": request.params})
 
 
-def decode_request(line: bytes) -> Request:
+def decode_request(line: bytes, methods: tuple[str, ...] = METHODS) -> Request:
+    """`methods`: what the server answers (the agent's by default; the broker has its own)."""
     doc = _decode_object(line, "request")
     method, params = doc.get("method"), doc.get("params", {})
-    if method not in METHODS:
-        raise ProtocolError(f"request: unknown method {method!r} (known: {', '.join(METHODS)})")
+    if method not in methods:
+        raise ProtocolError(f"request: unknown method {method!r} (known: {', '.join(methods)})")
     if not isinstance(params, dict):
         raise ProtocolError("request: params must be an object")
     return Request(method, params)
@@ -68,8 +69,9 @@ def encode_error(error: DevidError) -> bytes:
     return _encode({"v": VERSION, "ok": False, "error": error.to_dict()})
 
 
-def decode_response(line: bytes) -> Response:
-    doc = _decode_object(line, "response")
+def decode_response(line: bytes, max_line: int = MAX_LINE) -> Response:
+    """`max_line`: larger for answers that carry many records (a batch of sensors)."""
+    doc = _decode_object(line, "response", max_line)
     if doc.get("ok") is True and isinstance(doc.get("result"), dict):
         return Response(True, result=doc["result"])
     err = doc.get("error")

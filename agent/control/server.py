@@ -103,7 +103,7 @@ class ControlServer:
             log.warning("control socket: refused %s", refusal)
             return protocol.encode_error(PermissionDenied(f"permission denied: {refusal}"))
         try:
-            request = protocol.decode_request(line)
+            request = protocol.decode_request(line, tuple(self.handlers))
             faults.point(f"control.{request.method}")  # tests: a blocked loop
             result = await self.handlers[request.method](request.params)
             return protocol.encode_result(result)

@@ -1,0 +1,144 @@
+"""devid-broker: the entry point and composition root.
+
+Start-up: configuration, then the data key from the agent's identity API
+(waiting, and saying so, while the agent is not up), then the sensor
+registry, then the control socket; READY=1 once the registry is open.
+Subsystems (today the registry; listeners, policy and upstreams next) each
+bring control methods and a status section; this module only wires them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import grp
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent import __version__, events, logsetup
+from agent.access import command_line
+from agent.audit import AGENT_AUDIT_LOG, AuditLog
+from agent.broker.config import DEFAULT_CONFIG, BrokerConfig, load_broker_config
+from agent.broker.datakey import fetch_data_key
+from agent.broker.registry import SensorRegistry
+from agent.consumer import IdentityClient
+from agent.control.server import ControlServer
+from agent.errors import ConfigError, DevidError
+from agent.fsutil import ensure_private_dir
+from agent.sensors.atrest import RecordCipher
+from agent.sensors.store import SensorStore
+from agent.supervision.notify import SystemdNotifier, watchdog_interval
+from agent.supervision.supervisor import Supervisor
+
+log = logging.getLogger("agent.broker")
+EXIT_CONFIG, EXIT_STARTUP = 78, 1
+REGISTRY_FILE = "sensors.db"
+
+
+class Broker:
+    """What the broker is right now, for STATUS= and `devidctl broker status`."""
+
+    def __init__(self, config: BrokerConfig) -> None:
+        self.config = config
+        self.registry: SensorRegistry | None = None
+        self.waiting = "starting"
+
+    def headline(self) -> str:
+        if self.registry is None:
+            return self.waiting
+        counts = self.registry.store.counts()
+        return f"{counts['active']} sensors active, {counts['quarantined']} quarantined, " \
+               f"{counts['revoked']} revoked"
+
+    async def status(self, _params: dict[str, Any]) -> dict[str, Any]:
+        doc: dict[str, Any] = {"state": "OK" if self.registry else "WARN",
+                               "headline": self.headline(),
+                               "broker": {"version": __version__, "pid": os.getpid(),
+                                          "config": str(self.config.source)}}
+        if self.registry is not None:
+            doc[self.registry.name] = self.registry.status_section()
+        return doc
+
+
+async def run(config: BrokerConfig) -> int:
+    state_dir = config.paths.state_dir
+    ensure_private_dir(state_dir)
+    broker = Broker(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    supervisor = Supervisor(SystemdNotifier(), watchdog_interval(os.environ, os.getpid()),
+                            lambda: broker.registry is not None, broker.headline,
+                            lambda: None)
+    watchdog = asyncio.create_task(supervisor.run(stop))
+    server: ControlServer | None = None
+    try:
+        def waiting(reason: str) -> None:
+            if reason != broker.waiting:
+                log.info("%s", reason)
+            broker.waiting = reason
+
+        client = IdentityClient(config.identity.socket)
+        try:
+            key = await fetch_data_key(client, config.identity.data_key,
+                                       config.identity.retry, stop, waiting)
+        except DevidError as e:
+            events.emit(log, "broker-data-key-refused", "the agent refused the data key %r: %s",
+                        config.identity.data_key, e, problem=e.code)
+            return EXIT_STARTUP
+        if key is None:
+            return 0
+        store = await asyncio.to_thread(SensorStore, state_dir / REGISTRY_FILE,
+                                        RecordCipher(key))
+        del key  # the cipher holds what it derived; nothing else keeps the key
+        broker.registry = SensorRegistry(store, AuditLog(state_dir / AGENT_AUDIT_LOG))
+        gid = grp.getgrnam(config.control.group).gr_gid if config.control.group else None
+        server = ControlServer(config.paths.control_socket,
+                               {"status": broker.status, **broker.registry.handlers()}, gid)
+        await server.start()
+        events.emit(log, "broker-started", "devid-broker %s started: %s", __version__,
+                    broker.headline(), version=__version__)
+        await stop.wait()
+        supervisor.stopping()
+        return 0
+    finally:
+        stop.set()
+        if server is not None:
+            await server.close()
+        await watchdog
+        if broker.registry is not None:
+            broker.registry.store.close()
+            events.emit(log, "broker-stopped", "devid-broker stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="devid-broker",
+                                     description="brokers constrained sensors' traffic "
+                                                 "under the gateway's identity")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                        help=f"configuration file (default {DEFAULT_CONFIG})")
+    parser.add_argument("--version", action="version", version=f"devid-broker {__version__}")
+    args = parser.parse_args(argv)
+    try:
+        config = load_broker_config(args.config, command_line("devid-broker", argv))
+    except ConfigError as e:
+        print(f"devid-broker: configuration error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    logsetup.configure(config.log.level, "devid-broker")
+    try:
+        return asyncio.run(run(config))
+    except DevidError as e:
+        log.error("cannot start: %s", e)
+        return EXIT_STARTUP
+    except OSError as e:
+        log.error("cannot start: %s", e.strerror or e)
+        return EXIT_STARTUP
+
+
+if __name__ == "__main__":
+    sys.exit(main())

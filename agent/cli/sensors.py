@@ -1,0 +1,136 @@
+"""devidctl's sensor verbs, over devid-broker's control socket.
+
+A minted credential is shown once, in the answer to `add` or `rekey`: the
+broker keeps it sealed and never shows it again. A batch (`--count`) goes to
+a file written 0600, never to the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent.broker.config import DEFAULT_CONTROL_SOCKET
+from agent.cli.render import render_sensor, render_sensors
+from agent.control import client
+from agent.errors import DaemonNotRunning, DevidError, PermissionDenied, SensorError
+from agent.fsutil import write_atomic
+
+Verb = Callable[..., argparse.ArgumentParser]
+Fail = Callable[[DevidError, bool, int], int]
+EXIT_FAIL, EXIT_NO_DAEMON = 2, 3
+SOCKET_ENV = "DEVIDCTL_BROKER_SOCKET"
+ACTIONS = ("add", "import", "list", "show", "quarantine", "release", "revoke", "rekey",
+           "remove")
+BATCH_MAX_LINE = 64 << 20  # 10,000 credentials in one answer
+
+
+def _attribute(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def add_verbs(verb: Verb) -> None:
+    sensors = verb("sensors", help="constrained sensors served by devid-broker")
+    sensors.add_argument("action", choices=ACTIONS)
+    sensors.add_argument("sensor", nargs="?", metavar="NAME|ID|FILE",
+                         help="the sensor (add: its name; import: the CSV or JSON file)")
+    sensors.add_argument("--profile", help="add: the policy profile (its role)")
+    sensors.add_argument("--transport", choices=("oscore", "dtls-psk"), default="oscore",
+                         help="add: how the sensor talks to the gateway (default oscore)")
+    sensors.add_argument("--attr", type=_attribute, action="append", default=[],
+                         metavar="KEY=VALUE", help="add: an attribute policy can match "
+                         "(repeatable): site, zone, kind, ...")
+    sensors.add_argument("--count", type=int, help="add: a batch of N sensors named "
+                         "PREFIX0001...; needs --prefix and --out")
+    sensors.add_argument("--prefix", help="add --count: the names' prefix")
+    sensors.add_argument("--out", type=Path, metavar="FILE", help="add --count: write the "
+                         "credentials there (0600; .csv or .json)")
+    sensors.add_argument("--reason", help="quarantine/release/revoke: why (audited)")
+    sensors.add_argument("--broker-socket", type=Path, metavar="PATH",
+                         help=f"devid-broker's control socket (default ${SOCKET_ENV}, else "
+                              f"{DEFAULT_CONTROL_SOCKET})")
+    sensors.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _socket(args: argparse.Namespace) -> Path:
+    return args.broker_socket or Path(os.environ.get(SOCKET_ENV) or DEFAULT_CONTROL_SOCKET)
+
+
+def _batch_file(path: Path, sensors: list[dict[str, Any]]) -> None:
+    if path.suffix == ".csv":
+        out = io.StringIO()
+        rows = [{"name": s["name"], "id": s["id"], "profile": s["profile"],
+                 **s["credential"]} for s in sensors]
+        fields = list(dict.fromkeys(k for row in rows for k in row if k != "cipher_suites"))
+        writer = csv.DictWriter(out, fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        data = out.getvalue().encode()
+    else:
+        data = json.dumps(sensors, indent=1, sort_keys=True).encode()
+    write_atomic(path, data)  # 0600, atomically: a batch file holds every key
+
+
+def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    action, ref = args.action, args.sensor
+    if action == "add":
+        params: dict[str, Any] = {"profile": args.profile, "transport": args.transport,
+                                  "attributes": dict(args.attr)}
+        if not args.profile:
+            raise SensorError("sensors add: --profile is required")
+        if args.count is not None:
+            if not args.prefix or args.out is None or ref:
+                raise SensorError("sensors add --count N: give --prefix and --out, not a name")
+            return "sensors-add", {**params, "count": args.count, "prefix": args.prefix}
+        if not ref:
+            raise SensorError("sensors add: which name? (devidctl sensors add NAME --profile P)")
+        return "sensors-add", {**params, "name": ref}
+    if action == "list":
+        return "sensors-list", {}
+    if not ref:
+        raise SensorError(f"sensors {action}: which sensor?")
+    if action == "import":
+        try:
+            text = Path(ref).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SensorError(f"{ref}: cannot read: {getattr(e, 'strerror', None) or e}"
+                              ) from None
+        return "sensors-import", {"text": text, "filename": Path(ref).name}
+    if action in ("quarantine", "release", "revoke"):
+        return "sensors-change", {"sensor": ref, "change": action, "reason": args.reason}
+    return f"sensors-{action}", {"sensor": ref}
+
+
+def cmd_sensors(args: argparse.Namespace, fail: Fail) -> int:
+    try:
+        method, params = _request(args)
+        doc = client.call(_socket(args), method, params, timeout=120.0,
+                          command=args.command_line, max_line=BATCH_MAX_LINE)
+        if method == "sensors-add" and args.count is not None:
+            _batch_file(args.out, doc["sensors"])
+            doc = {"added": len(doc["sensors"]), "file": str(args.out.resolve()),
+                   "first": doc["sensors"][0]["name"], "last": doc["sensors"][-1]["name"]}
+    except (DaemonNotRunning, PermissionDenied) as e:
+        if isinstance(e, DaemonNotRunning):
+            e.hint = e.hint or "is devid-broker running? (systemctl status devid-broker)"
+        return fail(e, args.json, EXIT_NO_DAEMON)
+    except OSError as e:
+        return fail(DevidError(f"{args.out}: cannot write: {e.strerror}"), args.json, EXIT_FAIL)
+    except DevidError as e:
+        return fail(e, args.json, EXIT_FAIL)
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    elif "sensors" in doc:
+        print(render_sensors(doc))
+    else:
+        print(render_sensor(doc))
+    return 0

@@ -1,0 +1,162 @@
+"""devid-broker's start and its sensor registry, end to end: a real agent (swtpm,
+registrar) keeps the broker's data key sealed; the broker, in its own process, gets it
+over the identity API and serves `devidctl sensors` on its own control socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from stack import BIN, AgentProcess, enrollment_toml, rotation_toml
+
+BROKER = '\n[[consumers]]\nname = "broker"\nuser = {uid}\ngrants = ["secrets"]\n'
+
+
+class Broker:
+    def __init__(self, directory: Path, identity_socket: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.socket = directory / "run" / "control.sock"
+        self.config = directory / "broker.toml"
+        self.config.write_text(
+            f'[paths]\nstate_dir = "state"\ncontrol_socket = "run/control.sock"\n'
+            f'[identity]\nsocket = {json.dumps(str(identity_socket))}\nretry = "1s"\n')
+        self.log = directory / "broker.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Broker:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([str(BIN / "devid-broker"), "--config",
+                                          str(self.config)], stdout=log, stderr=log)
+        return self
+
+    def wait_serving(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"devid-broker exited {self.proc.returncode}:\n"
+                                   + self.log.read_text())
+            if self.socket.exists():
+                return
+            time.sleep(0.1)
+        raise TimeoutError(self.log.read_text())
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "devidctl"), "sensors", *args, "--broker-socket",
+                               str(self.socket)], capture_output=True, text=True, timeout=120)
+
+    def ctl_json(self, *args: str) -> tuple[int, dict]:
+        out = self.ctl(*args, "--json")
+        return out.returncode, json.loads(out.stdout) if out.stdout.strip() else {}
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(15)
+
+
+@pytest.fixture
+def broker_factory(tmp_path):
+    made: list[Broker] = []
+
+    def make(agent: AgentProcess) -> Broker:
+        broker = Broker(tmp_path / f"broker{len(made)}", agent.config.parent / "run" /
+                        "identity.sock")
+        made.append(broker)
+        return broker
+
+    yield make
+    for broker in made:
+        broker.stop()
+
+
+def _agent(tpm, registrar_factory, agent_factory, consumers: str) -> AgentProcess:
+    registrar = registrar_factory([tpm.vendor_ca])
+    agent = agent_factory(tpm, extra=enrollment_toml(registrar, registrar.token())
+                          + rotation_toml() + consumers)
+    agent.wait_enrollment("enrolled")
+    return agent
+
+
+def test_the_broker_keeps_its_registry_under_the_agents_sealed_key(
+        tpm, registrar_factory, agent_factory, broker_factory, tmp_path):
+    agent = _agent(tpm, registrar_factory, agent_factory, BROKER.format(uid=os.getuid()))
+    broker = broker_factory(agent).start()
+    broker.wait_serving()
+
+    code, added = broker.ctl_json("add", "t-1", "--profile", "temperature",
+                                  "--attr", "site=plant-7")
+    assert code == 0, added
+    sensor = added["sensors"][0]
+    assert sensor["id"].startswith("urn:devid:sensor:") and sensor["status"] == "active"
+    assert len(bytes.fromhex(sensor["credential"]["master_secret"])) == 16
+    text = broker.ctl("add", "p-1", "--profile", "pump", "--transport", "dtls-psk").stdout
+    assert "shown once" in text and "psk_identity" in text
+
+    batch = tmp_path / "batch.json"
+    code, done = broker.ctl_json("add", "--count", "300", "--prefix", "b-", "--profile",
+                                 "temperature", "--out", str(batch))
+    assert code == 0 and done["added"] == 300 and batch.stat().st_mode & 0o777 == 0o600
+    keys = {s["credential"]["master_secret"] for s in json.loads(batch.read_text())}
+    assert len(keys) == 300
+
+    assert broker.ctl("quarantine", "t-1", "--reason", "odd intervals").returncode == 0
+    code, shown = broker.ctl_json("show", "t-1")
+    assert shown["status"] == "quarantined" and shown["status_reason"] == "odd intervals"
+    assert broker.ctl("revoke", "t-1").returncode == 0
+    refused = broker.ctl("release", "t-1")
+    assert refused.returncode == 2 and "a revoked credential is not used again" in \
+        refused.stderr
+    code, rekeyed = broker.ctl_json("rekey", "t-1")
+    assert rekeyed["status"] == "active" and rekeyed["credential"]["master_secret"] != \
+        sensor["credential"]["master_secret"]
+    missing = broker.ctl("show", "nope")
+    assert missing.returncode == 2 and "no sensor named 'nope'" in missing.stderr
+
+    # The registry survives a restart of both; no key material in it in the clear.
+    registry = broker.directory / "state" / "sensors.db"
+    assert rekeyed["credential"]["master_secret"].encode() not in registry.read_bytes()
+    assert bytes.fromhex(rekeyed["credential"]["master_secret"]) not in registry.read_bytes()
+    broker.stop()
+    agent.stop()
+    agent.start()
+    broker.start().wait_serving()
+    code, listed = broker.ctl_json("list")
+    assert code == 0 and listed["counts"] == {"active": 302, "quarantined": 0, "revoked": 0}
+    records = [json.loads(line) for line in
+               (broker.directory / "state" / "audit.log").read_text().splitlines()]
+    assert [r["event"] for r in records][:2] == ["sensors-added", "sensors-added"]
+    assert any(r.get("change") == "revoke" for r in records)
+    assert not any("master_secret" in json.dumps(r) for r in records)
+
+
+def test_the_broker_waits_for_the_agent_and_stops_on_a_refusal(
+        tpm, registrar_factory, agent_factory, broker_factory):
+    # Declared as a consumer without the grant: the agent refuses, the broker says why.
+    agent = _agent(tpm, registrar_factory, agent_factory,
+                   BROKER.format(uid=os.getuid()).replace('["secrets"]', '["credentials"]'))
+    broker = broker_factory(agent).start()
+    assert broker.proc is not None and broker.proc.wait(20) == 1
+    log = broker.log.read_text()
+    assert "refused the data key 'sensor-db'" in log and "not granted 'secrets'" in log
+
+    # Started before the agent answers: it waits, then serves.
+    agent.stop()
+    text = agent.config.read_text().replace('["credentials"]', '["secrets"]')
+    agent.config.write_text(text)
+    waiting = broker_factory(agent).start()
+    time.sleep(2)
+    assert waiting.proc is not None and waiting.proc.poll() is None
+    assert "waiting for devid-agent's identity API" in waiting.log.read_text()
+    agent.start()
+    waiting.wait_serving()
+    assert waiting.ctl("list").returncode == 0
+    assert sys.executable  # the broker ran as its own process throughout
