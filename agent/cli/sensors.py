@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import segno
+
 from agent.broker.config import DEFAULT_CONTROL_SOCKET
 from agent.cli.render import render_sensor, render_sensors
 from agent.control import client
@@ -54,6 +56,8 @@ def add_verbs(verb: Verb) -> None:
     sensors.add_argument("--prefix", help="add --count: the names' prefix")
     sensors.add_argument("--out", type=Path, metavar="FILE", help="add --count: write the "
                          "credentials there (0600; .csv or .json)")
+    sensors.add_argument("--qr", type=Path, metavar="FILE", help="add/rekey: also write the "
+                         "credential as a QR code PNG (0600) for the field installer")
     sensors.add_argument("--reason", help="quarantine/release/revoke: why (audited)")
     sensors.add_argument("--broker-socket", type=Path, metavar="PATH",
                          help=f"devid-broker's control socket (default ${SOCKET_ENV}, else "
@@ -80,8 +84,22 @@ def _batch_file(path: Path, sensors: list[dict[str, Any]]) -> None:
     write_atomic(path, data)  # 0600, atomically: a batch file holds every key
 
 
+def qr_payload(sensor: dict[str, Any]) -> str:
+    """What the installer's QR code says: compact JSON, versioned (docs/broker.md)."""
+    return json.dumps({"v": 1, "id": sensor["id"], "name": sensor["name"],
+                       **sensor["credential"]}, separators=(",", ":"), sort_keys=True)
+
+
+def _qr_file(path: Path, sensor: dict[str, Any]) -> None:
+    out = io.BytesIO()
+    segno.make(qr_payload(sensor), error="m").save(out, kind="png", scale=6, border=4)
+    write_atomic(path, out.getvalue())  # 0600: the picture is the key
+
+
 def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     action, ref = args.action, args.sensor
+    if args.qr is not None and (action not in ("add", "rekey") or args.count is not None):
+        raise SensorError("--qr goes with `add NAME` or `rekey`: one new credential")
     if action == "add":
         params: dict[str, Any] = {"profile": args.profile, "transport": args.transport,
                                   "attributes": dict(args.attr)}
@@ -115,6 +133,8 @@ def cmd_sensors(args: argparse.Namespace, fail: Fail) -> int:
         method, params = _request(args)
         doc = client.call(_socket(args), method, params, timeout=120.0,
                           command=args.command_line, max_line=BATCH_MAX_LINE)
+        if args.qr is not None:
+            _qr_file(args.qr, doc["sensors"][0] if "sensors" in doc else doc)
         if method == "sensors-add" and args.count is not None:
             _batch_file(args.out, doc["sensors"])
             doc = {"added": len(doc["sensors"]), "file": str(args.out.resolve()),

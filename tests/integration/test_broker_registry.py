@@ -98,8 +98,18 @@ def test_the_broker_keeps_its_registry_under_the_agents_sealed_key(
     sensor = added["sensors"][0]
     assert sensor["id"].startswith("urn:devid:sensor:") and sensor["status"] == "active"
     assert len(bytes.fromhex(sensor["credential"]["master_secret"])) == 16
-    text = broker.ctl("add", "p-1", "--profile", "pump", "--transport", "dtls-psk").stdout
+    qr = tmp_path / "p-1.png"
+    text = broker.ctl("add", "p-1", "--profile", "pump", "--transport", "dtls-psk",
+                      "--qr", str(qr)).stdout
     assert "shown once" in text and "psk_identity" in text
+    # The installer's QR code, read back by an independent decoder (zbar).
+    assert qr.stat().st_mode & 0o777 == 0o600
+    scanned = json.loads(subprocess.run(["zbarimg", "--raw", "-q", str(qr)], check=True,
+                                        capture_output=True, text=True).stdout)
+    assert scanned["v"] == 1 and scanned["name"] == "p-1" and scanned["psk"] in text
+    assert scanned["psk_identity"].startswith("devid-s")
+    wrong = broker.ctl("list", "--qr", str(tmp_path / "x.png"))
+    assert wrong.returncode == 2 and "--qr goes with" in wrong.stderr
 
     batch = tmp_path / "batch.json"
     code, done = broker.ctl_json("add", "--count", "300", "--prefix", "b-", "--profile",
