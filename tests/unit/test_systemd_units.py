@@ -16,20 +16,33 @@ from pathlib import Path
 import pytest
 
 UNITS = Path(__file__).resolve().parents[2] / "systemd"
-NAMES = ["devid-agent.service", "devid-registrar.service"]
+NAMES = ["devid-agent.service", "devid-registrar.service", "devid-broker.service"]
 MAX_EXPOSURE = 1.5
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                                 reason="needs systemd-analyze")
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_exposure_is_at_most_1_5(name):
+def _exposure(name: str) -> float:
     proc = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(UNITS / name)],
                           capture_output=True, text=True, timeout=60)
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
     assert match, proc.stdout + proc.stderr
-    assert float(match.group(1)) <= MAX_EXPOSURE, proc.stdout
+    return float(match.group(1))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_exposure_is_at_most_1_5(name):
+    assert _exposure(name) <= MAX_EXPOSURE
+
+
+def test_the_broker_has_no_device_and_no_more_exposure_than_the_agent():
+    """The process that parses sensors' datagrams never gets the TPM (issue 12)."""
+    unit = "\n".join(line for line in (UNITS / "devid-broker.service").read_text().splitlines()
+                     if not line.startswith("#"))
+    assert "DeviceAllow" not in unit and "tpm" not in unit.split("[Service]")[1].lower()
+    assert "PrivateDevices=yes" in unit and "DevicePolicy=closed" in unit
+    assert _exposure("devid-broker.service") <= _exposure("devid-agent.service")
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,0 +1,44 @@
+"""devid-broker's configuration: strict, messages naming the key, the shipped file."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from agent.broker.config import BrokerConfig, parse_broker_config
+from agent.errors import ConfigError
+
+SHIPPED = Path(__file__).resolve().parents[2] / "docs" / "broker.toml"
+
+
+def test_the_shipped_file_lists_every_key_with_its_default(tmp_path):
+    shown: dict[str, dict[str, str]] = {}
+    section = ""
+    for line in SHIPPED.read_text().splitlines():
+        if m := re.fullmatch(r"# \[(\w+)\]", line):
+            section = m.group(1)
+            shown[section] = {}
+        elif m := re.fullmatch(r"# (\w+) = (.+)", line):
+            shown[section][m.group(1)] = m.group(2)
+    for name, field in BrokerConfig.model_fields.items():
+        if name != "source":
+            assert set(shown[name]) == set(field.annotation.model_fields), name
+    body = "".join(f"[{s}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()
+                                      if (s, k) != ("control", "group"))
+                   for s, keys in shown.items())
+    parsed = parse_broker_config(body, tmp_path / "broker.toml")
+    assert parsed.model_dump() == BrokerConfig().model_dump()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[paths]\nstate_dri = 'x'\n", "[paths] state_dri: unknown key"),
+    ("[identity]\ndata_key = 'Bad Name'\n", "[identity] data_key: String should match"),
+    ("[identity]\nretry = 'soon'\n", "[identity] retry: expected a duration"),
+    ("[control]\ngroup = 'no-such-group-here'\n", "no such group"),
+    ("[listeners]\n", "[listeners]: unknown section"),
+])
+def test_bad_broker_configuration_names_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_broker_config(text, tmp_path / "broker.toml")
