@@ -202,6 +202,12 @@ class ImportRefused(SensorError):
 
     code = "import-refused"
 
+    SHOWN = 50  # problems spelled out in the message (it crosses sockets and terminals)
+
     def __init__(self, message: str, problems: list[str], hint: str | None = None) -> None:
-        super().__init__(message, hint)
+        lines = [f"  {p}" for p in problems[:self.SHOWN]]
+        if len(problems) > self.SHOWN:
+            lines.append(f"  ... and {len(problems) - self.SHOWN} more")
+        super().__init__("\n".join([message, *lines]), hint)
+        self.summary = message
         self.problems = problems

@@ -128,6 +128,17 @@ def test_the_broker_keeps_its_registry_under_the_agents_sealed_key(
     code, rekeyed = broker.ctl_json("rekey", "t-1")
     assert rekeyed["status"] == "active" and rekeyed["credential"]["master_secret"] != \
         sensor["credential"]["master_secret"]
+    factory = tmp_path / "factory.csv"
+    factory.write_text("name,profile,transport,psk_identity,psk\n"
+                       f"f-1,pump,dtls-psk,fab-0001,{os.urandom(16).hex()}\n"
+                       f"f-2,pump,dtls-psk,fab-0002,{'ab' * 16}\n")
+    refused = broker.ctl("import", str(factory))
+    assert refused.returncode == 2
+    assert "line 3: psk: only 1 distinct byte values in 16" in refused.stderr
+    factory.write_text(factory.read_text().splitlines()[0] + "\n"
+                       + factory.read_text().splitlines()[1] + "\n")
+    code, imported = broker.ctl_json("import", str(factory))
+    assert code == 0 and imported["sensors"][0]["kid"] == "fab-0001"
     missing = broker.ctl("show", "nope")
     assert missing.returncode == 2 and "no sensor named 'nope'" in missing.stderr
 
@@ -140,10 +151,11 @@ def test_the_broker_keeps_its_registry_under_the_agents_sealed_key(
     agent.start()
     broker.start().wait_serving()
     code, listed = broker.ctl_json("list")
-    assert code == 0 and listed["counts"] == {"active": 302, "quarantined": 0, "revoked": 0}
+    assert code == 0 and listed["counts"] == {"active": 303, "quarantined": 0, "revoked": 0}
     records = [json.loads(line) for line in
                (broker.directory / "state" / "audit.log").read_text().splitlines()]
     assert [r["event"] for r in records][:2] == ["sensors-added", "sensors-added"]
+    assert any(r["event"] == "sensors-imported" and r["count"] == 1 for r in records)
     assert any(r.get("change") == "revoke" for r in records)
     assert not any("master_secret" in json.dumps(r) for r in records)
 

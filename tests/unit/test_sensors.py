@@ -130,7 +130,8 @@ def test_an_import_names_every_problem_and_imports_nothing():
     assert "line 9: master_secret: not hex" in problems
     assert "line 4: the same key as line 3" in problems
     assert "line 8: sender_id/psk_identity: the same as line 3" in problems
-    assert "nothing was imported" in refused.value.message
+    assert "nothing was imported" in refused.value.summary
+    assert "\n  line 7: master_secret: 10 bytes, at least 16 required" in refused.value.message
 
 
 def test_json_imports_and_garbage_files():
