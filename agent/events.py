@@ -143,6 +143,14 @@ _EVENTS = (
     EventType("sensor-changed", "f6b54bde0c69464180a2e74fe0c1a33b", logging.WARNING,
            "a sensor was quarantined, released, revoked, rekeyed or removed",
            "None, if intended; DEVID_SENSOR and DEVID_CHANGE say which and how."),
+    EventType("policy-loaded", "1f7dd7988cf34b7586f58bd84d8c88fc", logging.INFO,
+           "devid-broker loaded its policy file (at start or on SIGHUP)",
+           "None; the profiles are named in the message."),
+    EventType("policy-refused", "1ee9892de8ca43468378c145657ac319", logging.ERROR,
+           "a policy file was refused; the broker keeps the policy it had (none at start: "
+           "nothing is granted)",
+           "Fix the file (`devidctl policy check FILE` names the line and key), then "
+           "`systemctl reload devid-broker`."),
 )
 
 EVENTS: dict[str, EventType] = {e.name: e for e in _EVENTS}

@@ -67,8 +67,9 @@ def main() -> int:
         config = write_agent_config(work / "agent" / "agent.toml", tpm.tcti, [tpm.vendor_ca],
                                     enrollment_toml(registrar, registrar.token())
                                     + rotation_toml() + consumer)
-        agent = AgentProcess(config).start()
+        agent = AgentProcess(config)
         try:
+            agent.start()
             agent.wait_enrollment("enrolled", timeout=60)
             client = IdentityClient(config.parent / "run" / "identity.sock")
             client.secret("bench")  # created once; the runs below unseal it

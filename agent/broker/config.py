@@ -11,6 +11,9 @@
     [control]
     group = "devid-broker"          # who besides root may use `devidctl sensors`
 
+    [policy]
+    file = "/etc/devid-broker/policy.toml"
+
 Errors name the file, section and key, as the agent's do.
 """
 
@@ -45,6 +48,11 @@ class IdentitySection(_Section):
     retry: Duration = 2.0
 
 
+class PolicySection(_Section):
+    # Profiles and rules (docs/broker.md, 'Policy'). A missing file grants nothing.
+    file: Path = Path("/etc/devid-broker/policy.toml")
+
+
 class BrokerLog(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -53,11 +61,13 @@ class BrokerConfig(_Section):
     paths: BrokerPaths = Field(default_factory=BrokerPaths)
     identity: IdentitySection = Field(default_factory=IdentitySection)
     control: ControlSection = Field(default_factory=ControlSection)
+    policy: PolicySection = Field(default_factory=PolicySection)
     log: BrokerLog = Field(default_factory=BrokerLog)
     source: Path | None = Field(default=None, exclude=True)
 
 
-_PATH_KEYS = (("paths", "state_dir"), ("paths", "control_socket"), ("identity", "socket"))
+_PATH_KEYS = (("paths", "state_dir"), ("paths", "control_socket"), ("identity", "socket"),
+              ("policy", "file"))
 
 
 def parse_broker_config(text: str, source: Path) -> BrokerConfig:

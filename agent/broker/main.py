@@ -24,6 +24,7 @@ from agent.access import command_line
 from agent.audit import AGENT_AUDIT_LOG, AuditLog
 from agent.broker.config import DEFAULT_CONFIG, BrokerConfig, load_broker_config
 from agent.broker.datakey import fetch_data_key
+from agent.broker.policy import PolicyHolder
 from agent.broker.registry import SensorRegistry
 from agent.consumer import IdentityClient
 from agent.control.server import ControlServer
@@ -45,6 +46,7 @@ class Broker:
     def __init__(self, config: BrokerConfig) -> None:
         self.config = config
         self.registry: SensorRegistry | None = None
+        self.policy: PolicyHolder | None = None
         self.waiting = "starting"
 
     def headline(self) -> str:
@@ -59,8 +61,11 @@ class Broker:
                                "headline": self.headline(),
                                "broker": {"version": __version__, "pid": os.getpid(),
                                           "config": str(self.config.source)}}
-        if self.registry is not None:
-            doc[self.registry.name] = self.registry.status_section()
+        for part in (self.registry, self.policy):
+            if part is not None:
+                doc[part.name] = part.status_section()
+        if self.policy is not None and self.policy.error is not None:
+            doc["state"] = "WARN"
         return doc
 
 
@@ -72,6 +77,9 @@ async def run(config: BrokerConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP reloads the policy; before it is loaded there is nothing to reload (and the
+    # default action would kill the broker).
+    loop.add_signal_handler(signal.SIGHUP, lambda: broker.policy and broker.policy.load())
     supervisor = Supervisor(SystemdNotifier(), watchdog_interval(os.environ, os.getpid()),
                             lambda: broker.registry is not None, broker.headline,
                             lambda: None)
@@ -97,9 +105,12 @@ async def run(config: BrokerConfig) -> int:
                                         RecordCipher(key))
         del key  # the cipher holds what it derived; nothing else keeps the key
         broker.registry = SensorRegistry(store, AuditLog(state_dir / AGENT_AUDIT_LOG))
+        broker.policy = PolicyHolder(config.policy.file, store)
+        broker.policy.load()
         gid = grp.getgrnam(config.control.group).gr_gid if config.control.group else None
         server = ControlServer(config.paths.control_socket,
-                               {"status": broker.status, **broker.registry.handlers()}, gid)
+                               {"status": broker.status, **broker.registry.handlers(),
+                                **broker.policy.handlers()}, gid)
         await server.start()
         events.emit(log, "broker-started", "devid-broker %s started: %s", __version__,
                     broker.headline(), version=__version__)

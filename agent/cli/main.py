@@ -22,6 +22,8 @@ from agent.audit import AGENT_AUDIT_LOG, AuditLog
 from agent.cli import bundle
 from agent.cli.identity import add_verbs as identity_verbs
 from agent.cli.identity import cmd_consumers, cmd_credentials
+from agent.cli.policy import add_verbs as policy_verbs
+from agent.cli.policy import cmd_policy
 from agent.cli.render import (
     Style,
     render_audit,
@@ -117,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("--json", action="store_true", help="print one JSON object (with PEM)")
     identity_verbs(verb)
     sensor_verbs(verb)
+    policy_verbs(verb)
     support = verb("support-bundle", help="write a tarball for remote diagnosis: "
                              "status, checks, journal, redacted config, versions")
     support.add_argument("-o", "--output", type=Path, metavar="FILE",
@@ -364,8 +367,11 @@ def cmd_support_bundle(config: AgentConfig, args: argparse.Namespace,
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_line = command_line("devidctl", argv)
-    if args.command == "sensors":  # devid-broker's, not the agent's: no agent.toml needed
+    # devid-broker's verbs, not the agent's: no agent.toml needed.
+    if args.command == "sensors":
         return cmd_sensors(args, _fail)
+    if args.command == "policy":
+        return cmd_policy(args, _fail)
     config_error: ConfigError | None = None
     try:
         # Files only the agent's user may read are the agent's to judge, not ours.

@@ -128,25 +128,37 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     return f"sensors-{action}", {"sensor": ref}
 
 
+def broker_call(args: argparse.Namespace, method: str, params: dict[str, Any]
+                ) -> dict[str, Any]:
+    """One request to devid-broker's control socket."""
+    try:
+        return client.call(_socket(args), method, params, timeout=120.0,
+                           command=args.command_line, max_line=BATCH_MAX_LINE)
+    except DaemonNotRunning as e:
+        e.hint = e.hint or "is devid-broker running? (systemctl status devid-broker)"
+        raise
+
+
+def exit_code(error: DevidError) -> int:
+    """3 when the broker is out of reach (down, or not ours to ask), else 2."""
+    return EXIT_NO_DAEMON if isinstance(error, DaemonNotRunning | PermissionDenied) \
+        else EXIT_FAIL
+
+
 def cmd_sensors(args: argparse.Namespace, fail: Fail) -> int:
     try:
         method, params = _request(args)
-        doc = client.call(_socket(args), method, params, timeout=120.0,
-                          command=args.command_line, max_line=BATCH_MAX_LINE)
+        doc = broker_call(args, method, params)
         if args.qr is not None:
             _qr_file(args.qr, doc["sensors"][0] if "sensors" in doc else doc)
         if method == "sensors-add" and args.count is not None:
             _batch_file(args.out, doc["sensors"])
             doc = {"added": len(doc["sensors"]), "file": str(args.out.resolve()),
                    "first": doc["sensors"][0]["name"], "last": doc["sensors"][-1]["name"]}
-    except (DaemonNotRunning, PermissionDenied) as e:
-        if isinstance(e, DaemonNotRunning):
-            e.hint = e.hint or "is devid-broker running? (systemctl status devid-broker)"
-        return fail(e, args.json, EXIT_NO_DAEMON)
     except OSError as e:
         return fail(DevidError(f"{args.out}: cannot write: {e.strerror}"), args.json, EXIT_FAIL)
     except DevidError as e:
-        return fail(e, args.json, EXIT_FAIL)
+        return fail(e, args.json, exit_code(e))
     if args.json:
         print(json.dumps(doc, indent=2, sort_keys=True))
     elif "sensors" in doc:

@@ -19,7 +19,7 @@ from agent.audit import AuditLog
 from agent.config import ConsumerSection
 from agent.control.peer import PeerCredentials
 from agent.identityapi.consumers import Refusal
-from agent.identityapi.ratelimit import TokenBucket
+from agent.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 

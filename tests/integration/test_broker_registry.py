@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from stack import BIN, AgentProcess, enrollment_toml, rotation_toml
 
+from agent.control import client
+
 BROKER = '\n[[consumers]]\nname = "broker"\nuser = {uid}\ngrants = ["secrets"]\n'
 
 
@@ -26,7 +28,9 @@ class Broker:
         self.config = directory / "broker.toml"
         self.config.write_text(
             f'[paths]\nstate_dir = "state"\ncontrol_socket = "run/control.sock"\n'
-            f'[identity]\nsocket = {json.dumps(str(identity_socket))}\nretry = "1s"\n')
+            f'[identity]\nsocket = {json.dumps(str(identity_socket))}\nretry = "1s"\n'
+            '[policy]\nfile = "policy.toml"\n')
+        self.policy = directory / "policy.toml"
         self.log = directory / "broker.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -48,8 +52,8 @@ class Broker:
             time.sleep(0.1)
         raise TimeoutError(self.log.read_text())
 
-    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "devidctl"), "sensors", *args, "--broker-socket",
+    def ctl(self, *args: str, verb: str = "sensors") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "devidctl"), verb, *args, "--broker-socket",
                                str(self.socket)], capture_output=True, text=True, timeout=120)
 
     def ctl_json(self, *args: str) -> tuple[int, dict]:
@@ -182,3 +186,53 @@ def test_the_broker_waits_for_the_agent_and_stops_on_a_refusal(
     waiting.wait_serving()
     assert waiting.ctl("list").returncode == 0
     assert sys.executable  # the broker ran as its own process throughout
+
+
+POLICY = """
+[profiles.temperature]
+[[profiles.temperature.rules]]
+name = "telemetry"
+methods = ["POST"]
+path = "/telemetry"
+upstream = "sensors/{sensor}/telemetry"
+max_payload = 64
+content_formats = [60]
+"""
+
+
+def test_policy_explain_check_and_a_refused_reload(tpm, registrar_factory, agent_factory,
+                                                   broker_factory, tmp_path):
+    agent = _agent(tpm, registrar_factory, agent_factory, BROKER.format(uid=os.getuid()))
+    broker = broker_factory(agent)
+    broker.policy.write_text(POLICY)
+    broker.start().wait_serving()
+    assert broker.ctl("add", "t-1", "--profile", "temperature").returncode == 0
+
+    allow = broker.ctl("explain", "t-1", "POST", "/telemetry", "--size", "20", "--format",
+                       "60", verb="policy")
+    assert allow.returncode == 0 and allow.stdout.startswith("ALLOW  t-1 (temperature)")
+    assert "upstream sensors/urn:devid:sensor:" in allow.stdout
+    deny = broker.ctl("explain", "t-1", "GET", "/telemetry", verb="policy")
+    assert deny.returncode == 1 and "rule telemetry allows POST on /telemetry, not GET" in \
+        deny.stdout
+
+    # A broken file: `check` names the key, SIGHUP keeps the policy in force.
+    broker.policy.write_text(POLICY.replace("{sensor}", "all"))
+    check = broker.ctl("check", str(broker.policy), verb="policy")
+    assert check.returncode == 2 and "upstream" in check.stderr and "{sensor}" in check.stderr
+    assert broker.proc is not None
+    broker.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    status: dict = {}
+    while time.monotonic() < deadline:
+        status = client.call(broker.socket, "status")
+        if status["policy"]["error"]:
+            break
+        time.sleep(0.1)
+    assert status["state"] == "WARN" and "must contain {sensor}" in \
+        status["policy"]["error"]["message"]
+    assert status["policy"]["profiles"] == {"temperature": 1}  # the old one, still in force
+    again = broker.ctl("explain", "t-1", "POST", "/telemetry", "--size", "1", "--format", "60",
+                       verb="policy")
+    assert again.returncode == 0
+    assert "refused, keeping the one in force (1 profiles)" in broker.log.read_text()

@@ -29,8 +29,8 @@ from agent.identityapi.consumers import (
     unit_from_cgroup,
 )
 from agent.identityapi.credentialset import CredentialSet, credential_document
-from agent.identityapi.ratelimit import TokenBucket
 from agent.identityapi.sinks import check_volatile, filesystem_type, posix_acl
+from agent.ratelimit import TokenBucket
 from agent.rotation.credentials import TlsCredentials
 
 

@@ -1,4 +1,4 @@
-"""A token bucket per consumer for `sign`, so the TPM stays off hot paths. Pure.
+"""A token bucket: the identity API's `sign` limit per consumer, the policy's rates. Pure.
 
 A real TPM signs in 25-190 ms and serves the agent's own renewals too: a
 consumer may sign `burst` times at once, then once per `interval`.

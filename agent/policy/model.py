@@ -1,0 +1,149 @@
+"""A policy file: profiles (roles), each with rules that grant what a sensor may do. Pure.
+
+    [profiles.temperature]
+    [[profiles.temperature.rules]]
+    name = "telemetry"
+    methods = ["POST"]
+    path = "/telemetry"                              # what the sensor sends to
+    upstream = "sensors/{sensor}/telemetry"          # where it goes
+    max_payload = 256                                # bytes
+    content_formats = [60, 110, 112]                 # CoAP Content-Format numbers
+    rate = 60                                        # messages per minute
+    burst = 10
+    hours = ["06:00-22:00"]                          # UTC; optional
+    when = { site = ["plant-7"], kind = "outdoor" }  # sensor attributes; optional
+    spool = true                                     # store and forward when upstream is down
+
+A rule's `path` is literal segments, `*` for one segment, and a final `**`
+for the rest; `upstream` may use {sensor}, {name}, {profile}, {attr.KEY} and
+{rest} (what `**` matched), and must contain {sensor} so that no sensor
+reaches another's namespace.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from agent.tomlconfig import parse_toml_model
+
+METHODS = ("GET", "POST", "PUT", "DELETE", "FETCH", "PATCH", "iPATCH")
+_SEGMENT = re.compile(r"^[A-Za-z0-9._~-]+$")
+_HOURS = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]|24):([0-5]\d)$")
+_VARIABLE = re.compile(r"\{([a-z.]+)\}")
+_KNOWN = re.compile(r"^(sensor|name|profile|rest|attr\.[a-z][a-z0-9_]{0,31})$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def path_segments(path: str) -> list[str]:
+    if not path.startswith("/"):
+        raise ValueError(f"{path!r}: a path starts with '/'")
+    return [s for s in path.split("/")[1:] if s != ""] if path != "/" else []
+
+
+class Rule(_Model):
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+    methods: Annotated[list[Literal[METHODS]], Field(min_length=1)]  # type: ignore[valid-type]
+    path: str
+    upstream: str
+    max_payload: Annotated[int, Field(ge=0, le=65536)] = 1024
+    content_formats: list[Annotated[int, Field(ge=0, le=65535)]] | None = None
+    rate: Annotated[float, Field(gt=0, le=60000)] = 60.0
+    burst: Annotated[int, Field(ge=1, le=10000)] = 10
+    hours: list[str] | None = None
+    when: dict[str, str | list[str]] = Field(default_factory=dict)
+    spool: bool = False
+
+    @field_validator("path")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        segments = path_segments(v)
+        for i, segment in enumerate(segments):
+            if segment == "**" and i != len(segments) - 1:
+                raise ValueError(f"{v!r}: '**' only as the last segment")
+            if segment not in ("*", "**") and not _SEGMENT.match(segment):
+                raise ValueError(f"{v!r}: segment {segment!r} has characters a path may not")
+        return v
+
+    @field_validator("upstream")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        names = _VARIABLE.findall(v)
+        unknown = [n for n in names if not _KNOWN.match(n)]
+        if unknown:
+            raise ValueError(f"{v!r}: unknown variable {{{unknown[0]}}} (known: {{sensor}}, "
+                             "{name}, {profile}, {rest}, {attr.KEY})")
+        if "sensor" not in names:
+            raise ValueError(f"{v!r}: must contain {{sensor}}, so that a sensor reaches only "
+                             "its own namespace")
+        if ".." in v.split("/"):
+            raise ValueError(f"{v!r}: '..' is not a path segment here")
+        return v
+
+    @field_validator("hours")
+    @classmethod
+    def _hours(cls, v: list[str] | None) -> list[str] | None:
+        for window in v or []:
+            if not _HOURS.match(window):
+                raise ValueError(f"{window!r}: expected HH:MM-HH:MM (UTC)")
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("a method is listed twice")
+        return v
+
+    @model_validator(mode="after")
+    def _rest_needs_globstar(self) -> Rule:
+        if "{rest}" in self.upstream and not self.path.endswith("/**"):
+            raise ValueError("upstream uses {rest}: the path must end with '/**'")
+        return self
+
+    def windows(self) -> list[tuple[int, int]]:
+        """Minutes after midnight UTC, [start, end); end may be past start (wraps)."""
+        out = []
+        for window in self.hours or []:
+            m = _HOURS.match(window)
+            assert m is not None
+            h1, m1, h2, m2 = (int(g) for g in m.groups())
+            out.append((h1 * 60 + m1, h2 * 60 + m2))
+        return out
+
+
+class Profile(_Model):
+    description: str = ""
+    # Plain CoAP, without OSCORE or DTLS: only where a profile says so (never by default).
+    insecure: bool = False
+    rules: list[Rule] = Field(default_factory=list)
+
+    @field_validator("rules")
+    @classmethod
+    def _names(cls, v: list[Rule]) -> list[Rule]:
+        names = [r.name for r in v]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"two rules are named {name!r}")
+        return v
+
+
+class Policy(_Model):
+    profiles: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")], Profile] = \
+        Field(default_factory=dict)
+    source: Path | None = Field(default=None, exclude=True)
+
+    def insecure_profiles(self) -> list[str]:
+        return [name for name, p in self.profiles.items() if p.insecure]
+
+
+def parse_policy(text: str, source: Path) -> Policy:
+    """ConfigError naming the file, profile, rule and key for anything wrong."""
+    policy = parse_toml_model(Policy, text, source)
+    return policy.model_copy(update={"source": source})
