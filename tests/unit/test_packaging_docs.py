@@ -58,11 +58,12 @@ def test_check_names_are_the_ones_documented():
 def test_package_installs_what_the_docs_promise():
     install = (ROOT / "debian" / "devid-agent.install").read_text()
     for source in ("systemd/devid-agent.service", "systemd/devid-registrar.service",
-                   "docs/agent.toml", "docs/completion/devidctl"):
+                   "systemd/devid-broker.service", "docs/agent.toml", "docs/broker.toml",
+                   "docs/completion/devidctl"):
         assert source in install and (ROOT / source).exists(), source
     manpages = (ROOT / "debian" / "devid-agent.manpages").read_text().split()
-    assert sorted(Path(m).stem for m in manpages) == ["devid-agent", "devid-registrar",
-                                                      "devidctl"]
+    assert sorted(Path(m).stem for m in manpages) == ["devid-agent", "devid-broker",
+                                                      "devid-registrar", "devidctl"]
     assert all((ROOT / m).exists() for m in manpages)
     for doc in (ROOT / "debian" / "devid-agent.docs").read_text().split():
         assert (ROOT / doc).exists(), doc
