@@ -305,7 +305,68 @@ class AgentProcess:
             return self.proc.wait()
 
 
+class BrokerProcess:
+    """devid-broker as a child process: its config, state and sockets in `directory`."""
+
+    def __init__(self, directory: Path, identity_socket: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.socket = directory / "run" / "control.sock"
+        self.config = directory / "broker.toml"
+        self.config.write_text(
+            f'[paths]\nstate_dir = "state"\ncontrol_socket = "run/control.sock"\n'
+            f'[identity]\nsocket = {json.dumps(str(identity_socket))}\nretry = "1s"\n'
+            '[policy]\nfile = "policy.toml"\n')
+        self.policy = directory / "policy.toml"
+        self.log = directory / "broker.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> BrokerProcess:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([str(BIN / "devid-broker"), "--config",
+                                          str(self.config)], stdout=log, stderr=log)
+        return self
+
+    def wait_serving(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"devid-broker exited {self.proc.returncode}:\n"
+                                   + self.log.read_text())
+            if self.socket.exists():
+                return
+            time.sleep(0.1)
+        raise TimeoutError(self.log.read_text())
+
+    def ctl(self, *args: str, verb: str = "sensors") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "devidctl"), verb, *args, "--broker-socket",
+                               str(self.socket)], capture_output=True, text=True, timeout=120)
+
+    def ctl_json(self, *args: str) -> tuple[int, dict]:
+        out = self.ctl(*args, "--json")
+        return out.returncode, json.loads(out.stdout) if out.stdout.strip() else {}
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(15)
+
+
 # --- make demo ------------------------------------------------------------------
+
+
+DEMO_POLICY = """
+[profiles.temperature]
+[[profiles.temperature.rules]]
+name = "telemetry"
+methods = ["POST"]
+path = "/telemetry"
+upstream = "sensors/{sensor}/telemetry"
+max_payload = 64
+content_formats = [60, 112]
+"""
 
 
 def _banner(text: str) -> None:
@@ -326,13 +387,16 @@ def demo(directory: Path, keep: bool) -> int:
     _banner("devid-registrar token create")
     token = registrar.token("15m")
     print("one-time enrollment token created (not shown)")
-    # The demo's own user is a consumer of the identity API (docs/identity-api.md).
-    consumer = (f'\n[[consumers]]\nname = "demo-shell"\nuser = {os.getuid()}\n'
-                'grants = ["credentials", "sign"]\n')
+    # The demo's own user is a consumer of the identity API (docs/identity-api.md). On a
+    # gateway devid-broker is a consumer of its own (user devid-broker); here it runs as
+    # the demo's user, so it is this consumer too.
+    consumer = (f'\n[[consumers]]\nname = "demo"\nuser = {os.getuid()}\n'
+                'grants = ["credentials", "sign", "secrets"]\n')
     config = write_agent_config(directory / "agent" / "agent.toml", tpm.tcti, [tpm.vendor_ca],
                                 enrollment_toml(registrar, token) + consumer)
     _banner(f"starting devid-agent --config {config}")
     agent = AgentProcess(config).start()
+    broker: BrokerProcess | None = None
     status = check = 2
     try:
         _banner("waiting for attestation-backed enrollment")
@@ -348,6 +412,16 @@ def demo(directory: Path, keep: bool) -> int:
         _banner("devidctl credentials fetch (as consumer demo-shell, over the identity API)")
         proc = agent.ctl("credentials", "fetch")
         print(proc.stdout or proc.stderr, end="")
+        _banner("devid-broker: its data key from the identity API, its sensor registry")
+        broker = BrokerProcess(directory / "broker", config.parent / "run" / "identity.sock")
+        broker.policy.write_text(DEMO_POLICY)
+        broker.start().wait_serving()
+        _banner("devidctl sensors add t-1 --profile temperature --attr site=demo")
+        print(broker.ctl("add", "t-1", "--profile", "temperature", "--attr", "site=demo")
+              .stdout, end="")
+        _banner("devidctl policy explain t-1 POST /telemetry --size 12 --format 60")
+        print(broker.ctl("explain", "t-1", "POST", "/telemetry", "--size", "12", "--format",
+                         "60", verb="policy").stdout, end="")
         _banner("devidctl consumers list")
         print(agent.ctl("consumers", "list").stdout, end="")
         _banner("devid-registrar devices list")
@@ -358,10 +432,13 @@ def demo(directory: Path, keep: bool) -> int:
         if keep:
             _banner(f"left running; try: .venv/bin/devidctl --config {config} status; "
                     "stop with make demo-down")
-            pids = [p.proc.pid for p in (agent, registrar) if p.proc]
+            pids = [p.proc.pid for p in (agent, registrar, broker) if p and p.proc]
             (directory / "pids").write_text("".join(f"{pid}\n" for pid in pids))
         else:
-            _banner("stopping the agent, the registrar and swtpm (DEMO_KEEP=1 keeps them)")
+            _banner("stopping the broker, the agent, the registrar and swtpm (DEMO_KEEP=1 "
+                    "keeps them)")
+            if broker is not None:
+                broker.stop()
             agent.stop()
             registrar.stop()
             tpm.stop()

@@ -10,69 +10,21 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from stack import BIN, AgentProcess, enrollment_toml, rotation_toml
+from stack import AgentProcess, BrokerProcess, enrollment_toml, rotation_toml
 
 from agent.control import client
 
 BROKER = '\n[[consumers]]\nname = "broker"\nuser = {uid}\ngrants = ["secrets"]\n'
 
 
-class Broker:
-    def __init__(self, directory: Path, identity_socket: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.directory = directory
-        self.socket = directory / "run" / "control.sock"
-        self.config = directory / "broker.toml"
-        self.config.write_text(
-            f'[paths]\nstate_dir = "state"\ncontrol_socket = "run/control.sock"\n'
-            f'[identity]\nsocket = {json.dumps(str(identity_socket))}\nretry = "1s"\n'
-            '[policy]\nfile = "policy.toml"\n')
-        self.policy = directory / "policy.toml"
-        self.log = directory / "broker.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Broker:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([str(BIN / "devid-broker"), "--config",
-                                          str(self.config)], stdout=log, stderr=log)
-        return self
-
-    def wait_serving(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"devid-broker exited {self.proc.returncode}:\n"
-                                   + self.log.read_text())
-            if self.socket.exists():
-                return
-            time.sleep(0.1)
-        raise TimeoutError(self.log.read_text())
-
-    def ctl(self, *args: str, verb: str = "sensors") -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "devidctl"), verb, *args, "--broker-socket",
-                               str(self.socket)], capture_output=True, text=True, timeout=120)
-
-    def ctl_json(self, *args: str) -> tuple[int, dict]:
-        out = self.ctl(*args, "--json")
-        return out.returncode, json.loads(out.stdout) if out.stdout.strip() else {}
-
-    def stop(self) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(15)
-
-
 @pytest.fixture
 def broker_factory(tmp_path):
-    made: list[Broker] = []
+    made: list[BrokerProcess] = []
 
-    def make(agent: AgentProcess) -> Broker:
-        broker = Broker(tmp_path / f"broker{len(made)}", agent.config.parent / "run" /
+    def make(agent: AgentProcess) -> BrokerProcess:
+        broker = BrokerProcess(tmp_path / f"broker{len(made)}", agent.config.parent / "run" /
                         "identity.sock")
         made.append(broker)
         return broker
