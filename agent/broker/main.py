@@ -38,6 +38,7 @@ from agent.supervision.supervisor import Supervisor
 log = logging.getLogger("agent.broker")
 EXIT_CONFIG, EXIT_STARTUP = 78, 1
 REGISTRY_FILE = "sensors.db"
+MAX_REQUEST = 32 << 20  # `sensors import` sends the file: 100,000 sensors fit
 
 
 class Broker:
@@ -110,7 +111,8 @@ async def run(config: BrokerConfig) -> int:
         gid = grp.getgrnam(config.control.group).gr_gid if config.control.group else None
         server = ControlServer(config.paths.control_socket,
                                {"status": broker.status, **broker.registry.handlers(),
-                                **broker.policy.handlers()}, gid)
+                                **broker.policy.handlers()}, gid,
+                               max_request=MAX_REQUEST, program="devid-broker")
         await server.start()
         events.emit(log, "broker-started", "devid-broker %s started: %s", __version__,
                     broker.headline(), version=__version__)

@@ -31,6 +31,7 @@ SOCKET_ENV = "DEVIDCTL_BROKER_SOCKET"
 ACTIONS = ("add", "import", "list", "show", "quarantine", "release", "revoke", "rekey",
            "remove")
 BATCH_MAX_LINE = 64 << 20  # 10,000 credentials in one answer
+IMPORT_MAX_BYTES = 24 << 20  # sent whole in one request (the broker takes 32 MiB)
 
 
 def _attribute(text: str) -> tuple[str, str]:
@@ -118,6 +119,9 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         raise SensorError(f"sensors {action}: which sensor?")
     if action == "import":
         try:
+            if Path(ref).stat().st_size > IMPORT_MAX_BYTES:
+                raise SensorError(f"{ref}: larger than {IMPORT_MAX_BYTES >> 20} MiB",
+                                  "split it into several files")
             text = Path(ref).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise SensorError(f"{ref}: cannot read: {getattr(e, 'strerror', None) or e}"

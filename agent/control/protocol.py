@@ -50,9 +50,11 @@ def encode_request(request: Request) -> bytes:
     return _encode({"v": VERSION, "method": request.method, "params": request.params})
 
 
-def decode_request(line: bytes, methods: tuple[str, ...] = METHODS) -> Request:
-    """`methods`: what the server answers (the agent's by default; the broker has its own)."""
-    doc = _decode_object(line, "request")
+def decode_request(line: bytes, methods: tuple[str, ...] = METHODS,
+                   max_line: int = MAX_LINE) -> Request:
+    """`methods`: what the server answers (the agent's by default; the broker has its own);
+    `max_line`: the server's request limit."""
+    doc = _decode_object(line, "request", max_line)
     method, params = doc.get("method"), doc.get("params", {})
     if method not in methods:
         raise ProtocolError(f"request: unknown method {method!r} (known: {', '.join(methods)})")

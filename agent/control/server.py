@@ -26,10 +26,11 @@ Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 async def listen_unix(path: Path, serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
                                                    Awaitable[None]],
-                      limit: int, mode: int, gid: int | None, key: str) -> asyncio.AbstractServer:
+                      limit: int, mode: int, gid: int | None, key: str,
+                      program: str = "devid-agent") -> asyncio.AbstractServer:
     """Listen on a Unix socket at `path`, taking over a stale one left by a crash.
     Bound with a tight umask, then widened to `mode`: never a window with more."""
-    _take_over_stale_socket(path, key)
+    _take_over_stale_socket(path, key, program)
     path.parent.mkdir(parents=True, exist_ok=True)
     old = os.umask(0o177)
     try:
@@ -42,7 +43,7 @@ async def listen_unix(path: Path, serve: Callable[[asyncio.StreamReader, asyncio
     return server
 
 
-def _take_over_stale_socket(path: Path, key: str) -> None:
+def _take_over_stale_socket(path: Path, key: str, program: str) -> None:
     if not path.exists():
         return
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
@@ -54,20 +55,24 @@ def _take_over_stale_socket(path: Path, key: str) -> None:
             return
     raise ControlError(
         f"another process is already serving {path}",
-        hint=f"stop the other devid-agent first, or give this one another {key}",
+        hint=f"stop the other {program} first, or give this one another {key}",
     )
 
 
 class ControlServer:
-    def __init__(self, path: Path, handlers: dict[str, Handler], allowed_gid: int | None) -> None:
+    def __init__(self, path: Path, handlers: dict[str, Handler], allowed_gid: int | None,
+                 max_request: int = protocol.MAX_LINE, program: str = "devid-agent") -> None:
+        """`max_request`: larger where a request carries a file (the broker's imports)."""
         self.path = path
         self.handlers = handlers
         self.allowed_gid = allowed_gid
+        self.max_request, self.program = max_request, program
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        self._server = await listen_unix(self.path, self._serve, protocol.MAX_LINE,
-                                         SOCKET_MODE, self.allowed_gid, "control_socket")
+        self._server = await listen_unix(self.path, self._serve, self.max_request,
+                                         SOCKET_MODE, self.allowed_gid, "control_socket",
+                                         self.program)
         log.info("control socket listening at %s", self.path)
 
     async def close(self) -> None:
@@ -103,7 +108,7 @@ class ControlServer:
             log.warning("control socket: refused %s", refusal)
             return protocol.encode_error(PermissionDenied(f"permission denied: {refusal}"))
         try:
-            request = protocol.decode_request(line, tuple(self.handlers))
+            request = protocol.decode_request(line, tuple(self.handlers), self.max_request)
             faults.point(f"control.{request.method}")  # tests: a blocked loop
             result = await self.handlers[request.method](request.params)
             return protocol.encode_result(result)

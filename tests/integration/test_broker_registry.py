@@ -95,6 +95,16 @@ def test_the_broker_keeps_its_registry_under_the_agents_sealed_key(
                        + factory.read_text().splitlines()[1] + "\n")
     code, imported = broker.ctl_json("import", str(factory))
     assert code == 0 and imported["sensors"][0]["kid"] == "fab-0001"
+    # A production file larger than the agent's 1 MiB control lines (5,600 sensors with
+    # long attributes): the broker's control socket takes it.
+    big = tmp_path / "factory-big.csv"
+    note = "n" * 128
+    big.write_text("name,profile,transport,psk_identity,psk,attr.note\n" + "".join(
+        f"fab-{i:05d},pump,dtls-psk,fab-id-{i:05d},{os.urandom(16).hex()},{note}\n"
+        for i in range(2, 5602)))
+    assert big.stat().st_size > 1 << 20
+    code, imported = broker.ctl_json("import", str(big))
+    assert code == 0 and len(imported["sensors"]) == 5600, imported
     missing = broker.ctl("show", "nope")
     assert missing.returncode == 2 and "no sensor named 'nope'" in missing.stderr
 
@@ -107,11 +117,12 @@ def test_the_broker_keeps_its_registry_under_the_agents_sealed_key(
     agent.start()
     broker.start().wait_serving()
     code, listed = broker.ctl_json("list")
-    assert code == 0 and listed["counts"] == {"active": 303, "quarantined": 0, "revoked": 0}
+    assert code == 0 and listed["counts"] == {"active": 5903, "quarantined": 0,
+                                              "revoked": 0}
     records = [json.loads(line) for line in
                (broker.directory / "state" / "audit.log").read_text().splitlines()]
     assert [r["event"] for r in records][:2] == ["sensors-added", "sensors-added"]
-    assert any(r["event"] == "sensors-imported" and r["count"] == 1 for r in records)
+    assert [r["count"] for r in records if r["event"] == "sensors-imported"] == [1, 5600]
     assert any(r.get("change") == "revoke" for r in records)
     assert not any("master_secret" in json.dumps(r) for r in records)
 
