@@ -41,19 +41,21 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 
 from agent.access import explain
 from agent.errors import ConfigError
-from agent.tomlconfig import Duration, check_named_file, parse_toml_model, read_config_text
+from agent.tomlconfig import (
+    Duration,
+    StrictSection,
+    check_named_file,
+    parse_toml_model,
+    read_config_text,
+)
 from agent.tpm.tcti import parse_tcti
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class TpmSection(_Section):
+class TpmSection(StrictSection):
     tcti: str = "device:/dev/tpmrm0"
     # A TPM command still running after this long means a wedged TPM or driver: the
     # agent stops its watchdog pings so that systemd restarts it. RSA key creation on
@@ -67,16 +69,16 @@ class TpmSection(_Section):
         return v
 
 
-class PathsSection(_Section):
+class PathsSection(StrictSection):
     state_dir: Path = Path("/var/lib/devid-agent")
     control_socket: Path = Path("/run/devid-agent/control.sock")
 
 
-class TrustSection(_Section):
+class TrustSection(StrictSection):
     ek_roots: list[Path] = Field(default_factory=list)
 
 
-class ControlSection(_Section):
+class ControlSection(StrictSection):
     # Group whose members may use the control socket besides root.
     group: Annotated[str, Field(min_length=1)] | None = None
 
@@ -91,7 +93,7 @@ class ControlSection(_Section):
         return v
 
 
-class EnrollmentSection(_Section):
+class EnrollmentSection(StrictSection):
     url: str  # https://registrar:8443
     ca: Path  # the registrar's root CA, pinned for TLS and for the issued chain
     # One-time enrollment token, inline or in a file (e.g. provisioned at install time).
@@ -148,7 +150,7 @@ def _absolute_command(command: str, where: str) -> None:
                          "(commands run without a shell or PATH lookup)")
 
 
-class RotationSection(_Section):
+class RotationSection(StrictSection):
     # Renew at this fraction of the certificate lifetime, moved by up to ±jitter of it.
     renew_fraction: Annotated[float, Field(ge=0.1, le=0.95)] = 2 / 3
     jitter: Annotated[float, Field(ge=0.0, le=0.5)] = 0.1
@@ -180,7 +182,7 @@ class RotationSection(_Section):
         return [shlex.split(c) for c in self.reload_hooks]
 
 
-class IdentityApiSection(_Section):
+class IdentityApiSection(StrictSection):
     # The local identity API (docs/identity-api.md); any local user may connect,
     # the agent decides from the peer's uid/gid/unit which consumer it is.
     socket: Path = Path("/run/devid-agent/identity.sock")
@@ -208,7 +210,7 @@ def _user_id(value: str | int, what: str) -> int:
         raise ValueError(f"no such {kind} {value!r} on this system") from None
 
 
-class ConsumerSection(_Section):
+class ConsumerSection(StrictSection):
     """One program allowed to use the gateway's identity ([[consumers]])."""
     name: Annotated[str, Field(pattern=CONSUMER_NAME)]
     # Who may act as this consumer: a user (name or uid), optionally also a group
@@ -277,11 +279,11 @@ class ConsumerSection(_Section):
         return shlex.split(self.reload) if self.reload else None
 
 
-class LogSection(_Section):
+class LogSection(StrictSection):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
-class AgentConfig(_Section):
+class AgentConfig(StrictSection):
     tpm: TpmSection = Field(default_factory=TpmSection)
     paths: PathsSection = Field(default_factory=PathsSection)
     trust: TrustSection = Field(default_factory=TrustSection)

@@ -16,11 +16,19 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from agent.access import access_denied, explain
 from agent.codec import format_location
 from agent.errors import ConfigError
+
+
+class StrictSection(BaseModel):
+    """A configuration table: unknown keys refused, no type coercion, immutable. The
+    base of every configuration model (agent, registrar, broker, policy)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
 
 M = TypeVar("M", bound=BaseModel)
 # A dotted key path, e.g. ("paths", "state_dir") or ("ek_roots",) at top level.

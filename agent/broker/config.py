@@ -20,49 +20,42 @@ Errors name the file, section and key, as the agent's do.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from agent.config import ControlSection
+from agent.config import ControlSection, LogSection
 from agent.identityapi.protocol import SECRET_NAME
-from agent.tomlconfig import Duration, parse_toml_model, read_config_text
+from agent.tomlconfig import Duration, StrictSection, parse_toml_model, read_config_text
 
 DEFAULT_CONFIG = Path("/etc/devid-broker/broker.toml")
 DEFAULT_CONTROL_SOCKET = Path("/run/devid-broker/control.sock")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-
-class BrokerPaths(_Section):
+class BrokerPaths(StrictSection):
     state_dir: Path = Path("/var/lib/devid-broker")
     control_socket: Path = DEFAULT_CONTROL_SOCKET
 
 
-class IdentitySection(_Section):
+class IdentitySection(StrictSection):
     socket: Path = Path("/run/devid-agent/identity.sock")
     data_key: Annotated[str, Field(pattern=SECRET_NAME.pattern)] = "sensor-db"
     # While the agent is not up yet, retry this often (and say so in STATUS=).
     retry: Duration = 2.0
 
 
-class PolicySection(_Section):
+class PolicySection(StrictSection):
     # Profiles and rules (docs/broker.md, 'Policy'). A missing file grants nothing.
     file: Path = Path("/etc/devid-broker/policy.toml")
 
 
-class BrokerLog(_Section):
-    level: Literal["debug", "info", "warning", "error"] = "info"
-
-
-class BrokerConfig(_Section):
+class BrokerConfig(StrictSection):
     paths: BrokerPaths = Field(default_factory=BrokerPaths)
     identity: IdentitySection = Field(default_factory=IdentitySection)
     control: ControlSection = Field(default_factory=ControlSection)
     policy: PolicySection = Field(default_factory=PolicySection)
-    log: BrokerLog = Field(default_factory=BrokerLog)
+    log: LogSection = Field(default_factory=LogSection)
     source: Path | None = Field(default=None, exclude=True)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,17 +45,19 @@ def add_verbs(verb: Verb) -> None:
 
 
 def _show(update: CredentialSet | Withdrawn, as_json: bool, out: Path | None) -> None:
+    # --out is this user's own directory: no one else gets an ACL entry.
+    sink = FileSink(out.parent, out.name, os.geteuid(), None, False) if out else None
     if isinstance(update, Withdrawn):
         doc: dict[str, Any] = {"event": "withdrawn", "reason": update.reason}
-        if out is not None and FileSink(out.parent, out.name, 0, None, False).remove():
+        if sink is not None and sink.remove():
             doc["removed"] = str(out)
     else:
         doc = {"event": "credentials", **update.summary()}
-        if out is not None:
-            FileSink(out.parent, out.name, 0, None, False).write(update.files(), update.serial)
+        files = update.files()
+        if sink is not None:
+            sink.write(files, update.serial)
             doc["written"] = str(out)
         if as_json:
-            files = update.files()
             doc.update({k.replace(".pem", "_pem"): files[k].decode()
                         for k in ("cert.pem", "chain.pem", "bundle.pem")})
     print(json.dumps(doc, sort_keys=True) if as_json else render_credentials(doc), flush=True)

@@ -40,7 +40,7 @@ class Peer(Protocol):
 @dataclass(eq=False)  # kept in a set: identity, not value
 class _Watch:
     consumer: str
-    latest: bytes | None = None
+    latest: tuple[bytes, str] | None = None  # the line to send, and what it delivers
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -88,13 +88,13 @@ class Distribution:
     def document(self, creds: TlsCredentials) -> dict[str, Any]:
         return credential_document(creds, self._trust_bundle(), self._generation())
 
-    def _event_line(self) -> bytes:
-        """The line a watcher gets for the current state."""
+    def _event_line(self) -> tuple[bytes, str]:
+        """The line a watcher gets for the current state, and which event it is."""
         try:
             creds = self.current()
         except StateError as e:
-            return protocol.encode_event("withdrawn", {"reason": e.message})
-        return protocol.encode_event("credentials", self.document(creds))
+            return protocol.encode_event("withdrawn", {"reason": e.message}), "withdrawn"
+        return protocol.encode_event("credentials", self.document(creds)), "credentials"
 
     # --- watches -------------------------------------------------------------------------
 
@@ -116,11 +116,10 @@ class Distribution:
                     if ended is not None:
                         await peer.send(protocol.encode_error(ended))
                         return
-                    line, watch.latest = watch.latest, None
-                    if line is not None:
+                    latest, watch.latest = watch.latest, None
+                    if latest is not None:
+                        line, what = latest
                         await peer.send(line)
-                        what = "credentials" if b'"event":"credentials"' in line else \
-                            "withdrawn"
                         await self._ledger.delivered(consumer.name, what, "watch", "")
                 await first_of(watch.changed, closed)
         finally:
@@ -150,9 +149,9 @@ class Distribution:
             await self._distribute()
 
     async def _distribute(self) -> None:
-        line = self._event_line()
+        latest = self._event_line()
         for watch in list(self._watches):
-            watch.latest = line  # the latest state wins
+            watch.latest = latest  # the latest state wins
             watch.changed.set()
         # Sinks follow withdrawal, not expiry: files of a certificate that expired offline
         # stay until the renewal replaces them (a consumer restarting meanwhile finds its

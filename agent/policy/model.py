@@ -26,9 +26,9 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from agent.tomlconfig import parse_toml_model
+from agent.tomlconfig import StrictSection, parse_toml_model
 
 METHODS = ("GET", "POST", "PUT", "DELETE", "FETCH", "PATCH", "iPATCH")
 _SEGMENT = re.compile(r"^[A-Za-z0-9._~-]+$")
@@ -37,9 +37,6 @@ _VARIABLE = re.compile(r"\{([a-z.]+)\}")
 _KNOWN = re.compile(r"^(sensor|name|profile|rest|attr\.[a-z][a-z0-9_]{0,31})$")
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
 
 def path_segments(path: str) -> list[str]:
     if not path.startswith("/"):
@@ -47,7 +44,7 @@ def path_segments(path: str) -> list[str]:
     return [s for s in path.split("/")[1:] if s != ""] if path != "/" else []
 
 
-class Rule(_Model):
+class Rule(StrictSection):
     name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
     methods: Annotated[list[Literal[METHODS]], Field(min_length=1)]  # type: ignore[valid-type]
     path: str
@@ -118,7 +115,7 @@ class Rule(_Model):
         return out
 
 
-class Profile(_Model):
+class Profile(StrictSection):
     description: str = ""
     # Plain CoAP, without OSCORE or DTLS: only where a profile says so (never by default).
     insecure: bool = False
@@ -134,7 +131,7 @@ class Profile(_Model):
         return v
 
 
-class Policy(_Model):
+class Policy(StrictSection):
     profiles: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")], Profile] = \
         Field(default_factory=dict)
     source: Path | None = Field(default=None, exclude=True)

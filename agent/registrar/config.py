@@ -10,12 +10,13 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from agent.errors import ConfigError
 from agent.tomlconfig import (
     Duration,
     DurationOrZero,
+    StrictSection,
     check_named_file,
     parse_toml_model,
     read_config_text,
@@ -28,11 +29,8 @@ SHORT_CERT_LIFETIME = 300.0
 # Without renewal_window: a tenth of cert_lifetime, at most this.
 DEFAULT_RENEWAL_WINDOW_CAP = 600.0
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-
-class AllowedPcrs(_Strict):
+class AllowedPcrs(StrictSection):
     name: Annotated[str, Field(min_length=1, max_length=200)]
     # PCR index (as a TOML key, so a string) -> hex sha256 value
     values: dict[str, str]
@@ -52,7 +50,7 @@ class AllowedPcrs(_Strict):
         return {k: v.lower() for k, v in v.items()}
 
 
-class PcrPolicyConfig(_Strict):
+class PcrPolicyConfig(StrictSection):
     # enforce: the quoted values must equal one allowed set.
     # permissive: any values pass (the quote itself is still verified); logged as a warning.
     mode: Literal["enforce", "permissive"] = "enforce"
@@ -71,7 +69,7 @@ class PcrPolicyConfig(_Strict):
         return self
 
 
-class RegistrarConfig(_Strict):
+class RegistrarConfig(StrictSection):
     listen: str = "127.0.0.1:8443"
     server_names: list[Annotated[str, Field(min_length=1)]] = Field(
         default_factory=lambda: ["localhost", "127.0.0.1", "::1"], min_length=1)

@@ -9,19 +9,13 @@ import pytest
 
 from agent.broker.config import BrokerConfig, parse_broker_config
 from agent.errors import ConfigError
+from tests.unit.test_config import commented_defaults
 
 SHIPPED = Path(__file__).resolve().parents[2] / "docs" / "broker.toml"
 
 
 def test_the_shipped_file_lists_every_key_with_its_default(tmp_path):
-    shown: dict[str, dict[str, str]] = {}
-    section = ""
-    for line in SHIPPED.read_text().splitlines():
-        if m := re.fullmatch(r"# \[(\w+)\]", line):
-            section = m.group(1)
-            shown[section] = {}
-        elif m := re.fullmatch(r"# (\w+) = (.+)", line):
-            shown[section][m.group(1)] = m.group(2)
+    shown = commented_defaults(SHIPPED.read_text())
     for name, field in BrokerConfig.model_fields.items():
         if name != "source":
             assert set(shown[name]) == set(field.annotation.model_fields), name

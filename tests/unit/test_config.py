@@ -83,14 +83,10 @@ def test_enrollment_token_is_never_shown(tmp_path):
     assert cfg.enrollment.read_token() == "s3cr3t-token-value"
 
 
-def test_shipped_agent_toml_lists_every_key_with_its_default(tmp_path):
-    """docs/agent.toml (the package's /etc/devid-agent/agent.toml) shows every key
-    commented out with its default: uncommented, it parses to the defaults."""
+def commented_defaults(text: str) -> dict[str, dict[str, str]]:
+    """A shipped config's `# [section]` and `# key = default` lines, by section."""
     import re
 
-    from agent.config import AgentConfig
-
-    text = (Path(__file__).resolve().parents[2] / "docs" / "agent.toml").read_text()
     shown: dict[str, dict[str, str]] = {}
     section = ""
     for line in text.splitlines():
@@ -99,6 +95,17 @@ def test_shipped_agent_toml_lists_every_key_with_its_default(tmp_path):
             shown[section] = {}
         elif m := re.fullmatch(r"# (\w+) = (.+)", line):
             shown[section][m.group(1)] = m.group(2)
+    return shown
+
+
+def test_shipped_agent_toml_lists_every_key_with_its_default(tmp_path):
+    """docs/agent.toml (the package's /etc/devid-agent/agent.toml) shows every key
+    commented out with its default: uncommented, it parses to the defaults."""
+
+    from agent.config import AgentConfig
+
+    shown = commented_defaults(
+        (Path(__file__).resolve().parents[2] / "docs" / "agent.toml").read_text())
     for name, field in AgentConfig.model_fields.items():
         if name in ("source", "consumers"):  # consumers: an array of tables, no defaults
             continue
