@@ -372,28 +372,36 @@ def load_config(path: Path, *, others_may_read: bool = False,
                         others_may_read=others_may_read, command=command)
 
 
-_SOCKET_LINE = re.compile(r'^\s*control_socket\s*=\s*"([^"]+)"', re.MULTILINE)
-
-
-def control_socket_of(path: Path) -> Path:
-    """The control socket a configuration file names, read leniently (the file may no
-    longer validate, or even parse): the default when it cannot be told. devidctl uses
-    it to reach a daemon still running on the configuration it loaded earlier."""
-    default = PathsSection().control_socket
+def _socket_of(path: Path, section: str, key: str, default: Path) -> Path:
+    """The socket `[section] key` in a configuration file, read leniently (the file may
+    no longer validate, or even parse, or not be ours to read): `default` when it cannot
+    be told."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return default
     try:
-        paths = tomllib.loads(text).get("paths")
-        value = paths.get("control_socket") if isinstance(paths, dict) else None
+        table = tomllib.loads(text).get(section)
+        value = table.get(key) if isinstance(table, dict) else None
     except tomllib.TOMLDecodeError:  # not TOML any more: the line may still be there
-        found = _SOCKET_LINE.search(text)
+        found = re.search(rf'^\s*{key}\s*=\s*"([^"]+)"', text, re.MULTILINE)
         value = found.group(1) if found else None
     if not isinstance(value, str) or not value:
         return default
     socket = Path(value)
     return socket if socket.is_absolute() else path.resolve().parent / socket
+
+
+def control_socket_of(path: Path) -> Path:
+    """devidctl uses it to reach a daemon still running on the configuration it loaded
+    earlier, when the file no longer validates."""
+    return _socket_of(path, "paths", "control_socket", PathsSection().control_socket)
+
+
+def identity_socket_of(path: Path) -> Path:
+    """A consumer's devidctl (`credentials`) usually may not read agent.toml at all: the
+    identity API's socket, or its default, is all it needs from it."""
+    return _socket_of(path, "identity_api", "socket", IdentityApiSection().socket)
 
 
 def secret_keys() -> set[tuple[str, str]]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.cli.render import render_consumers, render_credentials
-from agent.config import AgentConfig
+from agent.config import identity_socket_of
 from agent.consumer import CredentialSet, IdentityClient, Withdrawn
 from agent.errors import DaemonNotRunning, DevidError
 from agent.identityapi.sinks import FileSink, check_volatile
@@ -63,8 +63,10 @@ def _show(update: CredentialSet | Withdrawn, as_json: bool, out: Path | None) ->
     print(json.dumps(doc, sort_keys=True) if as_json else render_credentials(doc), flush=True)
 
 
-def cmd_credentials(config: AgentConfig, args: argparse.Namespace, fail: Fail) -> int:
-    client = IdentityClient(args.socket or config.identity_api.socket)
+def cmd_credentials(args: argparse.Namespace, fail: Fail) -> int:
+    """As a consumer: agent.toml is the agent's (often unreadable to consumers); only the
+    socket is taken from it, leniently."""
+    client = IdentityClient(args.socket or identity_socket_of(args.config))
     try:
         if args.out is not None:
             check_volatile(args.out.absolute().parent, what="--out")

@@ -367,7 +367,9 @@ def cmd_support_bundle(config: AgentConfig, args: argparse.Namespace,
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_line = command_line("devidctl", argv)
-    # devid-broker's verbs, not the agent's: no agent.toml needed.
+    # A consumer's and devid-broker's verbs: agent.toml is not needed (nor readable).
+    if args.command == "credentials":
+        return cmd_credentials(args, _fail)
     if args.command == "sensors":
         return cmd_sensors(args, _fail)
     if args.command == "policy":
@@ -392,7 +394,6 @@ def main(argv: list[str] | None = None) -> int:
                 "decommission": lambda: cmd_decommission(config, args),
                 "audit": lambda: cmd_audit(config, args),
                 "cert": lambda: cmd_cert(config, args),
-                "credentials": lambda: cmd_credentials(config, args, _fail),
                 "consumers": lambda: cmd_consumers(
                     args, lambda method, params=None: _call(config, args, method, params),
                     _fail),

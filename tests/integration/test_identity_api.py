@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from stack import REPO, AgentProcess, enrollment_toml, rotation_toml
+from stack import BIN, REPO, AgentProcess, enrollment_toml, rotation_toml
 
 from agent.consumer import IdentityClient, Withdrawn
 from agent.errors import PcrPolicyMismatch, PermissionDenied, StateError
@@ -185,6 +185,14 @@ def test_strangers_and_grants_beyond_their_own_are_refused_and_audited(
     assert serial == agent.status()["tls_certificate"]["serial"]
     assert refusal.startswith("PermissionDenied permission denied: consumer 'reader' is not "
                               "granted 'sign'")
+    # devidctl as that consumer: agent.toml (root's, here) is not needed to fetch.
+    fetched = subprocess.run(
+        ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups",
+         str(BIN / "devidctl"), "--config", str(agent.config),
+         "credentials", "fetch", "--socket", str(_socket(agent)), "--json"],
+        capture_output=True, text=True, timeout=60)
+    assert fetched.returncode == 0, fetched.stderr
+    assert json.loads(fetched.stdout)["serial"] == serial and "key_pem" not in fetched.stdout
     # Root is "root-signer": it may sign but not fetch credentials.
     client = IdentityClient(_socket(agent))
     with pytest.raises(PermissionDenied, match="not granted 'credentials'"):

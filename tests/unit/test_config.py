@@ -143,3 +143,21 @@ def test_the_control_socket_is_found_even_in_a_broken_file(tmp_path):
     config.write_text("[tpm]\n")
     assert control_socket_of(config) == Path("/run/devid-agent/control.sock")
     assert control_socket_of(tmp_path / "missing.toml") == Path("/run/devid-agent/control.sock")
+
+
+def test_the_identity_socket_is_read_leniently_for_consumers(tmp_path):
+    """devidctl credentials runs as a consumer, which may not read agent.toml at all."""
+    import os
+
+    from agent.config import identity_socket_of
+
+    config = tmp_path / "agent.toml"
+    config.write_text('[identity_api]\nsocket = "run/i.sock"\n[tpm]\ntcit = 1\n')
+    assert identity_socket_of(config) == tmp_path / "run" / "i.sock"
+    config.write_text('[identity_api\nsocket = "/run/y.sock"\n')
+    assert identity_socket_of(config) == Path("/run/y.sock")
+    config.write_text('[paths]\ncontrol_socket = "/run/c.sock"\n')
+    assert identity_socket_of(config) == Path("/run/devid-agent/identity.sock")
+    config.chmod(0)
+    if os.geteuid() != 0:  # root reads it anyway
+        assert identity_socket_of(config) == Path("/run/devid-agent/identity.sock")
