@@ -68,7 +68,7 @@ class SensorRegistry:
 
     async def add(self, params: dict[str, Any]) -> dict[str, Any]:
         profile, transport = _text(params, "profile"), _text(params, "transport")
-        attributes = params.get("attributes") or {}
+        attributes = params.get("attributes", {})
         count = params.get("count", 1)
         if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= MAX_BATCH:
             raise SensorError(f"count: expected 1 to {MAX_BATCH}, got {count!r}")

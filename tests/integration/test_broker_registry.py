@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -14,6 +15,7 @@ import pytest
 from stack import DEMO_POLICY, AgentProcess, BrokerProcess, enrollment_toml, rotation_toml
 
 from agent.control import client
+from agent.errors import DevidError
 
 BROKER = '\n[[consumers]]\nname = "broker"\nuser = {uid}\ngrants = ["secrets"]\n'
 
@@ -187,3 +189,36 @@ def test_policy_explain_check_and_a_refused_reload(tpm, registrar_factory, agent
                        verb="policy")
     assert again.returncode == 0
     assert "refused, keeping the one in force (1 profiles)" in broker.log.read_text()
+
+
+@pytest.mark.parametrize("method, params, message", [
+    ("sensors-add", {"name": "x", "profile": "p", "transport": "oscore", "count": 0},
+     "count: expected 1 to 10000"),
+    ("sensors-add", {"name": "x", "profile": "p", "transport": "oscore", "count": True},
+     "count: expected 1 to 10000"),
+    ("sensors-add", {"name": "x", "profile": "p", "transport": "oscore", "attributes": []},
+     "attributes: expected an object"),
+    ("sensors-add", {"name": "x", "profile": "p", "transport": "smoke-signals"},
+     "transport: 'smoke-signals'"),
+    ("sensors-add", {"name": "../x", "profile": "p", "transport": "oscore"}, "name:"),
+    ("sensors-add", {"profile": "p", "transport": "oscore"}, "name: expected a non-empty"),
+    ("sensors-change", {"sensor": "t-1", "change": "promote"}, "change: expected one of"),
+    ("sensors-import", {"text": "{", "filename": "x.json"}, "not valid JSON"),
+    ("sensors-show", {"sensor": 7}, "sensor: expected a non-empty string"),
+    ("policy-explain", {"sensor": "t-1", "method": "BREW", "path": "/x"}, "method 'BREW'"),
+    ("policy-explain", {"sensor": "t-1", "method": "GET", "path": "x"}, "starts with '/'"),
+    ("policy-explain", {"sensor": "t-1", "method": "GET", "path": "/x", "size": -1},
+     "size: expected a number of bytes"),
+    ("sensors-steal", {}, "unknown method 'sensors-steal'"),
+])
+def test_bad_requests_to_the_broker_are_refused_and_change_nothing(
+        tpm, registrar_factory, agent_factory, broker_factory, method, params, message):
+    agent = _agent(tpm, registrar_factory, agent_factory, BROKER.format(uid=os.getuid()))
+    broker = broker_factory(agent).start()
+    broker.wait_serving()
+    assert broker.ctl("add", "t-1", "--profile", "temperature").returncode == 0
+    with pytest.raises(DevidError, match=re.escape(message)):
+        client.call(broker.socket, method, params)
+    listed = client.call(broker.socket, "sensors-list")
+    assert [s["name"] for s in listed["sensors"]] == ["t-1"]
+    assert listed["sensors"][0]["status"] == "active"
