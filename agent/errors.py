@@ -211,3 +211,21 @@ class ImportRefused(SensorError):
         super().__init__("\n".join([message, *lines]), hint)
         self.summary = message
         self.problems = problems
+
+
+class UpstreamError(DevidError):
+    """An upstream refused, failed or could not be reached; the sensor gets 5.02."""
+
+    code = "upstream-error"
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not answer in time; the sensor gets 5.04."""
+
+    code = "upstream-timeout"
+
+
+class ListenerError(DevidError):
+    """A broker listener cannot start (address in use, not on this host)."""
+
+    code = "listener-error"

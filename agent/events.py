@@ -151,6 +151,21 @@ _EVENTS = (
            "nothing is granted)",
            "Fix the file (`devidctl policy check FILE` names the line and key), then "
            "`systemctl reload devid-broker`."),
+    EventType("sensor-auth-failed", "eb633913136640f985f68d8e0862244a", logging.WARNING,
+           "a message to a broker listener did not authenticate: unknown or disabled "
+           "credential, wrong key, or a replay; nothing was forwarded",
+           "DEVID_REFUSAL says which, DEVID_SENSOR whose credential was named. Many from "
+           "one sensor: a wrong key on the device, or someone replaying its traffic."),
+    EventType("policy-denied", "fff215a13e3b467d92875947b3a8159c", logging.WARNING,
+           "an authenticated sensor asked for something its profile does not grant; nothing "
+           "was forwarded",
+           "DEVID_REASON names the rule or why none applied; `devidctl policy explain` "
+           "shows the decision. Unexpected from a known device: look at it."),
+    EventType("upstream-failed", "44b7efa1707945f085ded05bbf1c4778", logging.ERROR,
+           "an allowed sensor request could not be forwarded upstream (the sensor got 5.02 "
+           "or 5.04)",
+           "DEVID_UPSTREAM names it, DEVID_REASON says why; check the upstream, the network "
+           "and `devidctl status`."),
 )
 
 EVENTS: dict[str, EventType] = {e.name: e for e in _EVENTS}

@@ -34,3 +34,25 @@ class TokenBucket:
         self._refill()
         self.burst, self.interval = burst, interval
         self._tokens = min(self._tokens, float(burst))
+
+
+class KeyedBuckets:
+    """A token bucket per key (a uid, a sensor, an address), for "journal at most N a
+    minute per X". At most `max_keys` are remembered; past that the oldest is forgotten,
+    so a flood of new keys costs bounded memory."""
+
+    def __init__(self, burst: int, interval: float, monotonic: Callable[[], float],
+                 max_keys: int = 4096) -> None:
+        self.burst, self.interval, self.max_keys = burst, interval, max_keys
+        self._monotonic = monotonic
+        self._buckets: dict[object, TokenBucket] = {}
+
+    def take(self, key: object) -> bool:
+        """True if `key` still has room (and a token was taken)."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self.max_keys:
+                del self._buckets[next(iter(self._buckets))]
+            bucket = self._buckets[key] = TokenBucket(self.burst, self.interval,
+                                                      self._monotonic)
+        return bucket.take() is None

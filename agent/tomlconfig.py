@@ -45,12 +45,15 @@ def _resolve(value: Any, base: Path) -> Any:
 
 def _coerce_paths(raw: dict[str, Any], base: Path, path_keys: Collection[KeyPath]) -> None:
     # Strict mode refuses str for Path, and TOML has no path type: convert known keys.
+    # A "*" part stands for every entry of a table of named sections ([upstreams.NAME]).
     for key in path_keys:
-        node: Any = raw
+        nodes: list[Any] = [raw]
         for part in key[:-1]:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and key[-1] in node:
-            node[key[-1]] = _resolve(node[key[-1]], base)
+            nodes = [n.get(part) if part != "*" else value for n in nodes if isinstance(n, dict)
+                     for value in ([None] if part != "*" else n.values())]
+        for node in nodes:
+            if isinstance(node, dict) and key[-1] in node:
+                node[key[-1]] = _resolve(node[key[-1]], base)
 
 
 def _location(loc: tuple[int | str, ...], root: type[BaseModel]) -> str:

@@ -95,6 +95,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def allowed_pcrs_toml(name: str, values: dict[int, str]) -> str:
     inner = ", ".join(f'"{p}" = "{v}"' for p, v in sorted(values.items()))
     return f'\n[[pcr_policy.allowed]]\nname = "{name}"\nvalues = {{ {inner} }}\n'
@@ -308,15 +314,17 @@ class AgentProcess:
 class BrokerProcess:
     """devid-broker as a child process: its config, state and sockets in `directory`."""
 
-    def __init__(self, directory: Path, identity_socket: Path) -> None:
+    def __init__(self, directory: Path, identity_socket: Path, extra: str = "") -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.socket = directory / "run" / "control.sock"
         self.config = directory / "broker.toml"
+        self.oscore_port = free_udp_port()
         self.config.write_text(
             f'[paths]\nstate_dir = "state"\ncontrol_socket = "run/control.sock"\n'
             f'[identity]\nsocket = {json.dumps(str(identity_socket))}\nretry = "1s"\n'
-            '[policy]\nfile = "policy.toml"\n')
+            '[policy]\nfile = "policy.toml"\n'
+            f'[listen]\noscore = "127.0.0.1:{self.oscore_port}"\n' + extra)
         self.policy = directory / "policy.toml"
         self.log = directory / "broker.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -334,7 +342,9 @@ class BrokerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"devid-broker exited {self.proc.returncode}:\n"
                                    + self.log.read_text())
-            if self.socket.exists():
+            # Answering, not merely there: a SIGKILLed broker leaves its socket file behind.
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as probe:
+                probe.connect(str(self.socket))
                 return
             time.sleep(0.1)
         raise TimeoutError(self.log.read_text())

@@ -14,15 +14,25 @@
     [policy]
     file = "/etc/devid-broker/policy.toml"
 
+    [listen]
+    oscore = "[::]:5683"            # UDP, IPv6 and IPv4; "" turns the listener off
+
+    [upstreams.cloud]               # where policy rules send traffic (`to = "cloud"`)
+    url = "coaps+tcp://coap.example.net:5684"
+    bundle = "/etc/devid-broker/cloud-ca.pem"   # optional: else the agent's trust bundle
+    timeout = "10s"
+
 Errors name the file, section and key, as the agent's do.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from agent.config import ControlSection, LogSection
 from agent.identityapi.protocol import SECRET_NAME
@@ -50,17 +60,69 @@ class PolicySection(StrictSection):
     file: Path = Path("/etc/devid-broker/policy.toml")
 
 
+_ADDRESS = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<v4>[0-9.]+)):(?P<port>\d{1,5})$")
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """"[::]:5683" or "127.0.0.1:5683" as (host, port); ValueError saying what is wrong."""
+    m = _ADDRESS.match(text)
+    if m is None:
+        raise ValueError(f"{text!r}: expected IPV4:PORT or [IPV6]:PORT")
+    host = m.group("v6") or m.group("v4")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
+    port = int(m.group("port"))
+    if not 0 < port < 65536:
+        raise ValueError(f"{text!r}: port {port} is not from 1 to 65535")
+    return host, port
+
+
+def _address_or_off(text: str) -> str:
+    if text:
+        parse_address(text)
+    return text
+
+
+ListenAddress = Annotated[str, AfterValidator(_address_or_off)]
+
+
+class ListenSection(StrictSection):
+    oscore: ListenAddress = "[::]:5683"
+
+
+def _upstream_url(url: str) -> str:
+    from agent.broker.upstream.coap import parse_coap_url  # aiocoap only when configured
+    from agent.errors import ConfigError
+
+    try:
+        parse_coap_url(url)
+    except ConfigError as e:
+        raise ValueError(e.message) from None
+    return url
+
+
+class UpstreamSection(StrictSection):
+    url: Annotated[str, AfterValidator(_upstream_url)]
+    bundle: Path | None = None  # PEM CAs the upstream is verified against
+    timeout: Duration = 10.0
+
+
 class BrokerConfig(StrictSection):
     paths: BrokerPaths = Field(default_factory=BrokerPaths)
     identity: IdentitySection = Field(default_factory=IdentitySection)
     control: ControlSection = Field(default_factory=ControlSection)
     policy: PolicySection = Field(default_factory=PolicySection)
+    listen: ListenSection = Field(default_factory=ListenSection)
+    upstreams: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")],
+                    UpstreamSection] = Field(default_factory=dict)
     log: LogSection = Field(default_factory=LogSection)
     source: Path | None = Field(default=None, exclude=True)
 
 
 _PATH_KEYS = (("paths", "state_dir"), ("paths", "control_socket"), ("identity", "socket"),
-              ("policy", "file"))
+              ("policy", "file"), ("upstreams", "*", "bundle"))
 
 
 def parse_broker_config(text: str, source: Path) -> BrokerConfig:

@@ -2,9 +2,10 @@
 
 Start-up: configuration, then the data key from the agent's identity API
 (waiting, and saying so, while the agent is not up), then the sensor
-registry, then the control socket; READY=1 once the registry is open.
-Subsystems (today the registry; listeners, policy and upstreams next) each
-bring control methods and a status section; this module only wires them.
+registry, the policy, the upstreams (with the gateway's TLS credentials from
+the identity API), the listeners and the control socket; READY=1 once the
+listeners are bound. Parts each bring a status section (some a task, some
+control methods); this module only wires them.
 """
 
 from __future__ import annotations
@@ -16,20 +17,28 @@ import logging
 import os
 import signal
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agent import __version__, events, logsetup
 from agent.access import command_line
 from agent.audit import AGENT_AUDIT_LOG, AuditLog
+from agent.broker import oscore
 from agent.broker.config import DEFAULT_CONFIG, BrokerConfig, load_broker_config
 from agent.broker.datakey import fetch_data_key
+from agent.broker.gateway import Gateway
+from agent.broker.oscore import OscoreListener, SensorContexts
 from agent.broker.policy import PolicyHolder
 from agent.broker.registry import SensorRegistry
+from agent.broker.traffic import Traffic
+from agent.broker.upstreams import Upstreams, make_upstreams
 from agent.consumer import IdentityClient
 from agent.control.server import ControlServer
 from agent.errors import ConfigError, DevidError
 from agent.fsutil import ensure_private_dir
+from agent.policy.decide import Rates
 from agent.sensors.atrest import RecordCipher
 from agent.sensors.store import SensorStore
 from agent.supervision.notify import SystemdNotifier, watchdog_interval
@@ -41,6 +50,12 @@ REGISTRY_FILE = "sensors.db"
 MAX_REQUEST = 32 << 20  # `sensors import` sends the file: 100,000 sensors fit
 
 
+class Part(Protocol):
+    name: str
+
+    def status_section(self) -> dict[str, Any]: ...
+
+
 class Broker:
     """What the broker is right now, for STATUS= and `devidctl broker status`."""
 
@@ -48,7 +63,9 @@ class Broker:
         self.config = config
         self.registry: SensorRegistry | None = None
         self.policy: PolicyHolder | None = None
+        self.parts: list[Part] = []
         self.waiting = "starting"
+        self.ready = False  # listeners bound, control socket up
 
     def headline(self) -> str:
         if self.registry is None:
@@ -62,9 +79,8 @@ class Broker:
                                "headline": self.headline(),
                                "broker": {"version": __version__, "pid": os.getpid(),
                                           "config": str(self.config.source)}}
-        for part in (self.registry, self.policy):
-            if part is not None:
-                doc[part.name] = part.status_section()
+        for part in self.parts:
+            doc[part.name] = part.status_section()
         if self.policy is not None and self.policy.error is not None:
             doc["state"] = "WARN"
         return doc
@@ -82,10 +98,14 @@ async def run(config: BrokerConfig) -> int:
     # default action would kill the broker).
     loop.add_signal_handler(signal.SIGHUP, lambda: broker.policy and broker.policy.load())
     supervisor = Supervisor(SystemdNotifier(), watchdog_interval(os.environ, os.getpid()),
-                            lambda: broker.registry is not None, broker.headline,
+                            lambda: broker.ready, broker.headline,
                             lambda: None)
     watchdog = asyncio.create_task(supervisor.run(stop))
     server: ControlServer | None = None
+    tasks: list[asyncio.Task[None]] = []
+    listeners: list[OscoreListener] = []
+    upstreams: Upstreams | None = None
+    traffic: Traffic | None = None
     try:
         def waiting(reason: str) -> None:
             if reason != broker.waiting:
@@ -105,15 +125,34 @@ async def run(config: BrokerConfig) -> int:
         store = await asyncio.to_thread(SensorStore, state_dir / REGISTRY_FILE,
                                         RecordCipher(key))
         del key  # the cipher holds what it derived; nothing else keeps the key
-        broker.registry = SensorRegistry(store, AuditLog(state_dir / AGENT_AUDIT_LOG))
+        audit = AuditLog(state_dir / AGENT_AUDIT_LOG)
+        broker.registry = SensorRegistry(store, audit)
         broker.policy = PolicyHolder(config.policy.file, store)
         broker.policy.load()
+        broker.parts += [broker.registry, broker.policy]
+        traffic = Traffic(store, audit)
+        tasks.append(asyncio.create_task(traffic.run(stop)))
+        upstreams = make_upstreams(config, client)
+        if upstreams.credentials is not None:
+            tasks.append(asyncio.create_task(upstreams.credentials.run(stop)))
+            broker.parts.append(upstreams.credentials)
+        await upstreams.start()
+        contexts = SensorContexts(store, traffic)
+        gateway = Gateway([oscore.identify], broker.policy, upstreams.by_name, traffic,
+                          Rates(time.monotonic))
+        if config.listen.oscore:
+            listeners.append(OscoreListener(config.listen.oscore, contexts, gateway))
+        for listener in listeners:
+            await listener.start()
+        broker.parts += [*listeners, upstreams, traffic]
+        tasks.append(asyncio.create_task(follow_registry(broker.registry, [contexts.refresh])))
         gid = grp.getgrnam(config.control.group).gr_gid if config.control.group else None
         server = ControlServer(config.paths.control_socket,
                                {"status": broker.status, **broker.registry.handlers(),
                                 **broker.policy.handlers()}, gid,
                                max_request=MAX_REQUEST, program="devid-broker")
         await server.start()
+        broker.ready = True
         events.emit(log, "broker-started", "devid-broker %s started: %s", __version__,
                     broker.headline(), version=__version__)
         await stop.wait()
@@ -123,10 +162,29 @@ async def run(config: BrokerConfig) -> int:
         stop.set()
         if server is not None:
             await server.close()
+        for listener in listeners:
+            await listener.close()
+        if upstreams is not None:
+            await upstreams.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if traffic is not None:
+            await traffic.flush()
         await watchdog
         if broker.registry is not None:
             broker.registry.store.close()
             events.emit(log, "broker-stopped", "devid-broker stopped")
+
+
+async def follow_registry(registry: SensorRegistry, followers: list[Callable[[], None]]
+                          ) -> None:
+    """Every registry change reaches the listeners at once (quarantine within 1 s)."""
+    while True:
+        await registry.changed.wait()
+        registry.changed.clear()
+        for follow in followers:
+            follow()
 
 
 def main(argv: list[str] | None = None) -> int:

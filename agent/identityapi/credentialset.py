@@ -129,10 +129,11 @@ class CredentialSet:
                 "subject": self.certificate.subject.rfc4514_string(),
                 "chain_certificates": len(self.chain), "bundle_certificates": len(self.bundle)}
 
-    def ssl_context(self, purpose: str = "client") -> ssl.SSLContext:
+    def ssl_context(self, purpose: str = "client", trust: str | None = None) -> ssl.SSLContext:
         """TLS >= 1.2 presenting this set; "client" verifies servers against the bundle,
-        "server" requires client certificates from it. The key goes through memory only."""
-        cadata = _pem(self.bundle)
+        "server" requires client certificates from it. `trust` (PEM) replaces the bundle,
+        e.g. for an upstream under another CA. The key goes through memory only."""
+        cadata = trust if trust is not None else _pem(self.bundle)
         if purpose == "client":
             ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=cadata)
         elif purpose == "server":

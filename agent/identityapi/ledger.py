@@ -19,7 +19,7 @@ from agent.audit import AuditLog
 from agent.config import ConsumerSection
 from agent.control.peer import PeerCredentials
 from agent.identityapi.consumers import Refusal
-from agent.ratelimit import TokenBucket
+from agent.ratelimit import KeyedBuckets, TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ class Ledger:
     def __init__(self, audit: AuditLog, monotonic: Callable[[], float]) -> None:
         self._audit, self._monotonic = audit, monotonic
         self.states: dict[str, ConsumerState] = {}
-        self._refusal_audit: dict[int, TokenBucket] = {}
+        self._refusal_audit = KeyedBuckets(_REFUSAL_AUDIT_BURST, _REFUSAL_AUDIT_INTERVAL,
+                                           monotonic)
 
     def apply(self, consumers: Sequence[ConsumerSection]) -> None:
         """Follow the declared consumers: new ones get a state, reloaded limits apply
@@ -78,9 +79,7 @@ class Ledger:
         state = self.states.get(consumer) if consumer else None
         if state is not None:
             state.refused += 1
-        bucket = self._refusal_audit.setdefault(peer.uid, TokenBucket(
-            _REFUSAL_AUDIT_BURST, _REFUSAL_AUDIT_INTERVAL, self._monotonic))
-        if bucket.take() is not None:
+        if not self._refusal_audit.take(peer.uid):
             return  # this uid is flooding: it was audited and journaled already
         events.emit(log, "consumer-refused", "identity API: refused %s: %s", method,
                     refusal.reason, uid=peer.uid, pid=peer.pid, reason=refusal.reason)

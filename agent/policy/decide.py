@@ -36,10 +36,12 @@ class Decision:
     rule: str | None = None
     upstream: str | None = None
     spool: bool = False
+    to: str | None = None  # the rule's upstream by name; None: the only one configured
+    retry_after: float | None = None  # seconds, when the rate was reached
 
     def to_dict(self) -> dict[str, object]:
         return {"allowed": self.allowed, "reason": self.reason, "rule": self.rule,
-                "upstream": self.upstream, "spool": self.spool}
+                "upstream": self.upstream, "spool": self.spool, "to": self.to}
 
 
 class Rates:
@@ -160,5 +162,6 @@ def _within(rule: Rule, sensor: Sensor, message: Message, now: datetime.datetime
         wait = rates.take(sensor, rule)
         if wait is not None:
             return Decision(False, f"rule {name}: rate of {rule.rate:g}/min (burst "
-                                   f"{rule.burst}) reached; room again in {wait:.1f}s", name)
-    return Decision(True, f"allowed by rule {name}", name, upstream, rule.spool)
+                                   f"{rule.burst}) reached; room again in {wait:.1f}s", name,
+                            retry_after=wait)
+    return Decision(True, f"allowed by rule {name}", name, upstream, rule.spool, rule.to)

@@ -13,6 +13,7 @@
     hours = ["06:00-22:00"]                          # UTC; optional
     when = { site = ["plant-7"], kind = "outdoor" }  # sensor attributes; optional
     spool = true                                     # store and forward when upstream is down
+    to = "cloud"                 # which [upstreams.NAME] of broker.toml; optional if only one
 
 A rule's `path` is literal segments, `*` for one segment, and a final `**`
 for the rest; `upstream` may use {sensor}, {name}, {profile}, {attr.KEY} and
@@ -56,6 +57,7 @@ class Rule(StrictSection):
     hours: list[str] | None = None
     when: dict[str, str | list[str]] = Field(default_factory=dict)
     spool: bool = False
+    to: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")] | None = None
 
     @field_validator("path")
     @classmethod

@@ -70,6 +70,7 @@ class Sensor:
     last_seen: str | None = None
     messages: int = 0
     denials: int = 0
+    auth_failures: int = 0  # messages that named this sensor but did not authenticate
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "profile": self.profile,
@@ -79,4 +80,4 @@ class Sensor:
                 self.kid.decode("ascii", "replace"),
                 "created_at": self.created_at, "updated_at": self.updated_at,
                 "last_seen": self.last_seen, "messages": self.messages,
-                "denials": self.denials}
+                "denials": self.denials, "auth_failures": self.auth_failures}

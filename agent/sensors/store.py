@@ -34,7 +34,7 @@ from agent.sensors.model import (
 )
 from agent.sqlite import Database
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS registry (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS sensors (
@@ -54,11 +54,21 @@ CREATE TABLE IF NOT EXISTS sensors (
     last_seen TEXT,
     messages INTEGER NOT NULL DEFAULT 0,
     denials INTEGER NOT NULL DEFAULT 0,
+    auth_failures INTEGER NOT NULL DEFAULT 0,
     UNIQUE (transport, kid)
 );
+-- OSCORE replay state (RFC 8613 Appendix B.1): the next sequence number the gateway may
+-- use (reserved ahead in chunks) and the replay window, or NULL while a broker runs with
+-- the window in memory only: after a crash the sensor's next request is checked by Echo.
+CREATE TABLE IF NOT EXISTS oscore_state (
+    serial INTEGER PRIMARY KEY REFERENCES sensors (serial) ON DELETE CASCADE,
+    next_to_send INTEGER NOT NULL,
+    window TEXT
+);
 """
+_UPGRADES = {1: ("ALTER TABLE sensors ADD COLUMN auth_failures INTEGER NOT NULL DEFAULT 0",)}
 _COLUMNS = ("serial, id, name, profile, transport, status, kid, attributes, status_reason, "
-            "created_at, updated_at, last_seen, messages, denials")
+            "created_at, updated_at, last_seen, messages, denials, auth_failures")
 CREDENTIAL = "credential"  # the AAD purpose of the sealed credential
 
 
@@ -83,9 +93,10 @@ class NewSensor:
 
 def _sensor(row: Any) -> Sensor:  # a row of _COLUMNS, in order
     (serial, sid, name, profile, transport, status, kid, attributes, reason, created,
-     updated, seen, messages, denials) = row
+     updated, seen, messages, denials, auth_failures) = row
     return Sensor(serial, sid, name, profile, transport, status, bytes(kid),
-                  json.loads(attributes), reason, created, updated, seen, messages, denials)
+                  json.loads(attributes), reason, created, updated, seen, messages, denials,
+                  auth_failures)
 
 
 class SensorStore(Database):
@@ -96,7 +107,10 @@ class SensorStore(Database):
 
     def _migrate(self) -> str:
         with self._transaction() as db:
-            self._schema_version(db, SCHEMA_VERSION, "devid-broker")
+            version = self._schema_version(db, SCHEMA_VERSION, "devid-broker")
+            for step in range(version, SCHEMA_VERSION) if version else ():
+                for statement in _UPGRADES.get(step, ()):
+                    db.execute(statement)
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
@@ -129,6 +143,25 @@ class SensorStore(Database):
         return [_sensor(r) for r in self._query(f"SELECT {_COLUMNS} FROM sensors "
                                                 "ORDER BY serial")]
 
+    def find(self, transport: str, kid: bytes) -> tuple[Sensor, bytes] | None:
+        """The sensor a message names by `kid` (OSCORE Sender ID, PSK identity), with its
+        key's fingerprint (which changes when it is rekeyed); None if there is none."""
+        rows = self._query(f"SELECT {_COLUMNS}, fingerprint FROM sensors WHERE transport = ? "
+                           "AND kid = ?", (transport, kid))
+        return (_sensor(rows[0][:-1]), bytes(rows[0][-1])) if rows else None  # type: ignore
+
+    def current(self, serials: Sequence[int]) -> dict[int, tuple[Sensor, bytes]]:
+        """These sensors as they are now (absent: removed), with their key fingerprints."""
+        found: dict[int, tuple[Sensor, bytes]] = {}
+        for start in range(0, len(serials), 500):  # SQLite's bound-parameter limit
+            chunk = tuple(serials[start:start + 500])
+            marks = ", ".join("?" * len(chunk))
+            for row in self._query(f"SELECT {_COLUMNS}, fingerprint FROM sensors "
+                                   f"WHERE serial IN ({marks})", chunk):
+                sensor = _sensor(row[:-1])
+                found[sensor.serial] = (sensor, bytes(row[-1]))  # type: ignore[arg-type]
+        return found
+
     def credential(self, sensor: Sensor) -> creds.Credential:
         rows = self._query("SELECT credential FROM sensors WHERE serial = ?", (sensor.serial,))
         if not rows:
@@ -141,6 +174,33 @@ class SensorStore(Database):
         found: dict[Any, Any] = dict(self._query("SELECT status, COUNT(*) FROM sensors "
                                                  "GROUP BY status"))
         return {status: int(found.get(status, 0)) for status in STATUSES}
+
+    # --- OSCORE replay state and traffic counters -------------------------------------
+
+    def oscore_state(self, serial: int) -> tuple[int, str | None] | None:
+        """(next sequence number to send, replay window JSON or None if unknown), or None
+        for a context never used."""
+        rows = self._query("SELECT next_to_send, window FROM oscore_state WHERE serial = ?",
+                           (serial,))
+        return (int(rows[0][0]), rows[0][1]) if rows else None  # type: ignore[arg-type]
+
+    def save_oscore_state(self, states: Sequence[tuple[int, int, str | None]]) -> None:
+        """(serial, next_to_send, window) for each; one transaction, durable on return."""
+        with self._transaction() as db:
+            # A sensor removed meanwhile keeps no state.
+            db.executemany("INSERT INTO oscore_state (serial, next_to_send, window) "
+                           "SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM sensors WHERE "
+                           "serial = ?1) ON CONFLICT (serial) DO UPDATE SET "
+                           "next_to_send = excluded.next_to_send, window = excluded.window",
+                           states)
+
+    def add_traffic(self, deltas: Sequence[tuple[int, int, int, int, str | None]]) -> None:
+        """(serial, messages, denials, auth failures, last seen) added in one transaction."""
+        with self._transaction() as db:
+            db.executemany("UPDATE sensors SET messages = messages + ?, denials = denials + ?, "
+                           "auth_failures = auth_failures + ?, "
+                           "last_seen = COALESCE(?, last_seen) WHERE serial = ?",
+                           [(m, d, a, seen, serial) for serial, m, d, a, seen in deltas])
 
     # --- adding ------------------------------------------------------------------------
 
@@ -249,10 +309,13 @@ class SensorStore(Database):
                        "status_reason = NULL, updated_at = ? WHERE serial = ?",
                        (self._cipher.seal(sensor.id, CREDENTIAL, creds.encode(credential)),
                         self._cipher.fingerprint(credential.secret), now, sensor.serial))
+            # A new key starts a new OSCORE context: sequence numbers and window from zero.
+            db.execute("DELETE FROM oscore_state WHERE serial = ?", (sensor.serial,))
         return self.get(sensor.id), credential
 
     def remove(self, ref: str) -> Sensor:
         sensor = self.get(ref)
         with self._transaction() as db:
+            db.execute("DELETE FROM oscore_state WHERE serial = ?", (sensor.serial,))
             db.execute("DELETE FROM sensors WHERE serial = ?", (sensor.serial,))
         return sensor

@@ -1,0 +1,133 @@
+"""What an authenticated sensor's request becomes: a policy decision, then a forward.
+
+The Gateway is the one aiocoap resource behind every listener. A listener
+has already authenticated the request and tells, through `request.remote`,
+which sensor sent it (`identify`). The Gateway then asks the policy, and
+forwards what a rule allows to that rule's upstream. The upstream gets only
+the payload and its format, never the sensor's own options. The response
+goes back with its code: a denial is 4.03 (4.29 when the rate is reached),
+an upstream failure 5.02, a timeout 5.04. Nothing is forwarded for a request
+that is not authenticated or not allowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aiocoap import Code, Message
+from aiocoap import resource as coap_resource
+
+from agent.broker.policy import PolicyHolder
+from agent.broker.traffic import Traffic
+from agent.broker.upstream import Forward, Reply, Upstream
+from agent.errors import UpstreamError, UpstreamTimeout
+from agent.policy.decide import Message as PolicyMessage
+from agent.policy.decide import Rates, decide
+from agent.sensors.model import Sensor
+
+log = logging.getLogger(__name__)
+
+Identify = Callable[[Any], Sensor | None]  # request.remote -> the authenticated sensor
+TOO_MANY_REQUESTS = Code(0x9D)  # 4.29, RFC 8516
+UPSTREAM_TIMEOUT = 10.0
+
+
+def remote_text(remote: Any) -> str:
+    try:
+        return str(remote.hostinfo)
+    except Exception:  # some remotes cannot tell (no underlying address)
+        return "?"
+
+
+def _answer(code: Code, text: str, max_age: int | None = None) -> Message:
+    message = Message(code=code, payload=text.encode()[:200])
+    if max_age is not None:
+        message.opt.max_age = max_age
+    return message
+
+
+class Gateway(coap_resource.Resource):
+    def __init__(self, identify: list[Identify], policy: PolicyHolder,
+                 upstreams: Mapping[str, Upstream], traffic: Traffic, rates: Rates,
+                 timeout: float = UPSTREAM_TIMEOUT,
+                 now: Callable[[], datetime.datetime] =
+                 lambda: datetime.datetime.now(datetime.UTC)) -> None:
+        super().__init__()
+        self._identify, self._policy, self._upstreams = identify, policy, upstreams
+        self._traffic, self._rates, self._timeout, self._now = traffic, rates, timeout, now
+
+    def _sensor(self, request: Message) -> Sensor | None:
+        for identify in self._identify:
+            sensor = identify(request.remote)
+            if sensor is not None:
+                return sensor
+        return None
+
+    async def needs_blockwise_assembly(self, request: Message) -> bool:
+        return True
+
+    async def render(self, request: Message) -> Message:
+        sensor = self._sensor(request)
+        method = str(request.code)
+        path = "/" + "/".join(request.opt.uri_path)
+        if sensor is None:
+            self._traffic.refused("unknown-credential", "a request without OSCORE or DTLS",
+                                  remote_text(request.remote), request=f"{method} {path}")
+            return _answer(Code.UNAUTHORIZED, "OSCORE or DTLS required")
+        self._traffic.accepted(sensor)
+        if request.opt.proxy_uri is not None or request.opt.proxy_scheme is not None:
+            return _answer(Code.PROXYING_NOT_SUPPORTED, "the gateway is not a forward proxy")
+        content_format = _number(request.opt.content_format)
+        decision = decide(self._policy.policy, sensor,
+                          PolicyMessage(method, path, len(request.payload), content_format),
+                          self._now(), self._rates)
+        if not decision.allowed:
+            self._traffic.refused("denied", decision.reason, remote_text(request.remote),
+                                  sensor, f"{method} {path}")
+            if decision.retry_after is not None:
+                return _answer(TOO_MANY_REQUESTS, decision.reason,
+                               math.ceil(decision.retry_after))
+            return _answer(Code.FORBIDDEN, decision.reason)
+        upstream = self._upstream(decision.to)
+        if upstream is None:
+            reason = f"rule {decision.rule}: upstream {decision.to or '(default)'} is not " \
+                     "configured"
+            self._traffic.upstream_failed(sensor, decision.to or "-", reason)
+            return _answer(Code.BAD_GATEWAY, reason)
+        assert decision.upstream is not None
+        forward = Forward(sensor, method, decision.upstream, request.payload, content_format,
+                          _number(request.opt.accept))
+        try:
+            reply = await asyncio.wait_for(upstream.forward(forward), self._timeout)
+        except (TimeoutError, UpstreamTimeout):
+            self._traffic.upstream_failed(sensor, upstream.name, "timed out")
+            return _answer(Code.GATEWAY_TIMEOUT, f"upstream {upstream.name} did not answer")
+        except UpstreamError as e:
+            self._traffic.upstream_failed(sensor, upstream.name, e.message)
+            return _answer(Code.BAD_GATEWAY, f"upstream {upstream.name}: {e.message}")
+        self._traffic.forwarded(sensor, upstream.name)
+        return _response(reply)
+
+    def _upstream(self, name: str | None) -> Upstream | None:
+        if name is None:
+            return next(iter(self._upstreams.values())) if len(self._upstreams) == 1 else None
+        return self._upstreams.get(name)
+
+
+def _number(option: Any) -> int | None:
+    """A Content-Format or Accept as its number (aiocoap gives an enum member)."""
+    return None if option is None else int(option)
+
+
+def _response(reply: Reply) -> Message:
+    message = Message(code=Code(reply.code), payload=reply.payload)
+    if reply.content_format is not None:
+        message.opt.content_format = reply.content_format
+    if reply.max_age is not None:
+        message.opt.max_age = reply.max_age
+    return message

@@ -1,0 +1,247 @@
+"""OSCORE (RFC 8613) for sensors: one security context per sensor, with aiocoap's OSCORE.
+
+The gateway is the OSCORE server. aiocoap's OscoreSiteWrapper unprotects a
+request with the context that `SensorContexts.find_oscore` picks by the
+request's kid (the sensor's Sender ID); the Gateway resource then sees the
+plain request, with the context, and so the sensor, in `request.remote`.
+
+Contexts are made on a sensor's first message (the registry is the truth;
+10,000 sensors cost nothing until they speak) and follow the registry: a
+quarantined or revoked sensor is refused from the next message on, a
+rekeyed or removed one loses its context.
+
+Replay state, as in RFC 8613 Appendix B.1 and aiocoap's filesystem contexts,
+without a disk write per message:
+- the gateway's own sequence numbers (used for notifications and Echo
+  challenges) are reserved ahead in growing chunks (B.1.1), so a crash skips
+  numbers instead of reusing a nonce;
+- a context's replay window lives in memory while the broker runs; the
+  registry marks it unknown at a context's first use and gets the exact
+  window back at a clean stop. After a crash, the sensor's next request is
+  answered 4.01 with an Echo (B.1.2), and only its retry carrying that Echo
+  (which a replayed capture cannot have) opens a fresh window.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import aiocoap
+from aiocoap import error as coap_error
+from aiocoap.interfaces import Resource
+from aiocoap.oscore import (
+    COSE_KID,
+    COSE_KID_CONTEXT,
+    DEFAULT_ALGORITHM,
+    DEFAULT_HASHFUNCTION,
+    DEFAULT_WINDOWSIZE,
+    CanProtect,
+    CanUnprotect,
+    ProtectionInvalid,
+    ReplayError,
+    ReplayErrorWithEcho,
+    ReplayWindow,
+    SecurityContextUtils,
+    algorithms,
+    hashfunctions,
+)
+from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
+from aiocoap.transports.oscore import OSCOREAddress
+
+from agent.broker.config import parse_address
+from agent.broker.gateway import remote_text
+from agent.broker.traffic import Traffic
+from agent.errors import ListenerError, StateError
+from agent.sensors.credentials import OscoreCredential
+from agent.sensors.model import Sensor
+from agent.sensors.store import SensorStore
+
+log = logging.getLogger(__name__)
+
+CHUNK_START, CHUNK_LIMIT = 16, 4096  # sequence numbers reserved per registry write
+SavedState = tuple[int, int, str | None]  # (serial, next_to_send, window JSON or None)
+
+
+class SensorContext(CanProtect, CanUnprotect, SecurityContextUtils):
+    """One sensor's OSCORE context: the gateway sends with its ID (b"\\x00"), receives
+    with the sensor's. Persisting goes through `save` (the registry)."""
+
+    def __init__(self, sensor: Sensor, fingerprint: bytes, credential: OscoreCredential,
+                 state: tuple[int, str | None] | None,
+                 save: Callable[[list[SavedState]], None], traffic: Traffic) -> None:
+        self.sensor, self.fingerprint = sensor, fingerprint
+        self._save, self._traffic = save, traffic
+        self.alg_aead = algorithms[DEFAULT_ALGORITHM]
+        self.hashfun = hashfunctions[DEFAULT_HASHFUNCTION]
+        self.sender_id, self.recipient_id = credential.recipient_id, credential.sender_id
+        self.id_context = None
+        self.derive_keys(credential.master_salt, credential.master_secret.reveal())
+        # Strike-outs are not persisted one by one (see the module's docstring).
+        self.recipient_replay_window = ReplayWindow(DEFAULT_WINDOWSIZE, lambda: None)
+        self.echo_recovery = secrets.token_bytes(8)
+        if state is None:  # never used: a fresh context
+            self.sender_sequence_number = 0
+            self.recipient_replay_window.initialize_empty()
+        else:
+            self.sender_sequence_number, window = state
+            if window is not None:
+                try:
+                    self.recipient_replay_window.initialize_from_persisted(json.loads(window))
+                except (ValueError, TypeError, KeyError):
+                    # Left uninitialized: the sensor's next request goes through Echo.
+                    log.warning("sensor %s: the saved OSCORE replay window is damaged; "
+                                "its next request is checked by Echo", sensor.name)
+        self._chunk = CHUNK_START
+        self.reserved_until = self.sender_sequence_number + self._chunk
+        # In use from now on: after a crash the window is unknown, and our numbers up to
+        # reserved_until may have been used.
+        save([(sensor.serial, self.reserved_until, None)])
+
+    def post_seqnoincrease(self) -> None:
+        if self.sender_sequence_number > self.reserved_until:
+            self._chunk = min(self._chunk * 2, CHUNK_LIMIT)
+            self.reserved_until += self._chunk
+            self._save([(self.sensor.serial, self.reserved_until, None)])
+
+    def unprotect(self, protected_message: Any, request_id: Any = None) -> Any:
+        try:
+            return super().unprotect(protected_message, request_id)
+        except ReplayErrorWithEcho:
+            # B.1.2 recovery: the sensor retries with the Echo; not a failure.
+            self._traffic.totals["echo_challenges"] += 1
+            raise
+        except ReplayError as e:
+            self._traffic.refused("replay", str(e), remote_text(protected_message.remote),
+                                  self.sensor,
+                                  _describe(protected_message))
+            raise
+        except ProtectionInvalid as e:
+            self._traffic.refused("auth-failed", str(e), remote_text(protected_message.remote),
+                                  self.sensor, _describe(protected_message))
+            raise
+
+    def saved_state(self) -> SavedState:
+        """What a clean stop keeps: the exact next number and the window."""
+        window = self.recipient_replay_window
+        return (self.sensor.serial, self.sender_sequence_number,
+                json.dumps(window.persist()) if window.is_initialized() else None)
+
+
+def _describe(message: Any) -> str:
+    return f"{message.code} (OSCORE)"
+
+
+class SensorContexts:
+    """The server credentials aiocoap's OscoreSiteWrapper asks: a context by kid."""
+
+    def __init__(self, store: SensorStore, traffic: Traffic) -> None:
+        self._store, self._traffic = store, traffic
+        self._contexts: dict[bytes, SensorContext] = {}
+
+    def __len__(self) -> int:
+        return len(self._contexts)
+
+    def _save(self, states: list[SavedState]) -> None:
+        self._store.save_oscore_state(states)
+
+    def find_oscore(self, unprotected: dict[Any, Any]) -> SensorContext:
+        kid = unprotected.get(COSE_KID)
+        context = self._contexts.get(kid) if isinstance(kid, bytes) else None
+        if context is None:
+            found = None
+            if isinstance(kid, bytes) and unprotected.get(COSE_KID_CONTEXT) is None:
+                found = self._store.find("oscore", kid)
+            if found is None:
+                self._traffic.refused("unknown-credential", "no sensor has this OSCORE kid "
+                                      f"({kid.hex() if isinstance(kid, bytes) else 'none'})",
+                                      "")
+                raise KeyError(kid)
+            sensor, fingerprint = found
+            if sensor.status != "active":
+                self._refuse_disabled(sensor)
+            context = self._open(sensor, fingerprint)
+        if context.sensor.status != "active":
+            self._refuse_disabled(context.sensor)
+        return context
+
+    def _refuse_disabled(self, sensor: Sensor) -> None:
+        self._traffic.refused("disabled", f"sensor is {sensor.status}", "", sensor)
+        # The same answer as for an unknown kid: an outsider learns nothing from it.
+        raise coap_error.Unauthorized("Security context not found")
+
+    def _open(self, sensor: Sensor, fingerprint: bytes) -> SensorContext:
+        credential = self._store.credential(sensor)
+        if not isinstance(credential, OscoreCredential):
+            raise StateError(f"sensor {sensor.name}: its credential is not an OSCORE one")
+        context = SensorContext(sensor, fingerprint, credential,
+                                self._store.oscore_state(sensor.serial), self._save,
+                                self._traffic)
+        self._contexts[sensor.kid] = context
+        return context
+
+    def find_all_used_contextless_oscore_kid(self) -> set[bytes]:
+        # For EDHOC's choice of connection identifiers: never one a sensor uses.
+        return set(self._contexts)
+
+    def refresh(self) -> None:
+        """Follow the registry after a change: new status and attributes; a rekeyed or
+        removed sensor's context is dropped (its replay state belonged to the old key)."""
+        if not self._contexts:
+            return
+        current = self._store.current([c.sensor.serial for c in self._contexts.values()])
+        for kid, context in list(self._contexts.items()):
+            now = current.get(context.sensor.serial)
+            if now is None or now[1] != context.fingerprint:
+                del self._contexts[kid]
+            else:
+                context.sensor = now[0]
+
+    def save_all(self) -> None:
+        """At a clean stop: every context's exact state, so no Echo round trip is needed."""
+        if self._contexts:
+            self._save([c.saved_state() for c in self._contexts.values()])
+
+    def status_section(self) -> dict[str, Any]:
+        return {"contexts": len(self._contexts)}
+
+
+def identify(remote: Any) -> Sensor | None:
+    """The sensor an OSCORE-unprotected request came from (for the Gateway)."""
+    if isinstance(remote, OSCOREAddress) and isinstance(remote.security_context, SensorContext):
+        return remote.security_context.sensor
+    return None
+
+
+class OscoreListener:
+    """CoAP over UDP where every request must be OSCORE-protected by a sensor's context."""
+
+    name = "oscore"
+
+    def __init__(self, address: str, contexts: SensorContexts, site: Resource) -> None:
+        self.address, self._contexts, self._site = address, contexts, site
+        self._context: aiocoap.Context | None = None
+
+    async def start(self) -> None:
+        host, port = parse_address(self.address)
+        try:
+            self._context = await aiocoap.Context.create_server_context(
+                OscoreSiteWrapper(self._site, self._contexts), bind=(host, port),
+                transports=["udp6"])
+        except OSError as e:
+            raise ListenerError(f"OSCORE listener {self.address}: {e.strerror or e}",
+                                "another program has the port, or [listen] oscore names an "
+                                "address this host does not have") from None
+
+    async def close(self) -> None:
+        if self._context is not None:
+            await self._context.shutdown()
+            self._context = None
+        self._contexts.save_all()
+
+    def status_section(self) -> dict[str, Any]:
+        return {"address": self.address, "listening": self._context is not None,
+                **self._contexts.status_section()}

@@ -1,0 +1,58 @@
+"""The configured upstreams ([upstreams.NAME] in broker.toml), made and held together.
+
+They share one watch of the gateway's TLS credentials. A broker with no
+upstream never asks the agent for them, so it needs only the `secrets` grant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from agent.broker.config import BrokerConfig
+from agent.broker.gatewaycreds import GatewayCredentials
+from agent.broker.upstream import Upstream
+from agent.broker.upstream.coap import CoapUpstream
+from agent.consumer import IdentityClient
+from agent.errors import ConfigError
+
+
+def _trust(path: Path | None, name: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"[upstreams.{name}] bundle: {path}: {e.strerror or e}") from None
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise ConfigError(f"[upstreams.{name}] bundle: {path}: no PEM certificate in it")
+    return text
+
+
+class Upstreams:
+    name = "upstreams"
+
+    def __init__(self, by_name: dict[str, Upstream],
+                 credentials: GatewayCredentials | None) -> None:
+        self.by_name, self.credentials = by_name, credentials
+
+    async def start(self) -> None:
+        for upstream in self.by_name.values():
+            await upstream.start()
+
+    async def close(self) -> None:
+        for upstream in self.by_name.values():
+            await upstream.close()
+
+    def status_section(self) -> dict[str, Any]:
+        return {name: u.status_section() for name, u in self.by_name.items()}
+
+
+def make_upstreams(config: BrokerConfig, client: IdentityClient) -> Upstreams:
+    if not config.upstreams:
+        return Upstreams({}, None)
+    credentials = GatewayCredentials(client, config.identity.retry)
+    by_name: dict[str, Upstream] = {
+        name: CoapUpstream(name, section.url, _trust(section.bundle, name), credentials)
+        for name, section in config.upstreams.items()}
+    return Upstreams(by_name, credentials)

@@ -1,0 +1,136 @@
+"""A sensor speaking OSCORE to the broker, built on aiocoap's own client (the independent
+peer): its security context is an aiocoap FilesystemSecurityContext made from the
+credential `devidctl sensors add --json` printed. Also a UDP relay that records the
+datagrams it passes, so that a test can replay a captured request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiocoap
+from aiocoap import Code, Message
+from aiocoap.oscore import FilesystemSecurityContext, NotAProtectedMessage
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Answer:
+    code: str  # "2.04"
+    payload: bytes
+    protected: bool  # False: the broker answered without OSCORE (4.01 and the like)
+    max_age: int | None = None
+
+
+def _code(code: Code) -> str:
+    return f"{int(code) >> 5}.{int(code) & 31:02d}"
+
+
+class OscoreSensor:
+    """Runs its own event loop in a thread; each call blocks until the answer."""
+
+    def __init__(self, directory: Path, credential: dict[str, str], port: int) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "secret.json").write_text(json.dumps({
+            "sender-id_hex": credential["sender_id"],
+            "recipient-id_hex": credential["recipient_id"],
+            "secret_hex": credential["master_secret"], "salt_hex": credential["master_salt"]}))
+        self.directory, self.port = directory, port
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._context: aiocoap.Context = self._run(self._open())
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result(timeout)
+
+    async def _open(self) -> aiocoap.Context:
+        context = await aiocoap.Context.create_client_context()
+        self._security = FilesystemSecurityContext(str(self.directory))
+        context.client_credentials[f"coap://127.0.0.1:{self.port}/*"] = self._security
+        return context
+
+    def retarget(self, port: int) -> None:
+        """Send to another port (a relay) with the same security context."""
+        self._context.client_credentials.pop(f"coap://127.0.0.1:{self.port}/*")
+        self.port = port
+        self._context.client_credentials[f"coap://127.0.0.1:{port}/*"] = self._security
+
+    def request(self, method: str, path: str, payload: bytes = b"",
+                content_format: int | None = None) -> Answer:
+        return self._run(self._request(method, path, payload, content_format))
+
+    async def _request(self, method: str, path: str, payload: bytes,
+                       content_format: int | None) -> Answer:
+        message = Message(code=Code[method], payload=payload,
+                          uri=f"coap://127.0.0.1:{self.port}{path}")
+        if content_format is not None:
+            message.opt.content_format = content_format
+        try:
+            response = await self._context.request(message).response
+        except NotAProtectedMessage as e:
+            plain = e.plain_message
+            return Answer(_code(plain.code), plain.payload, False, plain.opt.max_age)
+        return Answer(_code(response.code), response.payload, True, response.opt.max_age)
+
+    def close(self) -> None:
+        self._run(self._context.shutdown())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
+class UdpRelay:
+    """Passes datagrams between one client and `target`, keeping those it relayed."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.settimeout(0.2)
+        self.port = int(self._sock.getsockname()[1])
+        self.requests: list[bytes] = []
+        self._client: tuple[str, int] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, source = self._sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            if source == self.target:
+                if self._client is not None:
+                    self._sock.sendto(data, self._client)
+            else:
+                self._client = source
+                self.requests.append(data)
+                self._sock.sendto(data, self.target)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._sock.close()
+
+
+def send_raw(datagram: bytes, target: tuple[str, int], new_message_id: int) -> Message:
+    """Send a captured CoAP datagram again from a fresh socket, with another message ID (not
+    protected by OSCORE, so an attacker can change it to get past deduplication); the
+    answer as a parsed message."""
+    data = bytearray(datagram)
+    data[2:4] = new_message_id.to_bytes(2, "big")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.sendto(bytes(data), target)
+        answer, _ = sock.recvfrom(65535)
+    return Message.decode(answer)
