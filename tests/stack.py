@@ -31,6 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "swtpm"))
 
 import harness  # noqa: E402  (swtpm/harness.py, stdlib only)
+from coap_upstream import CoapUpstreamProcess  # noqa: E402
+from mtls import server_identity  # noqa: E402
+from oscore_sensor import OscoreSensor  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -383,6 +386,25 @@ def _banner(text: str) -> None:
     print(f"\n=== {text}", flush=True)
 
 
+def _demo_upstream(directory: Path, client_ca: Path) -> CoapUpstreamProcess:
+    cert, key, ca_pem = server_identity(directory / "tls")
+    (directory / "ca.pem").write_text(ca_pem)
+    return CoapUpstreamProcess(directory, free_port(), cert, key, client_ca).start()
+
+
+def _demo_sensor(directory: Path, credential: dict[str, str], port: int) -> None:
+    import cbor2
+
+    sensor = OscoreSensor(directory, credential, port)
+    try:
+        for path, reading in (("/telemetry", 21.5), ("/telemetry", 21.7), ("/config", 0)):
+            answer = sensor.request("POST", path, cbor2.dumps({"t": reading}), 60)
+            print(f"POST {path} {{t: {reading}}} (OSCORE) -> {answer.code} "
+                  f"{answer.payload.decode(errors='replace')}")
+    finally:
+        sensor.close()
+
+
 def demo(directory: Path, keep: bool) -> int:
     directory = directory.resolve()
     if directory.exists():
@@ -407,6 +429,7 @@ def demo(directory: Path, keep: bool) -> int:
     _banner(f"starting devid-agent --config {config}")
     agent = AgentProcess(config).start()
     broker: BrokerProcess | None = None
+    upstream: CoapUpstreamProcess | None = None
     status = check = 2
     try:
         _banner("waiting for attestation-backed enrollment")
@@ -422,16 +445,35 @@ def demo(directory: Path, keep: bool) -> int:
         _banner("devidctl credentials fetch (as consumer demo-shell, over the identity API)")
         proc = agent.ctl("credentials", "fetch")
         print(proc.stdout or proc.stderr, end="")
-        _banner("devid-broker: its data key from the identity API, its sensor registry")
-        broker = BrokerProcess(directory / "broker", config.parent / "run" / "identity.sock")
+        _banner("a CoAP-over-TLS upstream (RFC 8323) that requires the registrar CA's "
+                "client certificates")
+        upstream = _demo_upstream(directory / "upstream", registrar.ca)
+        print(f"coaps+tcp://127.0.0.1:{upstream.port}, recording to {upstream.record}")
+        _banner("devid-broker: its data key and the gateway's TLS credentials from the "
+                "identity API, its sensor registry, an OSCORE listener")
+        broker = BrokerProcess(directory / "broker", config.parent / "run" / "identity.sock",
+                               f'[upstreams.cloud]\nurl = "coaps+tcp://127.0.0.1:'
+                               f'{upstream.port}"\nbundle = "{upstream.directory / "ca.pem"}"\n')
         broker.policy.write_text(DEMO_POLICY)
         broker.start().wait_serving()
-        _banner("devidctl sensors add t-1 --profile temperature --attr site=demo")
-        print(broker.ctl("add", "t-1", "--profile", "temperature", "--attr", "site=demo")
-              .stdout, end="")
+        print(f"OSCORE on udp 127.0.0.1:{broker.oscore_port}")
+        _banner("devidctl sensors add t-1 --profile temperature --attr site=demo --json")
+        _, added = broker.ctl_json("add", "t-1", "--profile", "temperature", "--attr",
+                                   "site=demo")
+        sensor = added["sensors"][0]
+        print(f"{sensor['name']} {sensor['id']}: OSCORE Sender ID {sensor['kid']}, its own "
+              "master secret and salt (printed once, not shown here)")
         _banner("devidctl policy explain t-1 POST /telemetry --size 12 --format 60")
         print(broker.ctl("explain", "t-1", "POST", "/telemetry", "--size", "12", "--format",
                          "60", verb="policy").stdout, end="")
+        _banner("the sensor (aiocoap's OSCORE client) sends telemetry through the gateway")
+        _demo_sensor(directory / "sensor", sensor["credential"], broker.oscore_port)
+        for entry in upstream.received():
+            print(f"upstream received {entry['method']} {entry['path']} asserting sensor "
+                  f"{entry['sensor'][0]}, over TLS with client certificate serial "
+                  f"{entry['client']['serial']}")
+        _banner("devidctl sensors show t-1")
+        print(broker.ctl("show", "t-1").stdout, end="")
         _banner("devidctl consumers list")
         print(agent.ctl("consumers", "list").stdout, end="")
         _banner("devid-registrar devices list")
@@ -442,13 +484,15 @@ def demo(directory: Path, keep: bool) -> int:
         if keep:
             _banner(f"left running; try: .venv/bin/devidctl --config {config} status; "
                     "stop with make demo-down")
-            pids = [p.proc.pid for p in (agent, registrar, broker) if p and p.proc]
+            pids = [p.proc.pid for p in (agent, registrar, broker, upstream) if p and p.proc]
             (directory / "pids").write_text("".join(f"{pid}\n" for pid in pids))
         else:
             _banner("stopping the broker, the agent, the registrar and swtpm (DEMO_KEEP=1 "
                     "keeps them)")
             if broker is not None:
                 broker.stop()
+            if upstream is not None:
+                upstream.stop()
             agent.stop()
             registrar.stop()
             tpm.stop()

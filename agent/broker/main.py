@@ -126,12 +126,12 @@ async def run(config: BrokerConfig) -> int:
                                         RecordCipher(key))
         del key  # the cipher holds what it derived; nothing else keeps the key
         audit = AuditLog(state_dir / AGENT_AUDIT_LOG)
-        broker.registry = SensorRegistry(store, audit)
+        traffic = Traffic(store, audit)
+        tasks.append(asyncio.create_task(traffic.run(stop)))
+        broker.registry = SensorRegistry(store, audit, traffic.flush)
         broker.policy = PolicyHolder(config.policy.file, store)
         broker.policy.load()
         broker.parts += [broker.registry, broker.policy]
-        traffic = Traffic(store, audit)
-        tasks.append(asyncio.create_task(traffic.run(stop)))
         upstreams = make_upstreams(config, client)
         if upstreams.credentials is not None:
             tasks.append(asyncio.create_task(upstreams.credentials.run(stop)))

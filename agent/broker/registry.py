@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agent import events
@@ -44,9 +45,13 @@ def _issued(sensor: Sensor, credential: Credential) -> dict[str, Any]:
 class SensorRegistry:
     name = "sensors"
 
-    def __init__(self, store: SensorStore, audit: AuditLog) -> None:
+    def __init__(self, store: SensorStore, audit: AuditLog,
+                 before_read: Callable[[], Awaitable[None]] | None = None) -> None:
         self.store, self._audit = store, audit
         self.changed = asyncio.Event()
+        # Counters live in memory between flushes; reads flush them first, so that
+        # `sensors show` right after a message counts it.
+        self._before_read = before_read
 
     def _now(self) -> str:
         return isoformat_utc(time.time())
@@ -105,11 +110,17 @@ class SensorRegistry:
         self.changed.set()
         return {"sensors": [s.to_dict() for s in added]}
 
+    async def _fresh(self) -> None:
+        if self._before_read is not None:
+            await self._before_read()
+
     async def list(self, _params: dict[str, Any]) -> dict[str, Any]:
+        await self._fresh()
         sensors = await asyncio.to_thread(self.store.list)
         return {"sensors": [s.to_dict() for s in sensors], "counts": self.store.counts()}
 
     async def show(self, params: dict[str, Any]) -> dict[str, Any]:
+        await self._fresh()
         return (await asyncio.to_thread(self.store.get, str(_text(params, "sensor")))).to_dict()
 
     async def change(self, params: dict[str, Any]) -> dict[str, Any]:

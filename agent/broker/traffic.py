@@ -143,7 +143,13 @@ class Traffic:
                 self.flush_error = None
             except Exception as e:  # a full disk must not stop the listeners
                 self.flush_error = str(e)
-                log.error("cannot save sensor counters: %s", e)
+                log.error("cannot save sensor counters (kept for the next try): %s", e)
+                for serial, old in deltas.items():
+                    new = self._deltas.setdefault(serial, _Delta())
+                    new.messages += old.messages
+                    new.denials += old.denials
+                    new.auth_failures += old.auth_failures
+                    new.last_seen = max(new.last_seen or 0.0, old.last_seen or 0.0) or None
         records = []
         while not self._audit_queue.empty():
             records.append(self._audit_queue.get_nowait())

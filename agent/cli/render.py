@@ -365,7 +365,8 @@ def render_sensor(doc: dict[str, Any]) -> str:
              f"  transport   {doc.get('transport')}, identifier {doc.get('kid')}",
              f"  created     {_date(doc.get('created_at'))}, last seen "
              f"{_date(doc.get('last_seen')) if doc.get('last_seen') else 'never'}",
-             f"  traffic     {doc.get('messages', 0)} messages, {doc.get('denials', 0)} denied"]
+             f"  traffic     {doc.get('messages', 0)} messages, {doc.get('denials', 0)} denied, "
+             f"{doc.get('auth_failures', 0)} failed authentication"]
     credential = doc.get("credential")
     if credential:
         lines.append("  credential  (shown once: the broker keeps it sealed and never shows "
