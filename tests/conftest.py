@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from coap_upstream import CoapUpstreamProcess
+from mtls import server_identity
 from stack import (
+    DEMO_POLICY,
     AgentProcess,
+    BrokerProcess,
     RegistrarProcess,
     SimulatedTpm,
+    enrollment_toml,
+    free_port,
+    rotation_toml,
     start_tpm,
     write_agent_config,
 )
@@ -76,3 +86,54 @@ def registrar_factory(
     yield make
     for registrar in made:
         registrar.stop()
+
+
+@dataclass
+class BrokerStack:
+    """An enrolled agent, a CoAP-over-TLS upstream that requires the gateway's client
+    certificate, and devid-broker between sensors and that upstream."""
+
+    broker: BrokerProcess
+    upstream: CoapUpstreamProcess
+    sensors: list[Any] = field(default_factory=list)  # closed after the test
+
+    def add(self, name: str, *args: str) -> dict[str, Any]:
+        code, added = self.broker.ctl_json("add", name, "--profile", "temperature", *args)
+        assert code == 0, added
+        return added["sensors"][0]
+
+    def status(self) -> dict[str, Any]:
+        from agent.control import client
+
+        return client.call(self.broker.socket, "status")
+
+    def totals(self) -> dict[str, int]:
+        return self.status()["traffic"]["totals"]
+
+
+@pytest.fixture
+def broker_stack(tpm: SimulatedTpm, registrar_factory: Callable[..., RegistrarProcess],
+                 agent_factory: Callable[..., AgentProcess], tmp_path: Path
+                 ) -> Iterator[BrokerStack]:
+    registrar = registrar_factory([tpm.vendor_ca])
+    consumer = (f'\n[[consumers]]\nname = "broker"\nuser = {os.getuid()}\n'
+                'grants = ["secrets", "credentials"]\n')
+    agent = agent_factory(tpm, extra=enrollment_toml(registrar, registrar.token())
+                          + rotation_toml() + consumer)
+    agent.wait_enrollment("enrolled")
+    cert, key, ca_pem = server_identity(tmp_path / "upstream-tls")
+    (tmp_path / "upstream-ca.pem").write_text(ca_pem)
+    upstream = CoapUpstreamProcess(tmp_path / "upstream", free_port(), cert, key,
+                                   registrar.ca).start()
+    broker = BrokerProcess(
+        tmp_path / "broker", agent.config.parent / "run" / "identity.sock",
+        f'[upstreams.cloud]\nurl = "coaps+tcp://127.0.0.1:{upstream.port}"\n'
+        f'bundle = "{tmp_path / "upstream-ca.pem"}"\n')
+    broker.policy.write_text(DEMO_POLICY)
+    broker.start().wait_serving()
+    stack = BrokerStack(broker, upstream)
+    yield stack
+    for sensor in stack.sensors:
+        sensor.close()
+    broker.stop()
+    upstream.stop()

@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO / "swtpm"))
 
 import harness  # noqa: E402  (swtpm/harness.py, stdlib only)
 from coap_upstream import CoapUpstreamProcess  # noqa: E402
+from dtls_sensor import CLIENTS, coap_client, libcoap_psk  # noqa: E402
 from mtls import server_identity  # noqa: E402
 from oscore_sensor import OscoreSensor  # noqa: E402
 
@@ -322,12 +323,13 @@ class BrokerProcess:
         self.directory = directory
         self.socket = directory / "run" / "control.sock"
         self.config = directory / "broker.toml"
-        self.oscore_port = free_udp_port()
+        self.oscore_port, self.dtls_port = free_udp_port(), free_udp_port()
         self.config.write_text(
             f'[paths]\nstate_dir = "state"\ncontrol_socket = "run/control.sock"\n'
             f'[identity]\nsocket = {json.dumps(str(identity_socket))}\nretry = "1s"\n'
             '[policy]\nfile = "policy.toml"\n'
-            f'[listen]\noscore = "127.0.0.1:{self.oscore_port}"\n' + extra)
+            f'[listen]\noscore = "127.0.0.1:{self.oscore_port}"\n'
+            f'dtls = "127.0.0.1:{self.dtls_port}"\n' + extra)
         self.policy = directory / "policy.toml"
         self.log = directory / "broker.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -378,7 +380,7 @@ methods = ["POST"]
 path = "/telemetry"
 upstream = "sensors/{sensor}/telemetry"
 max_payload = 64
-content_formats = [60, 112]
+content_formats = [0, 60, 112]
 """
 
 
@@ -450,13 +452,14 @@ def demo(directory: Path, keep: bool) -> int:
         upstream = _demo_upstream(directory / "upstream", registrar.ca)
         print(f"coaps+tcp://127.0.0.1:{upstream.port}, recording to {upstream.record}")
         _banner("devid-broker: its data key and the gateway's TLS credentials from the "
-                "identity API, its sensor registry, an OSCORE listener")
+                "identity API, its sensor registry, OSCORE and DTLS-PSK listeners")
         broker = BrokerProcess(directory / "broker", config.parent / "run" / "identity.sock",
                                f'[upstreams.cloud]\nurl = "coaps+tcp://127.0.0.1:'
                                f'{upstream.port}"\nbundle = "{upstream.directory / "ca.pem"}"\n')
         broker.policy.write_text(DEMO_POLICY)
         broker.start().wait_serving()
-        print(f"OSCORE on udp 127.0.0.1:{broker.oscore_port}")
+        print(f"OSCORE on udp 127.0.0.1:{broker.oscore_port}, DTLS-PSK on udp "
+              f"127.0.0.1:{broker.dtls_port}")
         _banner("devidctl sensors add t-1 --profile temperature --attr site=demo --json")
         _, added = broker.ctl_json("add", "t-1", "--profile", "temperature", "--attr",
                                    "site=demo")
@@ -472,8 +475,21 @@ def demo(directory: Path, keep: bool) -> int:
             print(f"upstream received {entry['method']} {entry['path']} asserting sensor "
                   f"{entry['sensor'][0]}, over TLS with client certificate serial "
                   f"{entry['client']['serial']}")
-        _banner("devidctl sensors show t-1")
-        print(broker.ctl("show", "t-1").stdout, end="")
+        _banner("devidctl sensors add d-1 --profile temperature --transport dtls-psk")
+        _, added = broker.ctl_json("add", "d-1", "--profile", "temperature", "--transport",
+                                   "dtls-psk")
+        identity, key = libcoap_psk(broker, "d-1", added["sensors"][0]["credential"])
+        print(f"d-1: PSK identity {identity}, its own 16-byte key (not shown here)")
+        _banner("libcoap's coap-client-openssl and coap-client-gnutls send telemetry over "
+                "DTLS-PSK")
+        for tool in CLIENTS:
+            reply = coap_client(tool, identity, key, broker.dtls_port, "/telemetry", "21.9")
+            print(f"{tool} POST /telemetry 21.9 (DTLS-PSK) -> {reply.text}")
+        entry = upstream.received()[-1]
+        print(f"upstream received {entry['method']} {entry['path']} asserting sensor "
+              f"{entry['sensor'][0]}")
+        _banner("devidctl sensors list")
+        print(broker.ctl("list").stdout, end="")
         _banner("devidctl consumers list")
         print(agent.ctl("consumers", "list").stdout, end="")
         _banner("devid-registrar devices list")

@@ -16,6 +16,7 @@
 
     [listen]
     oscore = "[::]:5683"            # UDP, IPv6 and IPv4; "" turns the listener off
+    dtls = "[::]:5684"              # DTLS 1.2 PSK (RFC 7925)
 
     [upstreams.cloud]               # where policy rules send traffic (`to = "cloud"`)
     url = "coaps+tcp://coap.example.net:5684"
@@ -90,6 +91,10 @@ ListenAddress = Annotated[str, AfterValidator(_address_or_off)]
 
 class ListenSection(StrictSection):
     oscore: ListenAddress = "[::]:5683"
+    dtls: ListenAddress = "[::]:5684"
+    # DTLS sessions held at once (each a few kB), and how long an idle one is kept.
+    dtls_max_sessions: Annotated[int, Field(ge=1, le=1_000_000)] = 20000
+    dtls_idle_timeout: Duration = 600.0
 
 
 def _upstream_url(url: str) -> str:

@@ -79,6 +79,10 @@ class Gateway(coap_resource.Resource):
             self._traffic.refused("unknown-credential", "a request without OSCORE or DTLS",
                                   remote_text(request.remote), request=f"{method} {path}")
             return _answer(Code.UNAUTHORIZED, "OSCORE or DTLS required")
+        if sensor.status != "active":  # a DTLS session outlives a quarantine
+            self._traffic.refused("disabled", f"sensor is {sensor.status}",
+                                  remote_text(request.remote), sensor, f"{method} {path}")
+            return _answer(Code.UNAUTHORIZED, "not authorized")
         self._traffic.accepted(sensor)
         if request.opt.proxy_uri is not None or request.opt.proxy_scheme is not None:
             return _answer(Code.PROXYING_NOT_SUPPORTED, "the gateway is not a forward proxy")

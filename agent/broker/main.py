@@ -25,9 +25,10 @@ from typing import Any, Protocol
 from agent import __version__, events, logsetup
 from agent.access import command_line
 from agent.audit import AGENT_AUDIT_LOG, AuditLog
-from agent.broker import oscore
+from agent.broker import dtls, oscore
 from agent.broker.config import DEFAULT_CONFIG, BrokerConfig, load_broker_config
 from agent.broker.datakey import fetch_data_key
+from agent.broker.dtls import DtlsListener
 from agent.broker.gateway import Gateway
 from agent.broker.oscore import OscoreListener, SensorContexts
 from agent.broker.policy import PolicyHolder
@@ -103,7 +104,7 @@ async def run(config: BrokerConfig) -> int:
     watchdog = asyncio.create_task(supervisor.run(stop))
     server: ControlServer | None = None
     tasks: list[asyncio.Task[None]] = []
-    listeners: list[OscoreListener] = []
+    listeners: list[OscoreListener | DtlsListener] = []
     upstreams: Upstreams | None = None
     traffic: Traffic | None = None
     try:
@@ -138,14 +139,22 @@ async def run(config: BrokerConfig) -> int:
             broker.parts.append(upstreams.credentials)
         await upstreams.start()
         contexts = SensorContexts(store, traffic)
-        gateway = Gateway([oscore.identify], broker.policy, upstreams.by_name, traffic,
-                          Rates(time.monotonic))
-        if config.listen.oscore:
-            listeners.append(OscoreListener(config.listen.oscore, contexts, gateway))
+        gateway = Gateway([oscore.identify, dtls.identify], broker.policy, upstreams.by_name,
+                          traffic, Rates(time.monotonic))
+        listen = config.listen
+        if listen.oscore:
+            listeners.append(OscoreListener(listen.oscore, contexts, gateway))
+        if listen.dtls:
+            datagram = DtlsListener(listen.dtls, store, traffic, gateway,
+                                    listen.dtls_max_sessions, listen.dtls_idle_timeout)
+            listeners.append(datagram)
+            tasks.append(asyncio.create_task(datagram.run(stop)))
         for listener in listeners:
             await listener.start()
         broker.parts += [*listeners, upstreams, traffic]
-        tasks.append(asyncio.create_task(follow_registry(broker.registry, [contexts.refresh])))
+        followers = [contexts.refresh] + [ls.refresh for ls in listeners
+                                          if isinstance(ls, DtlsListener)]
+        tasks.append(asyncio.create_task(follow_registry(broker.registry, followers)))
         gid = grp.getgrnam(config.control.group).gr_gid if config.control.group else None
         server = ControlServer(config.paths.control_socket,
                                {"status": broker.status, **broker.registry.handlers(),

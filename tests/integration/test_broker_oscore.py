@@ -10,76 +10,22 @@ captured request sent again, during the run, after a restart and after a SIGKILL
 
 from __future__ import annotations
 
-import os
 import secrets
 import signal
 
 import cbor2
-import pytest
-from coap_upstream import CoapUpstreamProcess
-from mtls import server_identity
 from oscore_sensor import OscoreSensor, UdpRelay, send_raw
-from stack import AgentProcess, BrokerProcess, enrollment_toml, free_port, rotation_toml
 
-from agent.control import client
-
-CONSUMER = ('\n[[consumers]]\nname = "broker"\nuser = {uid}\n'
-            'grants = ["secrets", "credentials"]\n')
-POLICY = """
-[profiles.temperature]
-[[profiles.temperature.rules]]
-name = "telemetry"
-methods = ["POST"]
-path = "/telemetry"
-upstream = "sensors/{sensor}/telemetry"
-max_payload = 64
-content_formats = [60, 112]
-"""
 CBOR = 60
-
-
-@pytest.fixture
-def stack(tpm, registrar_factory, agent_factory, tmp_path):
-    registrar = registrar_factory([tpm.vendor_ca])
-    agent: AgentProcess = agent_factory(
-        tpm, extra=enrollment_toml(registrar, registrar.token()) + rotation_toml()
-        + CONSUMER.format(uid=os.getuid()))
-    agent.wait_enrollment("enrolled")
-    cert, key, ca_pem = server_identity(tmp_path / "upstream-tls")
-    (tmp_path / "upstream-ca.pem").write_text(ca_pem)
-    upstream = CoapUpstreamProcess(tmp_path / "upstream", free_port(), cert, key,
-                                   registrar.ca).start()
-    broker = BrokerProcess(
-        tmp_path / "broker", agent.config.parent / "run" / "identity.sock",
-        f'[upstreams.cloud]\nurl = "coaps+tcp://127.0.0.1:{upstream.port}"\n'
-        f'bundle = "{tmp_path / "upstream-ca.pem"}"\n')
-    broker.policy.write_text(POLICY)
-    broker.start().wait_serving()
-    sensors: list[OscoreSensor] = []
-    yield broker, upstream, sensors
-    for sensor in sensors:
-        sensor.close()
-    broker.stop()
-    upstream.stop()
-
-
-def _add(broker: BrokerProcess, name: str) -> dict:
-    code, added = broker.ctl_json("add", name, "--profile", "temperature")
-    assert code == 0, added
-    return added["sensors"][0]
-
-
-def _totals(broker: BrokerProcess) -> dict[str, int]:
-    return client.call(broker.socket, "status")["traffic"]["totals"]
 
 
 def _reading(value: float) -> bytes:
     return cbor2.dumps({"t": value})
 
 
-def test_oscore_sensors_reach_the_upstream_only_as_the_policy_allows(stack, tmp_path):
-    broker, upstream, sensors = stack
-    t1, t2 = _add(broker, "t-1"), _add(broker, "t-2")
+def test_oscore_sensors_reach_the_upstream_only_as_the_policy_allows(broker_stack, tmp_path):
+    broker, upstream, sensors = broker_stack.broker, broker_stack.upstream, broker_stack.sensors
+    t1, t2 = broker_stack.add("t-1"), broker_stack.add("t-2")
     relay = UdpRelay(("127.0.0.1", broker.oscore_port))
     sensor = OscoreSensor(tmp_path / "t-1", t1["credential"], relay.port)
     sensors.append(sensor)
@@ -90,7 +36,7 @@ def test_oscore_sensors_reach_the_upstream_only_as_the_policy_allows(stack, tmp_
     assert got["path"] == f"/sensors/{t1['id']}/telemetry" and got["sensor"] == [t1["id"]]
     assert cbor2.loads(bytes.fromhex(got["payload"])) == {"t": 21.5}
     assert got["content_format"] == CBOR and got["method"] == "POST"
-    gateway = client.call(broker.socket, "status")["gateway_credentials"]
+    gateway = broker_stack.status()["gateway_credentials"]
     assert int(got["client"]["serial"], 16) == int(gateway["serial"], 16)  # its certificate
 
     # Denied by the policy: answered inside OSCORE, never forwarded.
@@ -129,7 +75,7 @@ def test_oscore_sensors_reach_the_upstream_only_as_the_policy_allows(stack, tmp_
     assert sensor.request("POST", "/telemetry", _reading(23), CBOR).code == "2.04"
     assert len(upstream.received()) == 2
 
-    totals = _totals(broker)
+    totals = broker_stack.totals()
     assert totals["forwarded"] == 2
     assert totals["refused.denied"] == 4 and totals["refused.replay"] == 1
     assert totals["refused.auth-failed"] >= 1 and totals["refused.unknown-credential"] >= 1
@@ -161,9 +107,11 @@ def test_oscore_sensors_reach_the_upstream_only_as_the_policy_allows(stack, tmp_
     for datagram, mid in ((captured, 0x3456), (capture_2, 0x4567)):
         replayed = send_raw(datagram, ("127.0.0.1", broker.oscore_port), mid)
         assert replayed.opt.oscore is not None  # a protected 4.01 carrying an Echo
-    assert _totals(broker)["echo_challenges"] == 2 and "forwarded" not in _totals(broker)
+    totals = broker_stack.totals()
+    assert totals["echo_challenges"] == 2 and "forwarded" not in totals
     assert sensor.request("POST", "/telemetry", _reading(25), CBOR).code == "2.04"
-    assert _totals(broker)["echo_challenges"] == 3 and _totals(broker)["forwarded"] == 1
+    totals = broker_stack.totals()
+    assert totals["echo_challenges"] == 3 and totals["forwarded"] == 1
     received = upstream.received()
     assert len(received) == 4
     assert [r["sensor"] for r in received] == [[t1["id"]]] * 4

@@ -92,8 +92,13 @@ def test_an_allowed_request_is_forwarded_with_only_its_payload_and_format(tmp_pa
     assert traffic.totals["forwarded"] == 1 and traffic.totals["authenticated"] == 1
 
 
+QUARANTINED = Sensor(2, "urn:devid:sensor:02", "t-2", "temperature", "dtls-psk", "quarantined",
+                     b"devid-s2")
+
+
 @pytest.mark.parametrize("request_, code, text", [
     (_request(sensor=None), Code.UNAUTHORIZED, "OSCORE or DTLS required"),
+    (_request(sensor=QUARANTINED), Code.UNAUTHORIZED, "not authorized"),
     (_request(method=Code.GET), Code.FORBIDDEN, "allows POST"),
     (_request(payload=b"x" * 17), Code.FORBIDDEN, "at most 16"),
     (_request(path="/sensors/urn:devid:sensor:02/telemetry"), Code.FORBIDDEN, "no rule"),
