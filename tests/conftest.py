@@ -96,6 +96,8 @@ class BrokerStack:
     broker: BrokerProcess
     upstream: CoapUpstreamProcess
     sensors: list[Any] = field(default_factory=list)  # closed after the test
+    registrar_ca: Path | None = None  # what client certificates chain to
+    server_tls: tuple[Path, Path] | None = None  # a 127.0.0.1 server cert and key
 
     def add(self, name: str, *args: str) -> dict[str, Any]:
         code, added = self.broker.ctl_json("add", name, "--profile", "temperature", *args)
@@ -112,28 +114,50 @@ class BrokerStack:
 
 
 @pytest.fixture
-def broker_stack(tpm: SimulatedTpm, registrar_factory: Callable[..., RegistrarProcess],
-                 agent_factory: Callable[..., AgentProcess], tmp_path: Path
-                 ) -> Iterator[BrokerStack]:
+def gateway_agent(tpm: SimulatedTpm, registrar_factory: Callable[..., RegistrarProcess],
+                  agent_factory: Callable[..., AgentProcess]
+                  ) -> tuple[AgentProcess, RegistrarProcess]:
+    """An enrolled agent that declares the broker (this user) a consumer of its identity."""
     registrar = registrar_factory([tpm.vendor_ca])
     consumer = (f'\n[[consumers]]\nname = "broker"\nuser = {os.getuid()}\n'
                 'grants = ["secrets", "credentials"]\n')
     agent = agent_factory(tpm, extra=enrollment_toml(registrar, registrar.token())
                           + rotation_toml() + consumer)
     agent.wait_enrollment("enrolled")
+    return agent, registrar
+
+
+@pytest.fixture
+def broker_stack_factory(gateway_agent: tuple[AgentProcess, RegistrarProcess], tmp_path: Path
+                         ) -> Iterator[Callable[..., BrokerStack]]:
+    """make(extra_toml, policy): the broker with the CoAP upstream `cloud` and whatever
+    more `extra_toml` configures (the upstream's CA is at tmp_path/"upstream-ca.pem")."""
+    agent, registrar = gateway_agent
+    made: list[BrokerStack] = []
     cert, key, ca_pem = server_identity(tmp_path / "upstream-tls")
     (tmp_path / "upstream-ca.pem").write_text(ca_pem)
-    upstream = CoapUpstreamProcess(tmp_path / "upstream", free_port(), cert, key,
-                                   registrar.ca).start()
-    broker = BrokerProcess(
-        tmp_path / "broker", agent.config.parent / "run" / "identity.sock",
-        f'[upstreams.cloud]\nurl = "coaps+tcp://127.0.0.1:{upstream.port}"\n'
-        f'bundle = "{tmp_path / "upstream-ca.pem"}"\n')
-    broker.policy.write_text(DEMO_POLICY)
-    broker.start().wait_serving()
-    stack = BrokerStack(broker, upstream)
-    yield stack
-    for sensor in stack.sensors:
-        sensor.close()
-    broker.stop()
-    upstream.stop()
+
+    def make(extra: str = "", policy: str = DEMO_POLICY) -> BrokerStack:
+        upstream = CoapUpstreamProcess(tmp_path / "upstream", free_port(), cert, key,
+                                       registrar.ca).start()
+        broker = BrokerProcess(
+            tmp_path / "broker", agent.config.parent / "run" / "identity.sock",
+            f'[upstreams.cloud]\nurl = "coaps+tcp://127.0.0.1:{upstream.port}"\n'
+            f'bundle = "{tmp_path / "upstream-ca.pem"}"\n' + extra)
+        broker.policy.write_text(policy)
+        broker.start().wait_serving()
+        made.append(BrokerStack(broker, upstream, registrar_ca=registrar.ca,
+                                server_tls=(cert, key)))
+        return made[-1]
+
+    yield make
+    for stack in made:
+        for sensor in stack.sensors:
+            sensor.close()
+        stack.broker.stop()
+        stack.upstream.stop()
+
+
+@pytest.fixture
+def broker_stack(broker_stack_factory: Callable[..., BrokerStack]) -> BrokerStack:
+    return broker_stack_factory()

@@ -18,7 +18,7 @@ CLIENTS = ("coap-client-openssl", "coap-client-gnutls")
 
 @dataclass(frozen=True)
 class Reply:
-    ok: bool  # a 2.xx: libcoap wrote the payload to its -o file
+    ok: bool  # a 2.xx: libcoap said nothing, and wrote the payload (if any) to its -o file
     text: str  # the payload, or what libcoap said ("4.03 ...", a DTLS alert)
 
 
@@ -36,9 +36,12 @@ def coap_client(tool: str, identity: str, key: bytes, port: int, path: str,
                               capture_output=True, timeout=wait + 15)
         # Error codes go to stderr, DTLS trouble to stdout (libcoap's log).
         said = (proc.stderr + proc.stdout).decode(errors="replace").strip()
-        if body.exists() and not proc.stderr.strip():
-            return Reply(True, body.read_text(errors="replace"))
-        return Reply(False, said)
+        trouble = proc.returncode != 0 or proc.stderr.strip() or \
+            any(f" {level} " in said for level in ("ERR", "WARN", "CRIT", "EMRG"))
+        if trouble:
+            return Reply(False, said)
+        # A 2.xx; without a payload libcoap writes no file.
+        return Reply(True, body.read_text(errors="replace") if body.exists() else "")
 
 
 def first_client_hello(suite: int = 0xC0A8) -> bytes:

@@ -19,7 +19,7 @@
     dtls = "[::]:5684"              # DTLS 1.2 PSK (RFC 7925)
 
     [upstreams.cloud]               # where policy rules send traffic (`to = "cloud"`)
-    url = "coaps+tcp://coap.example.net:5684"
+    url = "coaps+tcp://coap.example.net:5684"   # or mqtts://broker.example.net:8883
     bundle = "/etc/devid-broker/cloud-ca.pem"   # optional: else the agent's trust bundle
     timeout = "10s"
 
@@ -98,11 +98,11 @@ class ListenSection(StrictSection):
 
 
 def _upstream_url(url: str) -> str:
-    from agent.broker.upstream.coap import parse_coap_url  # aiocoap only when configured
+    from agent.broker.upstreams import check_url  # aiocoap and paho only when configured
     from agent.errors import ConfigError
 
     try:
-        parse_coap_url(url)
+        check_url(url)
     except ConfigError as e:
         raise ValueError(e.message) from None
     return url
@@ -112,6 +112,8 @@ class UpstreamSection(StrictSection):
     url: Annotated[str, AfterValidator(_upstream_url)]
     bundle: Path | None = None  # PEM CAs the upstream is verified against
     timeout: Duration = 10.0
+    # MQTT only: the client ID's prefix (a number is added per connection).
+    client_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,40}$")] = "devid-broker"
 
 
 class BrokerConfig(StrictSection):

@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 Identify = Callable[[Any], Sensor | None]  # request.remote -> the authenticated sensor
 TOO_MANY_REQUESTS = Code(0x9D)  # 4.29, RFC 8516
-UPSTREAM_TIMEOUT = 10.0
 
 
 def remote_text(remote: Any) -> str:
@@ -54,12 +53,11 @@ def _answer(code: Code, text: str, max_age: int | None = None) -> Message:
 class Gateway(coap_resource.Resource):
     def __init__(self, identify: list[Identify], policy: PolicyHolder,
                  upstreams: Mapping[str, Upstream], traffic: Traffic, rates: Rates,
-                 timeout: float = UPSTREAM_TIMEOUT,
                  now: Callable[[], datetime.datetime] =
                  lambda: datetime.datetime.now(datetime.UTC)) -> None:
         super().__init__()
         self._identify, self._policy, self._upstreams = identify, policy, upstreams
-        self._traffic, self._rates, self._timeout, self._now = traffic, rates, timeout, now
+        self._traffic, self._rates, self._now = traffic, rates, now
 
     def _sensor(self, request: Message) -> Sensor | None:
         for identify in self._identify:
@@ -107,7 +105,7 @@ class Gateway(coap_resource.Resource):
         forward = Forward(sensor, method, decision.upstream, request.payload, content_format,
                           _number(request.opt.accept))
         try:
-            reply = await asyncio.wait_for(upstream.forward(forward), self._timeout)
+            reply = await asyncio.wait_for(upstream.forward(forward), upstream.timeout)
         except (TimeoutError, UpstreamTimeout):
             self._traffic.upstream_failed(sensor, upstream.name, "timed out")
             return _answer(Code.GATEWAY_TIMEOUT, f"upstream {upstream.name} did not answer")

@@ -12,7 +12,8 @@ from typing import Any
 from agent.broker.config import BrokerConfig
 from agent.broker.gatewaycreds import GatewayCredentials
 from agent.broker.upstream import Upstream
-from agent.broker.upstream.coap import CoapUpstream
+from agent.broker.upstream.coap import CoapUpstream, parse_coap_url
+from agent.broker.upstream.mqtt import MqttUpstream, parse_mqtt_url
 from agent.consumer import IdentityClient
 from agent.errors import ConfigError
 
@@ -27,6 +28,16 @@ def _trust(path: Path | None, name: str) -> str | None:
     if "-----BEGIN CERTIFICATE-----" not in text:
         raise ConfigError(f"[upstreams.{name}] bundle: {path}: no PEM certificate in it")
     return text
+
+
+def check_url(url: str) -> None:
+    """ConfigError unless `url` is an upstream this broker can reach."""
+    if url.startswith("mqtts:"):
+        parse_mqtt_url(url)
+    elif url.startswith("coaps+tcp:"):
+        parse_coap_url(url)
+    else:
+        raise ConfigError(f"{url!r}: expected a coaps+tcp:// or mqtts:// URL")
 
 
 class Upstreams:
@@ -52,7 +63,11 @@ def make_upstreams(config: BrokerConfig, client: IdentityClient) -> Upstreams:
     if not config.upstreams:
         return Upstreams({}, None)
     credentials = GatewayCredentials(client, config.identity.retry)
-    by_name: dict[str, Upstream] = {
-        name: CoapUpstream(name, section.url, _trust(section.bundle, name), credentials)
-        for name, section in config.upstreams.items()}
+    by_name: dict[str, Upstream] = {}
+    for name, section in config.upstreams.items():
+        trust = _trust(section.bundle, name)
+        by_name[name] = MqttUpstream(name, section.url, trust, credentials, section.timeout,
+                                     section.client_id) \
+            if section.url.startswith("mqtts:") else \
+            CoapUpstream(name, section.url, trust, credentials, section.timeout)
     return Upstreams(by_name, credentials)

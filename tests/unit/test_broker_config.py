@@ -35,7 +35,9 @@ def test_the_shipped_file_lists_every_key_with_its_default(tmp_path):
     ("[listen]\noscore = '5683'\n", "[listen] oscore: '5683': expected IPV4:PORT"),
     ("[listen]\noscore = '[::1]:0'\n", "port 0 is not from 1 to 65535"),
     ("[upstreams.cloud]\nurl = 'https://x'\n", "[upstreams] cloud.url: 'https://x': expected "
-     "a coaps+tcp:// URL"),
+     "a coaps+tcp:// or mqtts:// URL"),
+    ("[upstreams.m]\nurl = 'mqtts://h/fleet/#'\n", "cannot hold the wildcards"),
+    ("[upstreams.m]\nurl = 'mqtts://h'\nclient_id = 'a b'\n", "m.client_id"),
     ("[upstreams.cloud]\nurl = 'coaps+tcp://x'\nbundle = 3\n", "cloud.bundle"),
     ("[upstreams.cloud]\nurl = 'coaps+tcp://x'\ntimeout = 'x'\n", "expected a duration"),
     ("[upstreams.cloud]\n", "cloud.url: Field required"),

@@ -40,7 +40,8 @@ SENSOR = Sensor(1, "urn:devid:sensor:01", "t-1", "temperature", "oscore", "activ
 class Recorder:
     name, url = "cloud", "coaps+tcp://upstream.test"
 
-    def __init__(self, behaviour: object = None) -> None:
+    def __init__(self, behaviour: object = None, timeout: float = 5.0) -> None:
+        self.timeout = timeout
         self.received: list[Forward] = []
         self.behaviour = behaviour
 
@@ -58,14 +59,13 @@ class _Remote:
         self.sensor, self.hostinfo = sensor, "192.0.2.1:5683"
 
 
-def _gateway(tmp_path: Path, upstream: Recorder, timeout: float = 5.0
-             ) -> tuple[Gateway, Traffic]:
+def _gateway(tmp_path: Path, upstream: Recorder) -> tuple[Gateway, Traffic]:
     store = SensorStore(tmp_path / "sensors.db", _cipher())
     holder = PolicyHolder(tmp_path / "policy.toml", store)
     holder.policy = parse_policy(POLICY, tmp_path / "policy.toml")
     traffic = Traffic(store, AuditLog(tmp_path / "audit.log"))
     gateway = Gateway([lambda remote: remote.sensor], holder, {"cloud": upstream}, traffic,
-                      Rates(lambda: 0.0), timeout)
+                      Rates(lambda: 0.0))
     return gateway, traffic
 
 
@@ -127,6 +127,6 @@ def test_upstream_failures_are_5_02_and_timeouts_5_04(tmp_path):
     answer = _render(gateway, _request())
     assert answer.code == Code.BAD_GATEWAY and b"connection refused" in answer.payload
     (tmp_path / "t").mkdir()
-    gateway, traffic = _gateway(tmp_path / "t", Recorder("hang"), timeout=0.05)
+    gateway, traffic = _gateway(tmp_path / "t", Recorder("hang", timeout=0.05))
     assert _render(gateway, _request()).code == Code.GATEWAY_TIMEOUT
     assert traffic.totals["upstream_failed"] == 1

@@ -39,6 +39,7 @@ class Reply:
 class Upstream(Protocol):
     name: str
     url: str
+    timeout: float  # seconds until the sensor gets 5.04
 
     async def start(self) -> None: ...
 
