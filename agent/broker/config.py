@@ -116,6 +116,14 @@ class UpstreamSection(StrictSection):
     client_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,40}$")] = "devid-broker"
 
 
+class SpoolSection(StrictSection):
+    # Store and forward for rules with `spool = true` (docs/broker.md, "Spool").
+    max_messages: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
+    max_bytes: Annotated[int, Field(ge=1024, le=1 << 40)] = 64 << 20
+    # The Max-Age of the 5.03 a sensor gets while the spool is full.
+    retry_after: Annotated[int, Field(ge=1, le=86400)] = 30
+
+
 class BrokerConfig(StrictSection):
     paths: BrokerPaths = Field(default_factory=BrokerPaths)
     identity: IdentitySection = Field(default_factory=IdentitySection)
@@ -124,6 +132,7 @@ class BrokerConfig(StrictSection):
     listen: ListenSection = Field(default_factory=ListenSection)
     upstreams: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")],
                     UpstreamSection] = Field(default_factory=dict)
+    spool: SpoolSection = Field(default_factory=SpoolSection)
     log: LogSection = Field(default_factory=LogSection)
     source: Path | None = Field(default=None, exclude=True)
 

@@ -6,8 +6,11 @@ which sensor sent it (`identify`). The Gateway then asks the policy, and
 forwards what a rule allows to that rule's upstream. The upstream gets only
 the payload and its format, never the sensor's own options. The response
 goes back with its code: a denial is 4.03 (4.29 when the rate is reached),
-an upstream failure 5.02, a timeout 5.04. Nothing is forwarded for a request
-that is not authenticated or not allowed.
+an upstream failure 5.02, a timeout 5.04. For a rule with `spool = true` an
+upstream failure or timeout instead puts the message in the spool (2.04 once it
+is on disk; 5.03 with Max-Age when the spool is full), and a sensor with
+messages waiting queues behind them. Nothing is forwarded for a request that
+is not authenticated or not allowed.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from aiocoap import Code, Message
 from aiocoap import resource as coap_resource
 
 from agent.broker.policy import PolicyHolder
+from agent.broker.spool import Spool
 from agent.broker.traffic import Traffic
 from agent.broker.upstream import Forward, Reply, Upstream
 from agent.errors import UpstreamError, UpstreamTimeout
@@ -53,11 +57,12 @@ def _answer(code: Code, text: str, max_age: int | None = None) -> Message:
 class Gateway(coap_resource.Resource):
     def __init__(self, identify: list[Identify], policy: PolicyHolder,
                  upstreams: Mapping[str, Upstream], traffic: Traffic, rates: Rates,
+                 spool: Spool | None = None,
                  now: Callable[[], datetime.datetime] =
                  lambda: datetime.datetime.now(datetime.UTC)) -> None:
         super().__init__()
         self._identify, self._policy, self._upstreams = identify, policy, upstreams
-        self._traffic, self._rates, self._now = traffic, rates, now
+        self._traffic, self._rates, self._spool, self._now = traffic, rates, spool, now
 
     def _sensor(self, request: Message) -> Sensor | None:
         for identify in self._identify:
@@ -104,15 +109,26 @@ class Gateway(coap_resource.Resource):
         assert decision.upstream is not None
         forward = Forward(sensor, method, decision.upstream, request.payload, content_format,
                           _number(request.opt.accept))
+        spool = self._spool if decision.spool else None
+        if spool is not None and spool.behind(upstream.name, sensor):
+            return self._spooled(sensor, await spool.accept(upstream.name, forward))
         try:
             reply = await asyncio.wait_for(upstream.forward(forward), upstream.timeout)
         except (TimeoutError, UpstreamTimeout):
             self._traffic.upstream_failed(sensor, upstream.name, "timed out")
+            if spool is not None:  # at least once: it may have arrived; send it again later
+                return self._spooled(sensor, await spool.accept(upstream.name, forward))
             return _answer(Code.GATEWAY_TIMEOUT, f"upstream {upstream.name} did not answer")
         except UpstreamError as e:
             self._traffic.upstream_failed(sensor, upstream.name, e.message)
+            if spool is not None:
+                return self._spooled(sensor, await spool.accept(upstream.name, forward))
             return _answer(Code.BAD_GATEWAY, f"upstream {upstream.name}: {e.message}")
         self._traffic.forwarded(sensor, upstream.name)
+        return _response(reply)
+
+    def _spooled(self, sensor: Sensor, reply: Reply) -> Message:
+        self._traffic.totals["spooled" if reply.code < 0xA0 else "refused.spool-full"] += 1
         return _response(reply)
 
     def _upstream(self, name: str | None) -> Upstream | None:

@@ -33,6 +33,7 @@ from agent.broker.gateway import Gateway
 from agent.broker.oscore import OscoreListener, SensorContexts
 from agent.broker.policy import PolicyHolder
 from agent.broker.registry import SensorRegistry
+from agent.broker.spool import Spool, SpoolStore
 from agent.broker.traffic import Traffic
 from agent.broker.upstreams import Upstreams, make_upstreams
 from agent.consumer import IdentityClient
@@ -48,6 +49,7 @@ from agent.supervision.supervisor import Supervisor
 log = logging.getLogger("agent.broker")
 EXIT_CONFIG, EXIT_STARTUP = 78, 1
 REGISTRY_FILE = "sensors.db"
+SPOOL_FILE = "spool.db"
 MAX_REQUEST = 32 << 20  # `sensors import` sends the file: 100,000 sensors fit
 
 
@@ -107,6 +109,7 @@ async def run(config: BrokerConfig) -> int:
     listeners: list[OscoreListener | DtlsListener] = []
     upstreams: Upstreams | None = None
     traffic: Traffic | None = None
+    spool: Spool | None = None
     try:
         def waiting(reason: str) -> None:
             if reason != broker.waiting:
@@ -139,8 +142,12 @@ async def run(config: BrokerConfig) -> int:
             broker.parts.append(upstreams.credentials)
         await upstreams.start()
         contexts = SensorContexts(store, traffic)
+        spool = Spool(SpoolStore(state_dir / SPOOL_FILE, config.spool.max_messages,
+                                 config.spool.max_bytes), upstreams.by_name,
+                      config.spool.retry_after)
+        tasks.append(asyncio.create_task(spool.run(stop)))
         gateway = Gateway([oscore.identify, dtls.identify], broker.policy, upstreams.by_name,
-                          traffic, Rates(time.monotonic))
+                          traffic, Rates(time.monotonic), spool)
         listen = config.listen
         if listen.oscore:
             listeners.append(OscoreListener(listen.oscore, contexts, gateway))
@@ -151,7 +158,7 @@ async def run(config: BrokerConfig) -> int:
             tasks.append(asyncio.create_task(datagram.run(stop)))
         for listener in listeners:
             await listener.start()
-        broker.parts += [*listeners, upstreams, traffic]
+        broker.parts += [*listeners, upstreams, spool, traffic]
         followers = [contexts.refresh] + [ls.refresh for ls in listeners
                                           if isinstance(ls, DtlsListener)]
         tasks.append(asyncio.create_task(follow_registry(broker.registry, followers)))
@@ -180,6 +187,8 @@ async def run(config: BrokerConfig) -> int:
         await asyncio.gather(*tasks, return_exceptions=True)
         if traffic is not None:
             await traffic.flush()
+        if spool is not None:
+            spool.store.close()
         await watchdog
         if broker.registry is not None:
             broker.registry.store.close()
