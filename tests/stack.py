@@ -490,6 +490,13 @@ def demo(directory: Path, keep: bool) -> int:
               f"{entry['sensor'][0]}")
         _banner("devidctl sensors list")
         print(broker.ctl("list").stdout, end="")
+        _banner("devidctl status and check, now with devid-broker's part")
+        proc = agent.ctl("status", "--broker-socket", str(broker.socket))
+        print(proc.stdout or proc.stderr, end="")
+        status = proc.returncode
+        proc = agent.ctl("check", "--broker-socket", str(broker.socket))
+        print(proc.stdout or proc.stderr, end="")
+        check = proc.returncode
         _banner("devidctl consumers list")
         print(agent.ctl("consumers", "list").stdout, end="")
         _banner("devid-registrar devices list")

@@ -35,8 +35,8 @@ from agent.cli.render import (
     render_renew,
     render_status,
 )
+from agent.cli.sensors import add_broker_socket, broker_status, cmd_sensors
 from agent.cli.sensors import add_verbs as sensor_verbs
-from agent.cli.sensors import cmd_sensors
 from agent.config import (
     AgentConfig,
     PathsSection,
@@ -46,9 +46,10 @@ from agent.config import (
 )
 from agent.control import client
 from agent.control.protocol import RENEW_WAIT_MAX
+from agent.diagnostics.broker import check_broker
 from agent.diagnostics.certificates import certificates_document, certificates_pem
 from agent.diagnostics.local import local_gateway_facts
-from agent.diagnostics.suite import CHECK_NAMES, check_document, only
+from agent.diagnostics.suite import CHECK_NAMES, check_document, only, with_results
 from agent.enroll.state import EnrollmentStore
 from agent.errors import ConfigError, DaemonNotRunning, DevidError, PermissionDenied, StateError
 
@@ -83,10 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     def verb(name: str, **kwargs: Any) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[after_verb], **kwargs)
 
-    status = verb("status", help="the agent's state, TPM, EK and identity key")
+    status = verb("status", help="the agent's state, TPM, EK and identity key; devid-broker's "
+                             "when it runs here")
     status.add_argument("--json", action="store_true", help="print one JSON object")
+    add_broker_socket(status)
     check = verb("check", help="diagnostics with a hint for each problem "
                            "(runs locally when the daemon is down)")
+    add_broker_socket(check)
     check.add_argument("--json", action="store_true", help="print one JSON object")
     check.add_argument("--only", metavar="NAME", action="append", choices=CHECK_NAMES,
                        help="show only this check (repeatable); the exit status follows "
@@ -191,6 +195,12 @@ def cmd_status(config: AgentConfig, args: argparse.Namespace) -> int:
         doc = _call(config, args, "status")
     except DevidError as e:
         return _fail(e, as_json, EXIT_NO_DAEMON)
+    broker = broker_status(args)
+    if broker is not None:
+        doc["devid_broker"] = broker
+        worse = max(EXIT_BY_STATE.get(str(doc.get("state")), 2),
+                    EXIT_BY_STATE.get(str(broker.get("state")), 2))
+        doc["state"] = next(k for k, v in EXIT_BY_STATE.items() if v == worse)
     _emit(doc, as_json, lambda d: render_status(d, terminal_style()))
     return EXIT_BY_STATE.get(str(doc.get("state")), 2)
 
@@ -223,6 +233,11 @@ def cmd_check(config: AgentConfig, args: argparse.Namespace) -> int:
         doc = _check_document(config, args)
     except DevidError as e:
         return _fail(e, as_json, EXIT_NO_DAEMON)
+    broker = broker_status(args)
+    if broker is not None:
+        error = broker.get("error")
+        doc = with_results(doc, check_broker(None if error else broker,
+                                             error and error.get("message")))
     if args.only:
         doc = only(doc, args.only)
     _emit(doc, as_json, lambda d: render_check(d, terminal_style(), args.verbose))

@@ -11,7 +11,7 @@ from typing import Any
 
 from agent.broker.config import PolicySection
 from agent.broker.policy import load_policy_file
-from agent.cli.sensors import broker_call, exit_code
+from agent.cli.sensors import add_broker_socket, broker_call, exit_code
 from agent.errors import DevidError, SensorError
 
 Verb = Callable[..., argparse.ArgumentParser]
@@ -26,8 +26,7 @@ def add_verbs(verb: Verb) -> None:
     policy.add_argument("--size", type=int, default=0, help="explain: payload bytes")
     policy.add_argument("--format", type=int, dest="content_format",
                         help="explain: CoAP Content-Format number")
-    policy.add_argument("--broker-socket", type=Path, metavar="PATH",
-                        help="devid-broker's control socket")
+    add_broker_socket(policy)
     policy.add_argument("--json", action="store_true", help="print one JSON object")
 
 

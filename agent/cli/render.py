@@ -123,7 +123,37 @@ def render_status(doc: dict[str, Any], style: Style = PLAIN) -> str:
     lines += _enrollment_lines(doc.get("enrollment") or {}, doc.get("certificate"), now)
     lines += _rotation_lines(doc.get("rotation"), doc.get("tls_certificate"), now)
     lines += _consumer_lines(doc.get("identity_api"))
+    lines += _broker_lines(doc.get("devid_broker"))
     return "\n".join(lines)
+
+
+def _broker_lines(broker: dict[str, Any] | None) -> list[str]:
+    """devid-broker's part of `devidctl status`, when the broker is on this gateway."""
+    if not broker:
+        return []
+    if broker.get("error"):
+        return [f"  broker     NOT ANSWERING at {broker.get('socket')}: "
+                f"{broker['error'].get('message')}"]
+    totals = (broker.get("traffic") or {}).get("totals") or {}
+    refused = sum(v for k, v in totals.items() if k.startswith("refused."))
+    lines = [f"  broker     {broker.get('state')}: {broker.get('headline')}"]
+    for name in ("oscore", "dtls"):
+        listener = broker.get(name)
+        if isinstance(listener, dict):
+            state = "listening" if listener.get("listening") else "NOT LISTENING"
+            extra = f", {listener.get('sessions', 0)} sessions" if name == "dtls" else \
+                f", {listener.get('contexts', 0)} contexts"
+            lines.append(f"             {name:7s} {listener.get('address')} {state}{extra}")
+    spool = broker.get("spool") or {}
+    lines.append(f"             traffic {totals.get('forwarded', 0)} forwarded, "
+                 f"{totals.get('refused.denied', 0)} denied, {refused} refused in all, "
+                 f"{totals.get('spooled', 0)} spooled ({spool.get('messages', 0)} waiting), "
+                 f"{totals.get('malformed', 0)} malformed dropped")
+    for name, upstream in (broker.get("upstreams") or {}).items():
+        error = upstream.get("last_error")
+        lines.append(f"             {name:7s} {upstream.get('url')}: "
+                     f"{'last request failed: ' + error if error else 'ok'}")
+    return lines
 
 
 def _consumer_lines(api: dict[str, Any] | None) -> list[str]:
@@ -274,17 +304,20 @@ def render_check(doc: dict[str, Any], style: Style = PLAIN, verbose: bool = Fals
     state = str(doc.get("state"))
     lines = [f"devid-agent check: {style.paint(state, state)}"
              + (f" ({doc['summary']})" if doc.get("summary") else "")]
-    for r in doc.get("results", []):
+    results = doc.get("results", [])
+    width = max([15, *(len(str(r.get("name"))) for r in results)])
+    for r in results:
         checked = r.get("checked", True)
         label = r["level"].upper() if checked else "SKIP"
-        lines.append(f"  {style.paint(f'{label:4}', label)}  {r['name']:15} {r['summary']}")
+        lines.append(f"  {style.paint(f'{label:4}', label)}  {r['name']:{width}} "
+                     f"{r['summary']}")
         if verbose and r.get("detail"):
-            lines.append(f"        {'':15} found: {r['detail']}")
+            lines.append(f"        {'':{width}} found: {r['detail']}")
         if r.get("hint") and r["level"] != "pass":
-            lines.append(f"        {'':15} hint: {r['hint']}")
+            lines.append(f"        {'':{width}} hint: {r['hint']}")
         if checked and r.get("docs") and r["level"] != "pass":
             section = str(r["docs"]).partition("#")[2]
-            lines.append(f"        {'':15} docs: {style.docs}#{section}")
+            lines.append(f"        {'':{width}} docs: {style.docs}#{section}")
     return "\n".join(lines)
 
 

@@ -60,14 +60,32 @@ def add_verbs(verb: Verb) -> None:
     sensors.add_argument("--qr", type=Path, metavar="FILE", help="add/rekey: also write the "
                          "credential as a QR code PNG (0600) for the field installer")
     sensors.add_argument("--reason", help="quarantine/release/revoke: why (audited)")
-    sensors.add_argument("--broker-socket", type=Path, metavar="PATH",
-                         help=f"devid-broker's control socket (default ${SOCKET_ENV}, else "
-                              f"{DEFAULT_CONTROL_SOCKET})")
+    add_broker_socket(sensors)
     sensors.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def _socket(args: argparse.Namespace) -> Path:
-    return args.broker_socket or Path(os.environ.get(SOCKET_ENV) or DEFAULT_CONTROL_SOCKET)
+def broker_socket(args: argparse.Namespace) -> Path:
+    """--broker-socket, else $DEVIDCTL_BROKER_SOCKET, else the broker's default."""
+    given = getattr(args, "broker_socket", None)
+    return given or Path(os.environ.get(SOCKET_ENV) or DEFAULT_CONTROL_SOCKET)
+
+
+def add_broker_socket(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--broker-socket", type=Path, metavar="PATH",
+                        help=f"devid-broker's control socket (default ${SOCKET_ENV}, else "
+                             f"{DEFAULT_CONTROL_SOCKET})")
+
+
+def broker_status(args: argparse.Namespace) -> dict[str, Any] | None:
+    """devid-broker's status for `devidctl status` and `check`: None when the broker is not
+    on this gateway (no socket); {"error": ...} when its socket does not answer."""
+    path = broker_socket(args)
+    if not path.exists():
+        return None
+    try:
+        return client.call(path, "status", timeout=10.0, command=args.command_line)
+    except DevidError as e:
+        return {"socket": str(path), "state": "FAIL", "error": e.to_dict()}
 
 
 def _batch_file(path: Path, sensors: list[dict[str, Any]]) -> None:
@@ -136,7 +154,7 @@ def broker_call(args: argparse.Namespace, method: str, params: dict[str, Any]
                 ) -> dict[str, Any]:
     """One request to devid-broker's control socket."""
     try:
-        return client.call(_socket(args), method, params, timeout=120.0,
+        return client.call(broker_socket(args), method, params, timeout=120.0,
                            command=args.command_line, max_line=BATCH_MAX_LINE)
     except DaemonNotRunning as e:
         e.hint = e.hint or "is devid-broker running? (systemctl status devid-broker)"

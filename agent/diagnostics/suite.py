@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from agent.clock import human_duration
+from agent.diagnostics.broker import BROKER_CHECKS
 from agent.diagnostics.checks import (
     HEADLINE,
     NOT_CHECKED,
@@ -37,7 +38,7 @@ from agent.diagnostics.service import ServiceFacts, check_service
 
 # Every check, in the order run_checks gives them: root causes first.
 CHECK_NAMES = ("clock", "daemon", "tpm", "ek-certificate", "identity-key", "state-dir",
-               "registrar", "enrollment", "rotation")
+               "registrar", "enrollment", "rotation", *BROKER_CHECKS)
 
 
 @dataclass(frozen=True)
@@ -132,19 +133,32 @@ def only(doc: dict[str, Any], names: list[str]) -> dict[str, Any]:
 
 def tally(results: list[CheckResult]) -> str:
     """'7 passed, 1 warning, 1 failed, 2 not checked'."""
+    return _tally([(r.level, r.checked) for r in results])
+
+
+def _tally(results: list[tuple[Level, bool]]) -> str:
     counts = {"passed": 0, "warning": 0, "failed": 0, "not checked": 0}
-    for r in results:
-        if not r.checked:
+    for level, checked in results:
+        if not checked:
             counts["not checked"] += 1
         else:
             counts[{Level.PASS: "passed", Level.WARN: "warning",
-                    Level.FAIL: "failed"}[r.level]] += 1
+                    Level.FAIL: "failed"}[level]] += 1
     parts = []
     for label, n in counts.items():
         if n or label == "passed":
             parts.append(f"{n} {label}s" if label == "warning" and n != 1 else f"{n} {label}")
     return ", ".join(parts)
 
+
+def with_results(doc: dict[str, Any], extra: list[CheckResult]) -> dict[str, Any]:
+    """A check document (as JSON) with more results after its own (the broker's); its
+    state and summary follow all of them."""
+    results = [*doc.get("results", []), *(r.to_dict() for r in extra)]
+    pairs = [(Level.__members__.get(str(r.get("level")).upper(), Level.FAIL),
+              bool(r.get("checked", True))) for r in results]
+    level = max((lv for lv, _ in pairs), default=Level.PASS)
+    return {**doc, "state": HEADLINE[level], "summary": _tally(pairs), "results": results}
 
 
 def check_document(facts: GatewayFacts) -> dict[str, Any]:

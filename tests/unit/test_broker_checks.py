@@ -1,0 +1,73 @@
+"""`devidctl check`'s broker lines, judged from status documents like the broker's."""
+
+from __future__ import annotations
+
+import copy
+
+from agent.cli.render import render_check, render_status
+from agent.diagnostics.broker import check_broker
+from agent.diagnostics.checks import Level
+from agent.diagnostics.suite import with_results
+
+HEALTHY = {
+    "state": "OK", "headline": "2 sensors active, 0 quarantined, 0 revoked",
+    "broker": {"version": "0.1.0"},
+    "sensors": {"counts": {"active": 2, "quarantined": 0, "revoked": 0}},
+    "oscore": {"address": "[::]:5683", "listening": True, "contexts": 1},
+    "dtls": {"address": "[::]:5684", "listening": True, "sessions": 0},
+    "policy": {"file": "/etc/devid-broker/policy.toml", "exists": True,
+               "profiles": {"temperature": 1}, "insecure_profiles": [], "error": None},
+    "upstreams": {"cloud": {"url": "coaps+tcp://up:5684", "last_error": None}},
+    "gateway_credentials": {"serial": "abc", "withdrawn": None, "error": None},
+    "spool": {"messages": 0},
+    "traffic": {"totals": {"forwarded": 4, "refused.denied": 1}},
+}
+
+
+def _levels(doc):
+    return {r.name: r.level for r in check_broker(doc)}
+
+
+def _with(**changes):
+    doc = copy.deepcopy(HEALTHY)
+    for path, value in changes.items():
+        section, key = path.split("__")
+        doc[section][key] = value
+    return doc
+
+
+def test_a_healthy_broker_passes_its_three_checks():
+    assert _levels(HEALTHY) == {"broker": Level.PASS, "broker-policy": Level.PASS,
+                                "broker-upstreams": Level.PASS}
+
+
+def test_each_problem_names_its_check():
+    assert _levels(_with(oscore__listening=False, dtls__listening=False))["broker"] \
+        is Level.WARN
+    refused = _with(policy__error={"message": "line 3: bad"})
+    assert _levels(refused)["broker-policy"] is Level.FAIL
+    assert _levels(_with(policy__insecure_profiles=["legacy"]))["broker-policy"] is Level.WARN
+    assert _levels(_with(policy__profiles={}))["broker-policy"] is Level.WARN
+    withdrawn = _with(gateway_credentials__withdrawn="revoked", gateway_credentials__serial=None)
+    [result] = [r for r in check_broker(withdrawn) if r.name == "broker-upstreams"]
+    assert result.level is Level.FAIL and "revoked" in result.summary
+    failing = _with(spool__messages=3)
+    failing["upstreams"]["cloud"]["last_error"] = "connection refused"
+    [result] = [r for r in check_broker(failing) if r.name == "broker-upstreams"]
+    assert result.level is Level.WARN and "connection refused" in result.summary \
+        and "3 message(s)" in result.summary
+    [down] = check_broker(None, "connection refused")
+    assert (down.name, down.level) == ("broker", Level.FAIL)
+
+
+def test_merged_into_the_agents_check_document_and_rendered():
+    agent_doc = {"state": "OK", "summary": "1 passed",
+                 "results": [{"name": "clock", "level": "pass", "summary": "ok",
+                              "checked": True}]}
+    merged = with_results(agent_doc, check_broker(_with(policy__insecure_profiles=["x"])))
+    assert merged["state"] == "WARN" and merged["summary"] == "3 passed, 1 warning"
+    text = render_check(merged)
+    assert "WARN  broker-policy    profile(s) x accept plain CoAP" in text
+    status = render_status({"state": "OK", "devid_broker": HEALTHY})
+    assert "broker     OK: 2 sensors active" in status and "cloud   coaps+tcp://up:5684: ok" \
+        in status
