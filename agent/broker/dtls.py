@@ -213,7 +213,8 @@ class DtlsServer(asyncio.DatagramProtocol, interfaces.MessageInterface):
                 return
             try:
                 message = Message.decode(plaintext, remote=session.remote)
-            except coap_error.UnparsableMessage:
+            # aiocoap lets a string option that is not UTF-8 escape as UnicodeDecodeError.
+            except (coap_error.UnparsableMessage, ValueError):
                 self._traffic.malformed("dtls", session.remote.hostinfo, "not a CoAP message")
                 continue
             if self._mman is not None:

@@ -150,7 +150,7 @@ async def run(config: BrokerConfig) -> int:
                           traffic, Rates(time.monotonic), spool)
         listen = config.listen
         if listen.oscore:
-            listeners.append(OscoreListener(listen.oscore, contexts, gateway))
+            listeners.append(OscoreListener(listen.oscore, contexts, gateway, traffic))
         if listen.dtls:
             datagram = DtlsListener(listen.dtls, store, traffic, gateway,
                                     listen.dtls_max_sessions, listen.dtls_idle_timeout)

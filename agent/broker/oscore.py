@@ -24,15 +24,19 @@ without a disk write per message:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
+import socket
 from collections.abc import Callable
 from typing import Any
 
 import aiocoap
+from aiocoap import Message
 from aiocoap import error as coap_error
 from aiocoap.interfaces import Resource
+from aiocoap.message import Direction
 from aiocoap.oscore import (
     COSE_KID,
     COSE_KID_CONTEXT,
@@ -51,6 +55,7 @@ from aiocoap.oscore import (
 )
 from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 from aiocoap.transports.oscore import OSCOREAddress
+from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
 
 from agent.broker.config import parse_address
 from agent.broker.gateway import remote_text
@@ -216,25 +221,62 @@ def identify(remote: Any) -> Sensor | None:
     return None
 
 
+def _counting_udp6(traffic: Traffic) -> type[MessageInterfaceUDP6]:
+    """aiocoap's UDP transport, counting what arrives and what is not CoAP at all (aiocoap
+    would log a warning for each of those: a flood of garbage would flood the journal)."""
+
+    class CountingUDP6(MessageInterfaceUDP6):  # type: ignore[misc]
+        def datagram_msg_received(self, data: bytes, ancdata: list[Any], flags: int,
+                                  address: tuple[Any, ...]) -> None:
+            traffic.received("oscore")
+            pktinfo = next((value for level, kind, value in ancdata
+                            if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO),
+                           None)
+            remote = UDP6EndpointAddress(address, self, pktinfo=pktinfo)
+            try:
+                message = Message.decode(data, remote)
+            # aiocoap lets a string option that is not UTF-8 escape as UnicodeDecodeError.
+            except (coap_error.UnparsableMessage, ValueError):
+                traffic.malformed("oscore", remote_text(remote), "not a CoAP message")
+                return
+            message.direction = Direction.INCOMING
+            try:
+                self._ctx.dispatch_message(message)
+            except Exception as e:  # never let one datagram take the listener down
+                log.error("OSCORE listener: a message from %s could not be handled: %s",
+                          remote_text(remote), e)
+
+    return CountingUDP6
+
+
 class OscoreListener:
     """CoAP over UDP where every request must be OSCORE-protected by a sensor's context."""
 
     name = "oscore"
 
-    def __init__(self, address: str, contexts: SensorContexts, site: Resource) -> None:
+    def __init__(self, address: str, contexts: SensorContexts, site: Resource,
+                 traffic: Traffic) -> None:
         self.address, self._contexts, self._site = address, contexts, site
+        self._traffic = traffic
         self._context: aiocoap.Context | None = None
 
     async def start(self) -> None:
         host, port = parse_address(self.address)
+        loop = asyncio.get_running_loop()
+        context = aiocoap.Context(loop=loop, serversite=OscoreSiteWrapper(self._site,
+                                                                          self._contexts),
+                                  loggername="coap-oscore")
+        transport = _counting_udp6(self._traffic)
         try:
-            self._context = await aiocoap.Context.create_server_context(
-                OscoreSiteWrapper(self._site, self._contexts), bind=(host, port),
-                transports=["udp6"])
+            # The hook aiocoap's own constructors use (aiocoap is pinned below 0.5 for it).
+            await context._append_tokenmanaged_messagemanaged_transport(
+                lambda mman: transport.create_server_transport_endpoint(
+                    mman, log=context.log, loop=loop, bind=(host, port), multicast=[]))
         except OSError as e:
             raise ListenerError(f"OSCORE listener {self.address}: {e.strerror or e}",
                                 "another program has the port, or [listen] oscore names an "
                                 "address this host does not have") from None
+        self._context = context
 
     async def close(self) -> None:
         if self._context is not None:
