@@ -114,11 +114,17 @@ class BrokerStack:
 
 
 @pytest.fixture
+def registrar_settings() -> dict[str, str]:
+    """The gateway registrar's settings; a test overrides them by parametrizing this name."""
+    return {}
+
+
+@pytest.fixture
 def gateway_agent(tpm: SimulatedTpm, registrar_factory: Callable[..., RegistrarProcess],
-                  agent_factory: Callable[..., AgentProcess]
-                  ) -> tuple[AgentProcess, RegistrarProcess]:
+                  agent_factory: Callable[..., AgentProcess],
+                  registrar_settings: dict[str, str]) -> tuple[AgentProcess, RegistrarProcess]:
     """An enrolled agent that declares the broker (this user) a consumer of its identity."""
-    registrar = registrar_factory([tpm.vendor_ca])
+    registrar = registrar_factory([tpm.vendor_ca], settings=registrar_settings)
     consumer = (f'\n[[consumers]]\nname = "broker"\nuser = {os.getuid()}\n'
                 'grants = ["secrets", "credentials"]\n')
     agent = agent_factory(tpm, extra=enrollment_toml(registrar, registrar.token())
