@@ -54,6 +54,8 @@ bench: deps
 	$(VPY) bench/enroll.py
 	$(VPY) bench/rotation.py
 	$(VPY) bench/clock_skew.py
+	$(VPY) bench/identity_api.py
+	$(VPY) bench/broker.py
 
 # Build the Debian package, lint it, install it here, check it, purge it
 # (tests/package/run; needs root). `make package` only builds, into dist/.

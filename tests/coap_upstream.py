@@ -80,9 +80,11 @@ class _Root(coap_resource.Site):
         await self._recorder.render_to_pipe(pipe)
 
 
-async def serve(port: int, cert: Path, key: Path, client_ca: Path, record: Path) -> None:
+async def serve(port: int, cert: Path, key: Path, client_ca: Path, record: Path,
+                optional: bool = False) -> None:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(client_ca))
-    ctx.verify_mode = ssl.CERT_REQUIRED
+    # Optional only for the benchmark's baselines (a client straight to it, aiocoap's proxy).
+    ctx.verify_mode = ssl.CERT_OPTIONAL if optional else ssl.CERT_REQUIRED
     ctx.load_cert_chain(str(cert), str(key))
     ctx.set_alpn_protocols(["coap"])
     # aiocoap's TLS server binds the given port plus 1 (the coaps offset from coap).
@@ -101,13 +103,14 @@ class CoapUpstreamProcess:
     """The upstream as a child process, for tests and the demo."""
 
     def __init__(self, directory: Path, port: int, cert: Path, key: Path,
-                 client_ca: Path) -> None:
+                 client_ca: Path, optional_client_cert: bool = False) -> None:
         self.directory, self.port = directory, port
         self.record = directory / "received.jsonl"
         self.log = directory / "upstream.log"
         self._args = [sys.executable, "-m", "tests.coap_upstream", "--port", str(port),
                       "--cert", str(cert), "--key", str(key), "--client-ca", str(client_ca),
-                      "--record", str(self.record)]
+                      "--record", str(self.record)] + \
+            (["--optional-client-cert"] if optional_client_cert else [])
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> CoapUpstreamProcess:
@@ -140,8 +143,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     for name in ("cert", "key", "client-ca", "record"):
         parser.add_argument(f"--{name}", type=Path, required=True)
+    parser.add_argument("--optional-client-cert", action="store_true")
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.cert, args.key, args.client_ca, args.record))
+    asyncio.run(serve(args.port, args.cert, args.key, args.client_ca, args.record,
+                      args.optional_client_cert))
 
 
 if __name__ == "__main__":

@@ -52,8 +52,8 @@ class Rule(StrictSection):
     upstream: str
     max_payload: Annotated[int, Field(ge=0, le=65536)] = 1024
     content_formats: list[Annotated[int, Field(ge=0, le=65535)]] | None = None
-    rate: Annotated[float, Field(gt=0, le=60000)] = 60.0
-    burst: Annotated[int, Field(ge=1, le=10000)] = 10
+    rate: Annotated[float, Field(gt=0, le=600_000)] = 60.0
+    burst: Annotated[int, Field(ge=1, le=100_000)] = 10
     hours: list[str] | None = None
     when: dict[str, str | list[str]] = Field(default_factory=dict)
     spool: bool = False

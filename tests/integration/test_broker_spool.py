@@ -9,16 +9,9 @@ import time
 
 import cbor2
 from oscore_sensor import OscoreSensor
+from stack import DEMO_POLICY
 
-SPOOL_POLICY = """
-[profiles.temperature]
-[[profiles.temperature.rules]]
-name = "telemetry"
-methods = ["POST"]
-path = "/telemetry"
-upstream = "sensors/{sensor}/telemetry"
-spool = true
-"""
+SPOOL_POLICY = DEMO_POLICY + "spool = true\n"  # the demo's rule, store and forward
 
 
 def test_spooled_telemetry_survives_a_sigkill_and_arrives_in_order(broker_stack_factory,
