@@ -92,6 +92,8 @@ ListenAddress = Annotated[str, AfterValidator(_address_or_off)]
 class ListenSection(StrictSection):
     oscore: ListenAddress = "[::]:5683"
     dtls: ListenAddress = "[::]:5684"
+    # Plain CoAP, only for sensors of profiles with `insecure = true`: off by default.
+    plain: ListenAddress = ""
     # DTLS sessions held at once (each a few kB), and how long an idle one is kept.
     dtls_max_sessions: Annotated[int, Field(ge=1, le=1_000_000)] = 20000
     dtls_idle_timeout: Duration = 600.0

@@ -31,6 +31,7 @@ from agent.broker.datakey import fetch_data_key
 from agent.broker.dtls import DtlsListener
 from agent.broker.gateway import Gateway
 from agent.broker.oscore import OscoreListener, SensorContexts
+from agent.broker.plain import PlainIdentities, PlainListener
 from agent.broker.policy import PolicyHolder
 from agent.broker.registry import SensorRegistry
 from agent.broker.spool import Spool, SpoolStore
@@ -106,7 +107,7 @@ async def run(config: BrokerConfig) -> int:
     watchdog = asyncio.create_task(supervisor.run(stop))
     server: ControlServer | None = None
     tasks: list[asyncio.Task[None]] = []
-    listeners: list[OscoreListener | DtlsListener] = []
+    listeners: list[OscoreListener | DtlsListener | PlainListener] = []
     upstreams: Upstreams | None = None
     traffic: Traffic | None = None
     spool: Spool | None = None
@@ -146,8 +147,10 @@ async def run(config: BrokerConfig) -> int:
                                  config.spool.max_bytes), upstreams.by_name,
                       config.spool.retry_after)
         tasks.append(asyncio.create_task(spool.run(stop)))
-        gateway = Gateway([oscore.identify, dtls.identify], broker.policy, upstreams.by_name,
-                          traffic, Rates(time.monotonic), spool)
+        policy = broker.policy
+        identities = PlainIdentities(store, lambda: policy.policy)
+        gateway = Gateway([oscore.identify, dtls.identify, identities.identify], policy,
+                          upstreams.by_name, traffic, Rates(time.monotonic), spool)
         listen = config.listen
         if listen.oscore:
             listeners.append(OscoreListener(listen.oscore, contexts, gateway, traffic))
@@ -156,11 +159,13 @@ async def run(config: BrokerConfig) -> int:
                                     listen.dtls_max_sessions, listen.dtls_idle_timeout)
             listeners.append(datagram)
             tasks.append(asyncio.create_task(datagram.run(stop)))
+        if listen.plain:
+            listeners.append(PlainListener(listen.plain, identities, gateway))
         for listener in listeners:
             await listener.start()
         broker.parts += [*listeners, upstreams, spool, traffic]
         followers = [contexts.refresh] + [ls.refresh for ls in listeners
-                                          if isinstance(ls, DtlsListener)]
+                                          if isinstance(ls, DtlsListener | PlainListener)]
         tasks.append(asyncio.create_task(follow_registry(broker.registry, followers)))
         gid = grp.getgrnam(config.control.group).gr_gid if config.control.group else None
         server = ControlServer(config.paths.control_socket,

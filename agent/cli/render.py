@@ -137,12 +137,13 @@ def _broker_lines(broker: dict[str, Any] | None) -> list[str]:
     totals = (broker.get("traffic") or {}).get("totals") or {}
     refused = sum(v for k, v in totals.items() if k.startswith("refused."))
     lines = [f"  broker     {broker.get('state')}: {broker.get('headline')}"]
-    for name in ("oscore", "dtls"):
+    for name in ("oscore", "dtls", "plain"):
         listener = broker.get(name)
         if isinstance(listener, dict):
             state = "listening" if listener.get("listening") else "NOT LISTENING"
-            extra = f", {listener.get('sessions', 0)} sessions" if name == "dtls" else \
-                f", {listener.get('contexts', 0)} contexts"
+            extra = {"oscore": f", {listener.get('contexts', 0)} contexts",
+                     "dtls": f", {listener.get('sessions', 0)} sessions",
+                     "plain": ", INSECURE: sensors known by address only"}[name]
             lines.append(f"             {name:7s} {listener.get('address')} {state}{extra}")
     spool = broker.get("spool") or {}
     lines.append(f"             traffic {totals.get('forwarded', 0)} forwarded, "

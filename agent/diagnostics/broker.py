@@ -14,7 +14,7 @@ from typing import Any
 from agent.diagnostics.checks import CheckResult, Level
 
 BROKER_CHECKS = ("broker", "broker-policy", "broker-upstreams")
-_LISTENERS = ("oscore", "dtls")
+_LISTENERS = ("oscore", "dtls", "plain")
 
 
 def _listeners(doc: dict[str, Any]) -> list[str]:

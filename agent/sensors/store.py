@@ -150,6 +150,13 @@ class SensorStore(Database):
                            "AND kid = ?", (transport, kid))
         return (_sensor(rows[0][:-1]), bytes(rows[0][-1])) if rows else None  # type: ignore
 
+    def by_address(self, address: str) -> list[Sensor]:
+        """Sensors whose attribute `address` is this IP address (plain-CoAP sensors of an
+        insecure profile are known by nothing else)."""
+        return [_sensor(r) for r in self._query(
+            f"SELECT {_COLUMNS} FROM sensors WHERE json_extract(attributes, '$.address') = ?",
+            (address,))]
+
     def current(self, serials: Sequence[int]) -> dict[int, tuple[Sensor, bytes]]:
         """These sensors as they are now (absent: removed), with their key fingerprints."""
         found: dict[int, tuple[Sensor, bytes]] = {}
