@@ -45,6 +45,8 @@ from aiocoap.oscore import (
     DEFAULT_WINDOWSIZE,
     CanProtect,
     CanUnprotect,
+    DecodeError,
+    NotAProtectedMessage,
     ProtectionInvalid,
     ReplayError,
     ReplayErrorWithEcho,
@@ -52,6 +54,7 @@ from aiocoap.oscore import (
     SecurityContextUtils,
     algorithms,
     hashfunctions,
+    verify_start,
 )
 from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 from aiocoap.transports.oscore import OSCOREAddress
@@ -221,6 +224,29 @@ def identify(remote: Any) -> Sensor | None:
     return None
 
 
+class _SiteWrapper(OscoreSiteWrapper):  # type: ignore[misc]
+    """aiocoap's OSCORE server side, answering a malformed OSCORE option 4.02 Bad Option
+    (RFC 8613, 8.2) instead of letting aiocoap's DecodeError end as a logged traceback
+    and a 5.00."""
+
+    def __init__(self, site: Resource, contexts: SensorContexts, traffic: Traffic) -> None:
+        super().__init__(site, contexts)
+        self._traffic = traffic
+
+    async def render_to_pipe(self, pipe: Any) -> None:
+        try:
+            verify_start(pipe.request)
+        except NotAProtectedMessage:
+            pass  # plain: the Gateway refuses it (4.01)
+        except DecodeError as e:
+            self._traffic.malformed("oscore", remote_text(pipe.request.remote),
+                                    f"OSCORE option: {e}")
+            if pipe.request.mtype == aiocoap.CON:
+                raise coap_error.BadOption("malformed OSCORE option") from None
+            return
+        await super().render_to_pipe(pipe)
+
+
 def _counting_udp6(traffic: Traffic) -> type[MessageInterfaceUDP6]:
     """aiocoap's UDP transport, counting what arrives and what is not CoAP at all (aiocoap
     would log a warning for each of those: a flood of garbage would flood the journal)."""
@@ -263,8 +289,9 @@ class OscoreListener:
     async def start(self) -> None:
         host, port = parse_address(self.address)
         loop = asyncio.get_running_loop()
-        context = aiocoap.Context(loop=loop, serversite=OscoreSiteWrapper(self._site,
-                                                                          self._contexts),
+        context = aiocoap.Context(loop=loop, serversite=_SiteWrapper(self._site,
+                                                                     self._contexts,
+                                                                     self._traffic),
                                   loggername="coap-oscore")
         transport = _counting_udp6(self._traffic)
         try:

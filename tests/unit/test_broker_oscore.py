@@ -4,6 +4,7 @@ a crash the way RFC 8613 Appendix B.1 asks (no replay accepted, no nonce reused)
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -160,3 +161,24 @@ def test_contexts_follow_the_registry(registry, tmp_path):
     with pytest.raises(KeyError):
         contexts.find_oscore({COSE_KID: b"\x7f\x7f"})
     assert traffic.totals["refused.unknown-credential"] == 1
+
+
+def test_a_malformed_oscore_option_is_a_bad_option_not_a_traceback(registry, tmp_path):
+    from aiocoap import error as coap_error
+
+    from agent.broker.oscore import _SiteWrapper
+
+    store, _, _ = registry
+    contexts, traffic = _contexts(store, tmp_path)
+
+    class _Pipe:
+        def __init__(self, request: Message) -> None:
+            self.request = request
+
+    site = _SiteWrapper(None, contexts, traffic)
+    for option in (b"\xe0", b"\x09", b"\x1f"):  # reserved bits; PIV or kid context missing
+        request = Message(code=Code.POST, uri_path=("telemetry",), oscore=option)
+        request.mtype, request.remote = CON, _Remote()
+        with pytest.raises(coap_error.BadOption):
+            asyncio.run(site.render_to_pipe(_Pipe(request)))
+    assert traffic.totals["malformed"] == 3
