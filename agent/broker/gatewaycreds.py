@@ -63,16 +63,23 @@ class GatewayCredentials:
             listener(self.current)
 
     def _watch(self, loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
+        def hand_over(item: CredentialSet | Withdrawn | DevidError | OSError) -> bool:
+            if stop.is_set():
+                return False
+            try:
+                loop.call_soon_threadsafe(self._apply, item)
+            except RuntimeError:  # the loop closed while we were blocked in a read
+                return False
+            return True
+
         while not stop.is_set():
             try:
                 for item in self._client.watch():
-                    if stop.is_set():
+                    if not hand_over(item):
                         return
-                    loop.call_soon_threadsafe(self._apply, item)
             except (DevidError, OSError) as e:
-                if stop.is_set():
+                if not hand_over(e):
                     return
-                loop.call_soon_threadsafe(self._apply, e)
             stop.wait(self._retry)
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -221,3 +221,24 @@ def test_a_newer_schema_is_refused(tmp_path):
         db.execute("PRAGMA user_version = 9")
     with pytest.raises(StateError, match="schema version 9 is newer than this devid-broker"):
         SensorStore(path, _cipher())
+
+
+def test_a_version_1_registry_is_upgraded_in_place(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "sensors.db"
+    cipher = _cipher()
+    store = SensorStore(path, cipher)
+    [(sensor, _)] = store.add([NewSensor("t-1", "temperature")], NOW)
+    store.close()
+    # What the first broker release wrote: no auth_failures, no OSCORE replay state.
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE sensors DROP COLUMN auth_failures")
+    db.execute("DROP TABLE oscore_state")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    upgraded = SensorStore(path, cipher)
+    assert upgraded.get("t-1").auth_failures == 0
+    upgraded.save_oscore_state([(sensor.serial, 16, None)])
+    assert upgraded.oscore_state(sensor.serial) == (16, None)
