@@ -14,8 +14,9 @@ MQTT broker. Each path is driven by this process:
   (e) OSCORE through devid-broker to mosquitto (MQTT 5, QoS 1)
 
 For each: requests/s with `--concurrency` requests in flight for `--seconds`, and at a
-fixed `--rate` the p50/p99 latency and what it adds to (a)'s at the same rate. Then the
-broker's RSS with 0 and with 10,000 sensors registered.
+fixed `--rate` the p50/p99 latency and what it adds to (a)'s at the same rate, and the
+CPU the broker (or the proxy) spent per request. Then the broker's RSS with 0 and with
+10,000 sensors registered.
 """
 
 from __future__ import annotations
@@ -77,6 +78,12 @@ burst = 100000
 """
 PAYLOAD = cbor2.dumps({"t": 21.5, "h": 40})
 Send = Callable[[], Awaitable[bool]]
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _rss_kib(pid: int) -> int:
@@ -223,17 +230,25 @@ def _percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def measure(paths: dict[str, Send], seconds: float, concurrency: int, rate: int
-                  ) -> dict[str, dict[str, float]]:
+async def measure(paths: dict[str, Send], seconds: float, concurrency: int, rate: int,
+                  server_pids: dict[str, int]) -> dict[str, dict[str, float]]:
+    """Each path's figures, with the CPU its server process (the broker, aiocoap's proxy)
+    spent per request in the closed loop: near 100 % there, the server is the limit;
+    well below, the load generator is."""
     results: dict[str, dict[str, float]] = {}
     for name, send in paths.items():
         for _ in range(20):  # warm up: connections, contexts, handshakes
             await send()
+        pid = server_pids.get(name)
+        cpu0, wall0 = (_cpu_seconds(pid) if pid else 0.0), time.perf_counter()
         throughput, failed = await closed_loop(send, seconds, concurrency)
+        cpu = (_cpu_seconds(pid) - cpu0) if pid else 0.0
+        busy = cpu / (time.perf_counter() - wall0)
         latencies, late_failed = await open_loop(send, min(seconds, 4.0), rate)
         results[name] = {"rps": throughput, "failed": failed + late_failed,
                          "p50": statistics.median(latencies),
-                         "p99": _percentile(latencies, 0.99)}
+                         "p99": _percentile(latencies, 0.99), "busy": busy,
+                         "cpu_us": cpu / max(1, throughput * seconds) * 1e6}
     return results
 
 
@@ -293,7 +308,7 @@ def run(tmp: Path, args: argparse.Namespace) -> int:
         proxy.start()
         ready.wait(30)
         results = asyncio.run(_drive(args, upstream.port, ca_pem, proxy_port, broker,
-                                     tmp / "sensor", oscore, psk))
+                                     tmp / "sensor", oscore, psk, proxy.pid or 0))
 
         rss_used = _rss_kib(broker.proc.pid)
         code, batch = broker.ctl_json("add", "--count", "10000", "--prefix", "b-",
@@ -317,7 +332,7 @@ def run(tmp: Path, args: argparse.Namespace) -> int:
 
 async def _drive(args: argparse.Namespace, upstream_port: int, ca_pem: str, proxy_port: int,
                  broker: BrokerProcess, sensor_dir: Path, oscore: dict[str, str],
-                 psk: dict[str, str]) -> dict[str, dict[str, float]]:
+                 psk: dict[str, str], proxy_pid: int) -> dict[str, dict[str, float]]:
     direct = await aiocoap.Context.create_client_context(transports=["tlsclient"])
     tls = ssl.create_default_context(cadata=ca_pem)
     direct.client_credentials.ssl_client_context = lambda _scheme, _host: tls
@@ -342,7 +357,10 @@ async def _drive(args: argparse.Namespace, upstream_port: int, ca_pem: str, prox
             protected, f"coap://127.0.0.1:{broker.oscore_port}/mqtt"),
     }
     try:
-        return await measure(paths, args.seconds, args.concurrency, args.rate)
+        assert broker.proc is not None
+        servers = {name: broker.proc.pid for name in paths if "broker" in name}
+        servers["(b) aiocoap proxy"] = proxy_pid
+        return await measure(paths, args.seconds, args.concurrency, args.rate, servers)
     finally:
         for context in (direct, plain, protected):
             await context.shutdown()
@@ -356,11 +374,15 @@ def _report(results: dict[str, dict[str, float]], args: argparse.Namespace, rss_
     print(f"{args.concurrency} in flight for {args.seconds:g}s (requests/s), then "
           f"{args.rate}/s for {min(args.seconds, 4.0):g}s (latency); same run, this machine")
     print(f"{'path':30s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'+p50':>7s} "
-          f"{'+p99':>7s} {'failed':>6s}")
+          f"{'+p99':>7s} {'failed':>6s} {'server':>7s} {'us/req':>7s}")
     for name, r in results.items():
+        server = f"{r['busy'] * 100:6.0f}% {r['cpu_us']:7.0f}" if r["busy"] else \
+            f"{'-':>7s} {'-':>7s}"
         print(f"{name:30s} {r['rps']:8.0f} {r['p50']:8.2f} {r['p99']:8.2f} "
               f"{r['p50'] - base['p50']:7.2f} {r['p99'] - base['p99']:7.2f} "
-              f"{int(r['failed']):6d}")
+              f"{int(r['failed']):6d} {server}")
+    print("server: the CPU of the broker (or aiocoap's proxy) while 16 were in flight, and "
+          "its CPU time per request")
     proxy, oscore = results["(b) aiocoap proxy"], results["(c) broker, OSCORE"]
     for uri, first in FIRST_FAILURE.items():
         print(f"first failure at {uri}: {first}")
