@@ -5,7 +5,7 @@ answers every request, and records each as one JSON line: method, path,
 payload (hex), Content-Format, the sensor ID the broker asserted (option 65000)
 and the subject and serial of the client certificate that carried it.
 
-    python -m tests.coap_upstream --port P --cert C --key K --client-ca CA --record FILE
+    python tests/coap_upstream.py --port P --cert C --key K --client-ca CA --record FILE
 
 Paths ending in /fail answer 5.00; the rest 2.04 (2.05 for GET) with "ok".
 """
@@ -27,6 +27,7 @@ import aiocoap
 from aiocoap import Code, Message
 from aiocoap import resource as coap_resource
 from aiocoap.numbers.optionnumbers import OptionNumber
+from processes import terminate
 
 from agent.broker.upstream import SENSOR_OPTION
 
@@ -107,7 +108,7 @@ class CoapUpstreamProcess:
         self.directory, self.port = directory, port
         self.record = directory / "received.jsonl"
         self.log = directory / "upstream.log"
-        self._args = [sys.executable, "-m", "tests.coap_upstream", "--port", str(port),
+        self._args = [sys.executable, str(Path(__file__)), "--port", str(port),
                       "--cert", str(cert), "--key", str(key), "--client-ca", str(client_ca),
                       "--record", str(self.record)] + \
             (["--optional-client-cert"] if optional_client_cert else [])
@@ -129,13 +130,7 @@ class CoapUpstreamProcess:
         return [json.loads(line) for line in self.record.read_text().splitlines() if line]
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
 
 def main() -> None:

@@ -5,12 +5,12 @@ user properties and content type."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from processes import terminate
 from stack import free_port
 
 
@@ -90,14 +90,7 @@ class Mosquitto:
     def stop(self, subscriber: bool = True) -> None:
         """Stop the broker (and, unless told otherwise, the subscriber, whose persistent
         session then keeps what arrives while it is away)."""
-        procs = [self.proc] + ([self.sub] if subscriber else [])
-        for proc in procs:
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        terminate(self.proc)
         if subscriber:
+            terminate(self.sub)
             self.sub = None

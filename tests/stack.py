@@ -35,6 +35,7 @@ from coap_upstream import CoapUpstreamProcess  # noqa: E402
 from dtls_sensor import CLIENTS, coap_client, libcoap_psk  # noqa: E402
 from mtls import server_identity  # noqa: E402
 from oscore_sensor import OscoreSensor  # noqa: E402
+from processes import terminate  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -195,13 +196,7 @@ class RegistrarProcess:
         return [json.loads(line) for line in path.read_text().splitlines()]
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
 
 def enrollment_toml(registrar: RegistrarProcess, token: str | None) -> str:

@@ -123,7 +123,7 @@ class DtlsRemote(interfaces.EndpointAddress):
 class _Session:
     def __init__(self, buffer: tls.TLSWrappedBuffer, remote: DtlsRemote, now: float) -> None:
         self.buffer, self.remote = buffer, remote
-        self.started = self.active = now
+        self.active = now  # the last datagram; idle sessions end (expire)
 
     @property
     def established(self) -> bool:
@@ -285,23 +285,19 @@ class DtlsServer(asyncio.DatagramProtocol, interfaces.MessageInterface):
             if now - session.active > limit:
                 self._drop(session)
 
-    def refresh(self, current: Callable[[list[int]], dict[int, tuple[Sensor, bytes]]]) -> None:
-        """Follow the registry: new status for each session's sensor; sessions of rekeyed or
-        removed sensors end."""
-        serials = [s.remote.sensor.serial for s in self._sessions.values() if s.remote.sensor]
-        if not serials:
+    def refresh(self, follow: Callable[[list[tuple[Sensor, bytes]]], list[Sensor | None]]
+                ) -> None:
+        """Follow the registry: new status for each session's sensor; sessions of rekeyed,
+        removed or revoked sensors end."""
+        held = [s for s in self._sessions.values() if s.remote.sensor is not None]
+        if not held:
             return
-        now = current(serials)
-        for session in list(self._sessions.values()):
-            sensor = session.remote.sensor
-            if sensor is None:
-                continue
-            found = now.get(sensor.serial)
-            if found is None or found[1] != session.remote.fingerprint or \
-                    found[0].status == "revoked":
+        now = follow([(s.remote.sensor, s.remote.fingerprint) for s in held])  # type: ignore[misc]
+        for session, sensor in zip(held, now, strict=True):
+            if sensor is None or sensor.status == "revoked":
                 self._drop(session)
             else:
-                session.remote.sensor = found[0]
+                session.remote.sensor = sensor
 
     def status_section(self) -> dict[str, Any]:
         established = sum(1 for s in self._sessions.values() if s.established)
@@ -355,7 +351,7 @@ class DtlsListener:
 
     def refresh(self) -> None:
         if self.server is not None:
-            self.server.refresh(self._store.current)
+            self.server.refresh(self._store.follow)
 
     async def close(self) -> None:
         if self._context is not None:

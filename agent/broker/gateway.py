@@ -111,23 +111,23 @@ class Gateway(coap_resource.Resource):
                           _number(request.opt.accept))
         spool = self._spool if decision.spool else None
         if spool is not None and spool.behind(upstream.name, sensor):
-            return self._spooled(sensor, await spool.accept(upstream.name, forward))
+            return self._spooled(await spool.accept(upstream.name, forward))
         try:
             reply = await asyncio.wait_for(upstream.forward(forward), upstream.timeout)
         except (TimeoutError, UpstreamTimeout):
             self._traffic.upstream_failed(sensor, upstream.name, "timed out")
             if spool is not None:  # at least once: it may have arrived; send it again later
-                return self._spooled(sensor, await spool.accept(upstream.name, forward))
+                return self._spooled(await spool.accept(upstream.name, forward))
             return _answer(Code.GATEWAY_TIMEOUT, f"upstream {upstream.name} did not answer")
         except UpstreamError as e:
             self._traffic.upstream_failed(sensor, upstream.name, e.message)
             if spool is not None:
-                return self._spooled(sensor, await spool.accept(upstream.name, forward))
+                return self._spooled(await spool.accept(upstream.name, forward))
             return _answer(Code.BAD_GATEWAY, f"upstream {upstream.name}: {e.message}")
         self._traffic.forwarded(sensor, upstream.name)
         return _response(reply)
 
-    def _spooled(self, sensor: Sensor, reply: Reply) -> Message:
+    def _spooled(self, reply: Reply) -> Message:
         self._traffic.totals["spooled" if reply.code < 0xA0 else "refused.spool-full"] += 1
         return _response(reply)
 

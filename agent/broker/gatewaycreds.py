@@ -36,11 +36,11 @@ class GatewayCredentials:
         self.error: str | None = None
         self.updates = 0
         self._listeners: list[Listener] = []
-        self.first = asyncio.Event()  # set once the agent answered (with a set or not)
+        self.answered = False  # the agent answered (with a set or a withdrawal)
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
-        if self.first.is_set():
+        if self.answered:
             listener(self.current)
 
     def _apply(self, item: CredentialSet | Withdrawn | DevidError | OSError) -> None:
@@ -58,7 +58,7 @@ class GatewayCredentials:
                 log.warning("gateway credentials: the identity API watch ended: %s", text)
             self.error = text
             return  # the last set stays valid until it expires or is withdrawn
-        self.first.set()
+        self.answered = True
         for listener in self._listeners:
             listener(self.current)
 

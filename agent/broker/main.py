@@ -148,10 +148,13 @@ async def run(config: BrokerConfig) -> int:
                       config.spool.retry_after)
         tasks.append(asyncio.create_task(spool.run(stop)))
         policy = broker.policy
-        identities = PlainIdentities(store, lambda: policy.policy)
-        gateway = Gateway([oscore.identify, dtls.identify, identities.identify], policy,
-                          upstreams.by_name, traffic, Rates(time.monotonic), spool)
         listen = config.listen
+        identities = PlainIdentities(store, lambda: policy.policy)
+        # A request's sensor, asked of each listener kind that runs.
+        identify = [oscore.identify, dtls.identify] + \
+            ([identities.identify] if listen.plain else [])
+        gateway = Gateway(identify, policy, upstreams.by_name, traffic, Rates(time.monotonic),
+                          spool)
         if listen.oscore:
             listeners.append(OscoreListener(listen.oscore, contexts, gateway, traffic))
         if listen.dtls:

@@ -200,13 +200,13 @@ class SensorContexts:
         removed sensor's context is dropped (its replay state belonged to the old key)."""
         if not self._contexts:
             return
-        current = self._store.current([c.sensor.serial for c in self._contexts.values()])
-        for kid, context in list(self._contexts.items()):
-            now = current.get(context.sensor.serial)
-            if now is None or now[1] != context.fingerprint:
+        held = list(self._contexts.items())
+        now = self._store.follow([(c.sensor, c.fingerprint) for _, c in held])
+        for (kid, context), sensor in zip(held, now, strict=True):
+            if sensor is None:
                 del self._contexts[kid]
             else:
-                context.sensor = now[0]
+                context.sensor = sensor
 
     def save_all(self) -> None:
         """At a clean stop: every context's exact state, so no Echo round trip is needed."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.clock import human_duration
+from agent.diagnostics.broker import LISTENERS
 from agent.rotation.registrarclock import describe_offset
 
 
@@ -137,7 +138,7 @@ def _broker_lines(broker: dict[str, Any] | None) -> list[str]:
     totals = (broker.get("traffic") or {}).get("totals") or {}
     refused = sum(v for k, v in totals.items() if k.startswith("refused."))
     lines = [f"  broker     {broker.get('state')}: {broker.get('headline')}"]
-    for name in ("oscore", "dtls", "plain"):
+    for name in LISTENERS:
         listener = broker.get(name)
         if isinstance(listener, dict):
             state = "listening" if listener.get("listening") else "NOT LISTENING"

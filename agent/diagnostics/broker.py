@@ -14,11 +14,11 @@ from typing import Any
 from agent.diagnostics.checks import CheckResult, Level
 
 BROKER_CHECKS = ("broker", "broker-policy", "broker-upstreams")
-_LISTENERS = ("oscore", "dtls", "plain")
+LISTENERS = ("oscore", "dtls", "plain")  # their status sections, in this order
 
 
 def _listeners(doc: dict[str, Any]) -> list[str]:
-    return [f"{name} {doc[name]['address']}" for name in _LISTENERS
+    return [f"{name} {doc[name]['address']}" for name in LISTENERS
             if isinstance(doc.get(name), dict) and doc[name].get("listening")]
 
 

@@ -169,6 +169,14 @@ class SensorStore(Database):
                 found[sensor.serial] = (sensor, bytes(row[-1]))  # type: ignore[arg-type]
         return found
 
+    def follow(self, held: Sequence[tuple[Sensor, bytes]]) -> list[Sensor | None]:
+        """Each held (sensor, key fingerprint) as the registry has it now: the sensor as it
+        is now while it keeps that key; None once it was rekeyed or removed."""
+        current = self.current([sensor.serial for sensor, _ in held])
+        now = [current.get(sensor.serial) for sensor, _ in held]
+        return [found[0] if found is not None and found[1] == fingerprint else None
+                for found, (_, fingerprint) in zip(now, held, strict=True)]
+
     def credential(self, sensor: Sensor) -> creds.Credential:
         rows = self._query("SELECT credential FROM sensors WHERE serial = ?", (sensor.serial,))
         if not rows:

@@ -52,7 +52,7 @@ class CoapUpstream:
         self.name, self.url, self.timeout = name, url, timeout
         self._host, self._port, self._base = parse_coap_url(url)
         self._connections: Generations[aiocoap.Context] = Generations(
-            name, trust, credentials, self._open, self._close)
+            trust, credentials, self._open, self._close)
         self.last_error: str | None = None
 
     async def start(self) -> None:

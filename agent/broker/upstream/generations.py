@@ -14,7 +14,7 @@ import contextlib
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from agent.broker.gatewaycreds import GatewayCredentials
@@ -32,14 +32,13 @@ class Generation(Generic[C]):
     in_flight: int = 0
     retired: bool = False
     closed: bool = False
-    opened_at: float = field(default=0.0)
 
 
 class Generations(Generic[C]):
-    def __init__(self, name: str, trust: str | None, credentials: GatewayCredentials,
+    def __init__(self, trust: str | None, credentials: GatewayCredentials,
                  open_: Callable[[ssl.SSLContext], Awaitable[C]],
                  close: Callable[[C], Awaitable[None]]) -> None:
-        self._name, self._trust, self._credentials = name, trust, credentials
+        self._trust, self._credentials = trust, credentials
         self._open, self._close = open_, close
         self._tls: tuple[str, ssl.SSLContext] | None = None
         self.current: Generation[C] | None = None

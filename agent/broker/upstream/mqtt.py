@@ -130,7 +130,7 @@ class MqttUpstream:
         self._host, self._port, self._prefix = parse_mqtt_url(url)
         self._client_id = client_id
         self._connections: Generations[_Connection] = Generations(
-            name, trust, credentials, self._open, self._close)
+            trust, credentials, self._open, self._close)
         self.published = 0
         self.last_error: str | None = None
 
