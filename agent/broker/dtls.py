@@ -40,9 +40,8 @@ from aiocoap.util import hostportjoin
 from mbedtls import tls
 from mbedtls.exceptions import TLSError
 
-from agent.broker.config import parse_address
+from agent.broker.coapserver import MakeTransport, serve
 from agent.broker.traffic import Traffic
-from agent.errors import ListenerError
 from agent.sensors.credentials import PskCredential
 from agent.sensors.model import Sensor
 from agent.sensors.store import SensorStore
@@ -321,26 +320,16 @@ class DtlsListener:
         self.server: DtlsServer | None = None
 
     async def start(self) -> None:
-        host, port = parse_address(self.address)
-        loop = asyncio.get_running_loop()
-        context = aiocoap.Context(loop=loop, serversite=self._site, loggername="coap-dtls")
+        def dtls(host: str, port: int) -> MakeTransport:
+            async def create(mman: interfaces.MessageManager) -> DtlsServer:
+                _, server = await asyncio.get_running_loop().create_datagram_endpoint(
+                    lambda: DtlsServer(mman, self._store, self._traffic, self._max_sessions,
+                                       self._idle_timeout), local_addr=(host, port))
+                self.server = server
+                return server
+            return create
 
-        async def create(mman: interfaces.MessageManager) -> DtlsServer:
-            _, server = await loop.create_datagram_endpoint(
-                lambda: DtlsServer(mman, self._store, self._traffic, self._max_sessions,
-                                   self._idle_timeout), local_addr=(host, port))
-            self.server = server
-            return server
-
-        try:
-            # aiocoap's public constructors know only its own transports; this is the hook
-            # they use themselves (aiocoap is pinned below 0.5 for it).
-            await context._append_tokenmanaged_messagemanaged_transport(create)
-        except OSError as e:
-            raise ListenerError(f"DTLS listener {self.address}: {e.strerror or e}",
-                                "another program has the port, or [listen] dtls names an "
-                                "address this host does not have") from None
-        self._context = context
+        self._context = await serve(self.name, self.address, self._site, dtls)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -11,6 +11,7 @@ forwarded.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 from collections.abc import Callable
@@ -18,9 +19,9 @@ from typing import Any
 
 import aiocoap
 from aiocoap.interfaces import Resource
+from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
-from agent.broker.config import parse_address
-from agent.errors import ListenerError
+from agent.broker.coapserver import MakeTransport, serve
 from agent.policy.model import Policy
 from agent.sensors.model import Sensor
 from agent.sensors.store import SensorStore
@@ -67,14 +68,12 @@ class PlainListener:
         self._context: aiocoap.Context | None = None
 
     async def start(self) -> None:
-        host, port = parse_address(self.address)
-        try:
-            self._context = await aiocoap.Context.create_server_context(
-                self._site, bind=(host, port), transports=["udp6"])
-        except OSError as e:
-            raise ListenerError(f"plain CoAP listener {self.address}: {e.strerror or e}",
-                                "another program has the port, or [listen] plain names an "
-                                "address this host does not have") from None
+        def udp(host: str, port: int) -> MakeTransport:
+            return lambda mman: MessageInterfaceUDP6.create_server_transport_endpoint(
+                mman, log=mman.log, loop=asyncio.get_running_loop(), bind=(host, port),
+                multicast=[])
+
+        self._context = await serve(self.name, self.address, self._site, udp)
         # The one udp6 transport of this context: its remotes name it as their interface.
         transport = self._context.request_interfaces[0].token_interface.message_interface
         self._identities.listener = transport
