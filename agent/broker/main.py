@@ -26,6 +26,7 @@ from agent import __version__, events, logsetup
 from agent.access import command_line
 from agent.audit import AGENT_AUDIT_LOG, AuditLog
 from agent.broker import dtls, oscore
+from agent.broker.collector import Collector
 from agent.broker.config import DEFAULT_CONFIG, BrokerConfig, load_broker_config
 from agent.broker.datakey import fetch_data_key
 from agent.broker.dtls import DtlsListener
@@ -166,7 +167,9 @@ async def run(config: BrokerConfig) -> int:
             listeners.append(PlainListener(listen.plain, identities, gateway))
         for listener in listeners:
             await listener.start()
-        broker.parts += [*listeners, upstreams, spool, traffic]
+        collector = Collector()
+        tasks.append(asyncio.create_task(collector.run()))
+        broker.parts += [*listeners, upstreams, spool, traffic, collector]
         followers = [contexts.refresh] + [ls.refresh for ls in listeners
                                           if isinstance(ls, DtlsListener | PlainListener)]
         tasks.append(asyncio.create_task(follow_registry(broker.registry, followers)))

@@ -51,6 +51,9 @@ class CoapUpstream:
                  credentials: GatewayCredentials, timeout: float = 10.0) -> None:
         self.name, self.url, self.timeout = name, url, timeout
         self._host, self._port, self._base = parse_coap_url(url)
+        # Where every request goes, parsed once (aiocoap parses a URI per message).
+        origin = Message(uri=f"coaps+tcp://{self._host}:{self._port}")
+        self._remote, self._uri_host = origin.remote, origin.opt.uri_host
         self._connections: Generations[aiocoap.Context] = Generations(
             trust, credentials, self._open, self._close)
         self.last_error: str | None = None
@@ -70,8 +73,8 @@ class CoapUpstream:
         await context.shutdown()
 
     async def forward(self, request: Forward) -> Reply:
-        message = Message(code=Code[request.method], payload=request.payload,
-                          uri=f"coaps+tcp://{self._host}:{self._port}")
+        message = Message(code=Code[request.method], payload=request.payload)
+        message.remote, message.opt.uri_host = self._remote, self._uri_host
         message.opt.uri_path = self._base + tuple(s for s in request.path.split("/") if s)
         if request.content_format is not None:
             message.opt.content_format = request.content_format
