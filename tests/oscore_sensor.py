@@ -1,7 +1,9 @@
 """A sensor speaking OSCORE to the broker, built on aiocoap's own client (the independent
 peer): its security context is an aiocoap FilesystemSecurityContext made from the
-credential `devidctl sensors add --json` printed. Also a UDP relay that records the
-datagrams it passes, so that a test can replay a captured request."""
+credential `devidctl sensors add --json` printed, or, for an EDHOC credential, aiocoap's
+EDHOC initiator (lakers) with the sensor's key and the gateway's credential, which runs
+EDHOC on the first request and then uses the OSCORE context it derived. Also a UDP relay
+that records the datagrams it passes, so that a test can replay a captured request."""
 
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiocoap
+import cbor2
 from aiocoap import Code, Message
+from aiocoap.edhoc import EdhocCredentials
 from aiocoap.oscore import FilesystemSecurityContext, NotAProtectedMessage
 
 T = TypeVar("T")
@@ -39,11 +43,13 @@ class OscoreSensor:
 
     def __init__(self, directory: Path, credential: dict[str, str], port: int) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "secret.json").write_text(json.dumps({
-            "sender-id_hex": credential["sender_id"],
-            "recipient-id_hex": credential["recipient_id"],
-            "secret_hex": credential["master_secret"], "salt_hex": credential["master_salt"]}))
-        self.directory, self.port = directory, port
+        if credential["transport"] == "oscore":
+            (directory / "secret.json").write_text(json.dumps({
+                "sender-id_hex": credential["sender_id"],
+                "recipient-id_hex": credential["recipient_id"],
+                "secret_hex": credential["master_secret"],
+                "salt_hex": credential["master_salt"]}))
+        self.directory, self.port, self.credential = directory, port, credential
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
@@ -55,7 +61,9 @@ class OscoreSensor:
 
     async def _open(self) -> aiocoap.Context:
         context = await aiocoap.Context.create_client_context()
-        self._security = FilesystemSecurityContext(str(self.directory))
+        self._security: Any = edhoc_initiator(self.credential) \
+            if self.credential["transport"] == "edhoc" else \
+            FilesystemSecurityContext(str(self.directory))
         context.client_credentials[f"coap://127.0.0.1:{self.port}/*"] = self._security
         return context
 
@@ -82,10 +90,41 @@ class OscoreSensor:
             return Answer(_code(plain.code), plain.payload, False, plain.opt.max_age)
         return Answer(_code(response.code), response.payload, True, response.opt.max_age)
 
+    def forget_edhoc_session(self) -> None:
+        """Run EDHOC again on the next request (what a sensor does after a 4.01)."""
+        self._security.forget()
+
     def close(self) -> None:
         self._run(self._context.shutdown())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+
+
+class SessionKeepingEdhoc(EdhocCredentials):  # type: ignore[misc]
+    """aiocoap 0.4.17's client runs EDHOC again for every request: it stores the session on
+    its transport but looks for it on the credentials. This keeps the first session, as a
+    sensor would, until `forget()` (the sensor re-keys after a 4.01)."""
+
+    _session: Any = None
+
+    async def establish_context(self, *args: Any, **kwargs: Any) -> Any:
+        if self._session is None:
+            self._session = await super().establish_context(*args, **kwargs)
+        return self._session
+
+    def forget(self) -> None:
+        self._session = None
+
+
+def edhoc_initiator(credential: dict[str, Any]) -> SessionKeepingEdhoc:
+    """aiocoap's EDHOC credentials for the sensor's side, from what `sensors add` printed:
+    its own CCS and key (sent by key ID), the gateway's CCS to check message 2 against."""
+    own = cbor2.loads(bytes.fromhex(credential["credential"]))
+    return SessionKeepingEdhoc(
+        suite=credential["cipher_suite"], method=credential["method"],
+        own_cred_style="by-key-id", own_cred={14: own},
+        private_key={1: 2, -1: 1, -4: bytes.fromhex(credential["private_key"])},
+        peer_cred={14: cbor2.loads(bytes.fromhex(credential["gateway_credential"]))})
 
 
 class UdpRelay:

@@ -314,7 +314,7 @@ class BrokerProcess:
     """devid-broker as a child process: its config, state and sockets in `directory`."""
 
     def __init__(self, directory: Path, identity_socket: Path, extra: str = "",
-                 plain: bool = False) -> None:
+                 plain: bool = False, listen: str = "") -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.socket = directory / "run" / "control.sock"
@@ -327,7 +327,7 @@ class BrokerProcess:
             '[policy]\nfile = "policy.toml"\n'
             f'[listen]\noscore = "127.0.0.1:{self.oscore_port}"\n'
             f'dtls = "127.0.0.1:{self.dtls_port}"\n'
-            + (f'plain = "127.0.0.1:{self.plain_port}"\n' if plain else "") + extra)
+            + (f'plain = "127.0.0.1:{self.plain_port}"\n' if plain else "") + listen + extra)
         self.policy = directory / "policy.toml"
         self.log = directory / "broker.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -392,14 +392,16 @@ def _demo_upstream(directory: Path, client_ca: Path) -> CoapUpstreamProcess:
     return CoapUpstreamProcess(directory, free_port(), cert, key, client_ca).start()
 
 
-def _demo_sensor(directory: Path, credential: dict[str, str], port: int) -> None:
+def _demo_sensor(directory: Path, credential: dict[str, str], port: int,
+                 readings: tuple[tuple[str, float], ...]) -> None:
     import cbor2
 
     sensor = OscoreSensor(directory, credential, port)
+    how = "EDHOC, then OSCORE" if credential["transport"] == "edhoc" else "OSCORE"
     try:
-        for path, reading in (("/telemetry", 21.5), ("/telemetry", 21.7), ("/config", 0)):
+        for path, reading in readings:
             answer = sensor.request("POST", path, cbor2.dumps({"t": reading}), 60)
-            print(f"POST {path} {{t: {reading}}} (OSCORE) -> {answer.code} "
+            print(f"POST {path} {{t: {reading}}} ({how}) -> {answer.code} "
                   f"{answer.payload.decode(errors='replace')}")
     finally:
         sensor.close()
@@ -468,11 +470,24 @@ def demo(directory: Path, keep: bool) -> int:
         print(broker.ctl("explain", "t-1", "POST", "/telemetry", "--size", "12", "--format",
                          "60", verb="policy").stdout, end="")
         _banner("the sensor (aiocoap's OSCORE client) sends telemetry through the gateway")
-        _demo_sensor(directory / "sensor", sensor["credential"], broker.oscore_port)
+        _demo_sensor(directory / "sensor", sensor["credential"], broker.oscore_port,
+                     (("/telemetry", 21.5), ("/telemetry", 21.7), ("/config", 0)))
         for entry in upstream.received():
             print(f"upstream received {entry['method']} {entry['path']} asserting sensor "
                   f"{entry['sensor'][0]}, over TLS with client certificate serial "
                   f"{entry['client']['serial']}")
+        _banner("devidctl sensors add e-1 --profile temperature --transport edhoc")
+        _, added = broker.ctl_json("add", "e-1", "--profile", "temperature", "--transport",
+                                   "edhoc")
+        print(f"e-1: EDHOC key ID {added['sensors'][0]['kid']}, its own P-256 key and the "
+              "gateway's EDHOC credential (printed once, not shown here)")
+        _banner("the sensor (aiocoap's EDHOC initiator, lakers) runs EDHOC, then sends over "
+                "the fresh OSCORE context")
+        _demo_sensor(directory / "sensor-e-1", added["sensors"][0]["credential"],
+                     broker.oscore_port, (("/telemetry", 19.5),))
+        entry = upstream.received()[-1]
+        print(f"upstream received {entry['method']} {entry['path']} asserting sensor "
+              f"{entry['sensor'][0]}")
         _banner("devidctl sensors add d-1 --profile temperature --transport dtls-psk")
         _, added = broker.ctl_json("add", "d-1", "--profile", "temperature", "--transport",
                                    "dtls-psk")

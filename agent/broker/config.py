@@ -97,6 +97,8 @@ class ListenSection(StrictSection):
     # DTLS sessions held at once (each a few kB), and how long an idle one is kept.
     dtls_max_sessions: Annotated[int, Field(ge=1, le=1_000_000)] = 20000
     dtls_idle_timeout: Duration = 600.0
+    # EDHOC sessions (on the OSCORE listener) end after this; the sensor runs EDHOC again.
+    edhoc_lifetime: Annotated[Duration, Field(ge=10)] = 3600.0
 
 
 def _upstream_url(url: str) -> str:

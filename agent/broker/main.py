@@ -30,6 +30,7 @@ from agent.broker.collector import Collector
 from agent.broker.config import DEFAULT_CONFIG, BrokerConfig, load_broker_config
 from agent.broker.datakey import fetch_data_key
 from agent.broker.dtls import DtlsListener
+from agent.broker.edhoc import EdhocSessions
 from agent.broker.gateway import Gateway
 from agent.broker.oscore import OscoreListener, SensorContexts
 from agent.broker.plain import PlainIdentities, PlainListener
@@ -143,7 +144,8 @@ async def run(config: BrokerConfig) -> int:
             tasks.append(asyncio.create_task(upstreams.credentials.run(stop)))
             broker.parts.append(upstreams.credentials)
         await upstreams.start()
-        contexts = SensorContexts(store, traffic)
+        contexts = SensorContexts(store, traffic, EdhocSessions(
+            store, traffic, config.listen.edhoc_lifetime) if config.listen.oscore else None)
         spool = Spool(SpoolStore(state_dir / SPOOL_FILE, config.spool.max_messages,
                                  config.spool.max_bytes), upstreams.by_name,
                       config.spool.retry_after)

@@ -30,7 +30,7 @@ import logging
 import secrets
 import socket
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiocoap
 from aiocoap import Code, Message
@@ -68,13 +68,40 @@ from agent.sensors.credentials import OscoreCredential
 from agent.sensors.model import Sensor
 from agent.sensors.store import SensorStore
 
+if TYPE_CHECKING:
+    from agent.broker.edhoc import EdhocSessions, SensorEdhocContext
+
 log = logging.getLogger(__name__)
 
 CHUNK_START, CHUNK_LIMIT = 16, 4096  # sequence numbers reserved per registry write
 SavedState = tuple[int, int, str | None]  # (serial, next_to_send, window JSON or None)
 
 
-class SensorContext(CanProtect, CanUnprotect, SecurityContextUtils):
+class CountedUnprotect:
+    """Every refused request counted against its sensor (replay, wrong key); the 4.01
+    with an Echo that recovers a window after a crash (B.1.2) is counted apart. Mixed
+    into the static contexts here and the EDHOC ones (edhoc.py)."""
+
+    sensor: Sensor | None
+    _traffic: Traffic
+
+    def unprotect(self, protected_message: Any, request_id: Any = None) -> Any:
+        try:
+            return super().unprotect(protected_message, request_id)  # type: ignore[misc]
+        except ReplayErrorWithEcho:
+            self._traffic.totals["echo_challenges"] += 1
+            raise
+        except ReplayError as e:
+            self._traffic.refused("replay", str(e), remote_text(protected_message.remote),
+                                  self.sensor, _describe(protected_message))
+            raise
+        except ProtectionInvalid as e:
+            self._traffic.refused("auth-failed", str(e), remote_text(protected_message.remote),
+                                  self.sensor, _describe(protected_message))
+            raise
+
+
+class SensorContext(CountedUnprotect, CanProtect, CanUnprotect, SecurityContextUtils):
     """One sensor's OSCORE context: the gateway sends with its ID (b"\\x00"), receives
     with the sensor's. Persisting goes through `save` (the registry)."""
 
@@ -115,23 +142,6 @@ class SensorContext(CanProtect, CanUnprotect, SecurityContextUtils):
             self.reserved_until += self._chunk
             self._save([(self.sensor.serial, self.reserved_until, None)])
 
-    def unprotect(self, protected_message: Any, request_id: Any = None) -> Any:
-        try:
-            return super().unprotect(protected_message, request_id)
-        except ReplayErrorWithEcho:
-            # B.1.2 recovery: the sensor retries with the Echo; not a failure.
-            self._traffic.totals["echo_challenges"] += 1
-            raise
-        except ReplayError as e:
-            self._traffic.refused("replay", str(e), remote_text(protected_message.remote),
-                                  self.sensor,
-                                  _describe(protected_message))
-            raise
-        except ProtectionInvalid as e:
-            self._traffic.refused("auth-failed", str(e), remote_text(protected_message.remote),
-                                  self.sensor, _describe(protected_message))
-            raise
-
     def saved_state(self) -> SavedState:
         """What a clean stop keeps: the exact next number and the window."""
         window = self.recipient_replay_window
@@ -146,8 +156,9 @@ def _describe(message: Any) -> str:
 class SensorContexts:
     """The server credentials aiocoap's OscoreSiteWrapper asks: a context by kid."""
 
-    def __init__(self, store: SensorStore, traffic: Traffic) -> None:
-        self._store, self._traffic = store, traffic
+    def __init__(self, store: SensorStore, traffic: Traffic,
+                 edhoc: EdhocSessions | None = None) -> None:
+        self._store, self._traffic, self.edhoc = store, traffic, edhoc
         self._contexts: dict[bytes, SensorContext] = {}
 
     def __len__(self) -> int:
@@ -156,9 +167,15 @@ class SensorContexts:
     def _save(self, states: list[SavedState]) -> None:
         self._store.save_oscore_state(states)
 
-    def find_oscore(self, unprotected: dict[Any, Any]) -> SensorContext:
+    def find_oscore(self, unprotected: dict[Any, Any]) -> SensorContext | SensorEdhocContext:
         kid = unprotected.get(COSE_KID)
         context = self._contexts.get(kid) if isinstance(kid, bytes) else None
+        if context is None and self.edhoc is not None and isinstance(kid, bytes):
+            session = self.edhoc.find(kid)  # established, or awaiting a combined message 3
+            if session is not None:
+                if session.sensor is not None and session.sensor.status != "active":
+                    self._refuse_disabled(session.sensor)
+                return session
         if context is None:
             found = None
             if isinstance(kid, bytes) and unprotected.get(COSE_KID_CONTEXT) is None:
@@ -191,13 +208,11 @@ class SensorContexts:
         self._contexts[sensor.kid] = context
         return context
 
-    def find_all_used_contextless_oscore_kid(self) -> set[bytes]:
-        # For EDHOC's choice of connection identifiers: never one a sensor uses.
-        return set(self._contexts)
-
     def refresh(self) -> None:
         """Follow the registry after a change: new status and attributes; a rekeyed or
         removed sensor's context is dropped (its replay state belonged to the old key)."""
+        if self.edhoc is not None:
+            self.edhoc.refresh()
         if not self._contexts:
             return
         held = list(self._contexts.items())
@@ -214,12 +229,15 @@ class SensorContexts:
             self._save([c.saved_state() for c in self._contexts.values()])
 
     def status_section(self) -> dict[str, Any]:
-        return {"contexts": len(self._contexts)}
+        return {"contexts": len(self._contexts),
+                **(self.edhoc.status_section() if self.edhoc is not None else {})}
 
 
 def identify(remote: Any) -> Sensor | None:
-    """The sensor an OSCORE-unprotected request came from (for the Gateway)."""
-    if isinstance(remote, OSCOREAddress) and isinstance(remote.security_context, SensorContext):
+    """The sensor an OSCORE-unprotected request came from (for the Gateway): a static
+    context's, or the one an EDHOC session authenticated."""
+    if isinstance(remote, OSCOREAddress) and isinstance(remote.security_context,
+                                                        CountedUnprotect):
         return remote.security_context.sensor
     return None
 
@@ -237,7 +255,7 @@ class _SiteWrapper(OscoreSiteWrapper):  # type: ignore[misc]
     - the unprotected request goes straight to the Gateway, whose answer is protected
       and sent. aiocoap's wrapper runs it through an inner pipe and a task per request,
       named after the request: together a third of the broker's CPU under load.
-    EDHOC goes aiocoap's way."""
+    EDHOC's own requests (/.well-known/edhoc) go to the EDHOC sessions (edhoc.py)."""
 
     def __init__(self, gateway: Resource, contexts: SensorContexts, traffic: Traffic) -> None:
         super().__init__(gateway, contexts)
@@ -247,7 +265,9 @@ class _SiteWrapper(OscoreSiteWrapper):  # type: ignore[misc]
     async def render_to_pipe(self, pipe: Any) -> None:
         request = pipe.request
         if request.opt.uri_path == (".well-known", "edhoc"):
-            await super().render_to_pipe(pipe)
+            edhoc = self._contexts.edhoc
+            pipe.add_response(edhoc.answer(request, remote_text(request.remote)) if edhoc
+                              else Message(code=Code.NOT_FOUND), is_last=True)
             return
         confirmable = request.mtype == aiocoap.CON
         try:

@@ -23,6 +23,7 @@ from agent.cli.render import render_sensor, render_sensors
 from agent.control import client
 from agent.errors import DaemonNotRunning, DevidError, PermissionDenied, SensorError
 from agent.fsutil import write_atomic
+from agent.sensors.credentials import TRANSPORTS
 
 Verb = Callable[..., argparse.ArgumentParser]
 Fail = Callable[[DevidError, bool, int], int]
@@ -47,7 +48,7 @@ def add_verbs(verb: Verb) -> None:
     sensors.add_argument("sensor", nargs="?", metavar="NAME|ID|FILE",
                          help="the sensor (add: its name; import: the CSV or JSON file)")
     sensors.add_argument("--profile", help="add: the policy profile (its role)")
-    sensors.add_argument("--transport", choices=("oscore", "dtls-psk"), default="oscore",
+    sensors.add_argument("--transport", choices=TRANSPORTS, default="oscore",
                          help="add: how the sensor talks to the gateway (default oscore)")
     sensors.add_argument("--attr", type=_attribute, action="append", default=[],
                          metavar="KEY=VALUE", help="add: an attribute policy can match "

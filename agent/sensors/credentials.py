@@ -3,7 +3,11 @@
 OSCORE (RFC 8613): a 16-byte master secret, an 8-byte master salt, the
 sensor's Sender ID (unique on this gateway: the broker finds the security
 context by it) and the gateway's. DTLS 1.2 PSK (RFC 7925): a PSK identity
-(unique, sent in clear in the handshake) and a 16-byte key.
+(unique, sent in clear in the handshake) and a 16-byte key. EDHOC (RFC 9528,
+method 3 with cipher suite 2: static Diffie-Hellman keys on P-256 both sides):
+the sensor's private key and its key ID, and the gateway's public credential,
+so that each side authenticates the other; the OSCORE contexts EDHOC derives
+are fresh each time and never stored.
 """
 
 from __future__ import annotations
@@ -13,10 +17,14 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+import cbor2
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from agent.errors import StateError
 from agent.secret import SecretBytes
 
-TRANSPORTS = ("oscore", "dtls-psk")
+TRANSPORTS = ("oscore", "dtls-psk", "edhoc")
+IMPORTABLE = ("oscore", "dtls-psk")  # factory keys; EDHOC sensors are added here
 OSCORE_SECRET_BYTES = 16
 OSCORE_SALT_BYTES = 8
 PSK_BYTES = 16
@@ -85,16 +93,68 @@ class PskCredential:
                 "cipher_suites": ["TLS_PSK_WITH_AES_128_CCM_8", "TLS_PSK_WITH_AES_128_GCM_SHA256"]}
 
 
-Credential = OscoreCredential | PskCredential
+EDHOC_METHOD, EDHOC_SUITE = 3, 2  # static DH both sides; AES-CCM-16-64-128, SHA-256, P-256
 
 
-def mint(transport: str, kid: bytes) -> Credential:
-    """Fresh keys for the sensor known by `kid` (its OSCORE Sender ID or PSK identity)."""
+def p256_private_key() -> SecretBytes:
+    """A P-256 private key (its scalar, 32 bytes, big-endian) from the OS's CSPRNG."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    return SecretBytes(key.private_numbers().private_value.to_bytes(32, "big"))
+
+
+def edhoc_ccs(private_key: SecretBytes, kid: bytes) -> bytes:
+    """The CBOR Web Token Claims Set (RFC 8392) that is a P-256 key's EDHOC credential
+    (RFC 9528 3.5.2): {cnf: {COSE_Key: {kty: EC2, kid, crv: P-256, x, y}}}, encoded
+    deterministically, as both sides must hash the same bytes."""
+    public = ec.derive_private_key(int.from_bytes(private_key.reveal(), "big"),
+                                   ec.SECP256R1()).public_key().public_numbers()
+    cose_key = {1: 2, 2: kid, -1: 1, -2: public.x.to_bytes(32, "big"),
+                -3: public.y.to_bytes(32, "big")}
+    return cbor2.dumps({8: {1: cose_key}}, canonical=True)
+
+
+@dataclass(frozen=True)
+class EdhocCredential:
+    private_key: SecretBytes  # the sensor's static DH key
+    key_id: bytes  # the sensor's credential by reference: ID_CRED_I = {4: key_id}
+    gateway_credential: bytes  # CRED_R: the gateway's CCS, which the sensor checks
+    transport = "edhoc"
+
+    @property
+    def secret(self) -> SecretBytes:
+        return self.private_key
+
+    @property
+    def kid(self) -> bytes:
+        return self.key_id
+
+    @property
+    def credential(self) -> bytes:
+        """CRED_I: the sensor's CCS, which the gateway checks message 3 against."""
+        return edhoc_ccs(self.private_key, self.key_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"transport": self.transport, "private_key": self.private_key.reveal().hex(),
+                "key_id": self.key_id.hex(), "credential": self.credential.hex(),
+                "gateway_credential": self.gateway_credential.hex(),
+                "method": EDHOC_METHOD, "cipher_suite": EDHOC_SUITE}
+
+
+Credential = OscoreCredential | PskCredential | EdhocCredential
+
+
+def mint(transport: str, kid: bytes, gateway_edhoc: bytes | None = None) -> Credential:
+    """Fresh keys for the sensor known by `kid` (its OSCORE Sender ID, PSK identity or
+    EDHOC key ID); an EDHOC credential also names the gateway's (`gateway_edhoc`)."""
     if transport == "oscore":
         return OscoreCredential(SecretBytes(secrets.token_bytes(OSCORE_SECRET_BYTES)),
                                 secrets.token_bytes(OSCORE_SALT_BYTES), kid, GATEWAY_SENDER_ID)
     if transport == "dtls-psk":
         return PskCredential(kid, SecretBytes(secrets.token_bytes(PSK_BYTES)))
+    if transport == "edhoc":
+        if gateway_edhoc is None:
+            raise ValueError("an EDHOC credential needs the gateway's")
+        return EdhocCredential(p256_private_key(), kid, gateway_edhoc)
     raise ValueError(f"unknown transport {transport!r} (known: {', '.join(TRANSPORTS)})")
 
 
@@ -115,6 +175,10 @@ def decode(data: bytes, where: str) -> Credential:
         if doc["transport"] == "dtls-psk":
             return PskCredential(doc["psk_identity"].encode("ascii"),
                                  SecretBytes(bytes.fromhex(doc["psk"])))
+        if doc["transport"] == "edhoc":
+            return EdhocCredential(SecretBytes(bytes.fromhex(doc["private_key"])),
+                                   bytes.fromhex(doc["key_id"]),
+                                   bytes.fromhex(doc["gateway_credential"]))
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeError):
         pass
     raise StateError(f"{where}: the stored credential is damaged")

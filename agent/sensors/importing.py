@@ -24,11 +24,11 @@ from agent.errors import ImportRefused
 from agent.secret import SecretBytes
 from agent.sensors.credentials import (
     GATEWAY_SENDER_ID,
+    IMPORTABLE,
     MAX_OSCORE_ID,
     MINTED_PSK_PREFIX,
     OSCORE_SECRET_BYTES,
     PSK_BYTES,
-    TRANSPORTS,
     Credential,
     OscoreCredential,
     PskCredential,
@@ -119,9 +119,10 @@ def _sensor(row: _Row) -> ImportedSensor | None:
     ok &= profile is not None and row.check("profile", check_profile(profile))
     ok &= isinstance(attributes, dict) and row.check("attributes",
                                                       check_attributes(attributes))
-    if transport is not None and transport not in TRANSPORTS:
+    if transport is not None and transport not in IMPORTABLE:
         row.problems.append(f"{row.where}: transport: {transport!r}, expected one of "
-                            f"{', '.join(TRANSPORTS)}")
+                            f"{', '.join(IMPORTABLE)} (EDHOC sensors are added with "
+                            "`sensors add`)")
         return None
     credential = _credential(row, transport) if transport else None
     if not ok or credential is None or name is None or profile is None:

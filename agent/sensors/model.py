@@ -76,7 +76,7 @@ class Sensor:
         return {"id": self.id, "name": self.name, "profile": self.profile,
                 "transport": self.transport, "status": self.status,
                 "status_reason": self.status_reason, "attributes": dict(self.attributes),
-                "kid": self.kid.hex() if self.transport == "oscore" else
+                "kid": self.kid.hex() if self.transport in ("oscore", "edhoc") else
                 self.kid.decode("ascii", "replace"),
                 "created_at": self.created_at, "updated_at": self.updated_at,
                 "last_seen": self.last_seen, "messages": self.messages,

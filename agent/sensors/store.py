@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ImportRefused, SensorError, SensorNotFound, StateError
+from agent.secret import SecretBytes
 from agent.sensors import credentials as creds
 from agent.sensors.atrest import RecordCipher
 from agent.sensors.importing import ImportedSensor
@@ -34,7 +35,7 @@ from agent.sensors.model import (
 )
 from agent.sqlite import Database
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS registry (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS sensors (
@@ -42,7 +43,7 @@ CREATE TABLE IF NOT EXISTS sensors (
     id TEXT NOT NULL UNIQUE,
     name TEXT NOT NULL UNIQUE,
     profile TEXT NOT NULL,
-    transport TEXT NOT NULL CHECK (transport IN ('oscore', 'dtls-psk')),
+    transport TEXT NOT NULL CHECK (transport IN ('oscore', 'dtls-psk', 'edhoc')),
     kid BLOB NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('active', 'quarantined', 'revoked')),
     status_reason TEXT,
@@ -66,10 +67,31 @@ CREATE TABLE IF NOT EXISTS oscore_state (
     window TEXT
 );
 """
-_UPGRADES = {1: ("ALTER TABLE sensors ADD COLUMN auth_failures INTEGER NOT NULL DEFAULT 0",)}
 _COLUMNS = ("serial, id, name, profile, transport, status, kid, attributes, status_reason, "
             "created_at, updated_at, last_seen, messages, denials, auth_failures")
+
+
+def _rebuilt_sensors_table() -> tuple[str, ...]:
+    """SQLite cannot change a CHECK constraint in place: the table is made anew from the
+    current schema and the rows copied (foreign keys are not enforced on this file). The
+    serial counter is carried over, so that no serial, and no sensor ID, is used twice."""
+    create = next(st for st in SCHEMA.split(";") if "TABLE IF NOT EXISTS sensors (" in st)
+    columns = _COLUMNS + ", credential, fingerprint"
+    return ("CREATE TEMP TABLE serial_kept AS SELECT seq FROM sqlite_sequence "
+            "WHERE name = 'sensors'",
+            create.replace("IF NOT EXISTS sensors (", "sensors_new ("),
+            f"INSERT INTO sensors_new ({columns}) SELECT {columns} FROM sensors",
+            "DROP TABLE sensors", "ALTER TABLE sensors_new RENAME TO sensors",
+            "DELETE FROM sqlite_sequence WHERE name = 'sensors'",
+            "INSERT INTO sqlite_sequence (name, seq) SELECT 'sensors', seq FROM serial_kept",
+            "DROP TABLE serial_kept")
+
+
+# Schema upgrades, by the version they start from.
+_UPGRADES = {1: ("ALTER TABLE sensors ADD COLUMN auth_failures INTEGER NOT NULL DEFAULT 0",),
+             2: _rebuilt_sensors_table()}  # v3: the transport `edhoc`
 CREDENTIAL = "credential"  # the AAD purpose of the sealed credential
+EDHOC_KEY = "edhoc-key"  # ... and of the gateway's EDHOC key
 
 
 @dataclass(frozen=True)
@@ -231,7 +253,8 @@ class SensorStore(Database):
             for new in sensors:
                 serial = self._next_serial(db)
                 sid = sensor_id(self.registry_id, serial)
-                credential = creds.mint(new.transport, self._free_kid(db, new.transport, serial))
+                credential = creds.mint(new.transport, self._free_kid(db, new.transport, serial),
+                                        self._gateway_edhoc(db, new.transport))
                 added.append(self._insert(db, serial, sid, new.name, new.profile,
                                           new.attributes, credential, now))
             return added
@@ -272,15 +295,38 @@ class SensorStore(Database):
 
     @staticmethod
     def _free_kid(db: sqlite3.Connection, transport: str, serial: int) -> bytes:
-        kid = creds.sensor_sender_id(serial) if transport == "oscore" else \
-            creds.psk_identity(serial)
+        kid = creds.psk_identity(serial) if transport == "dtls-psk" else \
+            creds.sensor_sender_id(serial)
         # An imported OSCORE Sender ID may already hold the serial's form: draw another.
         # (Imported PSK identities cannot: the minted prefix is reserved.)
-        while transport == "oscore" and db.execute(
+        while transport != "dtls-psk" and db.execute(
                 "SELECT 1 FROM sensors WHERE transport = ? AND kid = ?",
                 (transport, kid)).fetchone() is not None:
             kid = secrets.token_bytes(creds.MAX_OSCORE_ID)
         return kid
+
+    def _gateway_edhoc(self, db: sqlite3.Connection, transport: str) -> bytes | None:
+        """The gateway's EDHOC credential (CCS) for a new EDHOC credential, else None."""
+        return creds.edhoc_ccs(self._edhoc_key(db), creds.GATEWAY_SENDER_ID) \
+            if transport == "edhoc" else None
+
+    def _edhoc_key(self, db: sqlite3.Connection) -> SecretBytes:
+        row = db.execute("SELECT value FROM registry WHERE key = 'edhoc_key'").fetchone()
+        if row is None:
+            key = creds.p256_private_key()
+            db.execute("INSERT INTO registry (key, value) VALUES ('edhoc_key', ?)",
+                       (self._cipher.seal(self.registry_id, EDHOC_KEY,
+                                          key.reveal()).hex(),))
+            return key
+        return SecretBytes(self._cipher.open(self.registry_id, EDHOC_KEY,
+                                             bytes.fromhex(row[0])))
+
+    def gateway_edhoc_key(self) -> tuple[SecretBytes, bytes]:
+        """The gateway's static EDHOC key and its credential (CCS), made on first use and
+        kept sealed in the registry like the sensors' credentials."""
+        with self._transaction() as db:
+            key = self._edhoc_key(db)
+        return key, creds.edhoc_ccs(key, creds.GATEWAY_SENDER_ID)
 
     def _insert(self, db: sqlite3.Connection, serial: int, sid: str, name: str, profile: str,
                 attributes: dict[str, str], credential: creds.Credential, now: str
@@ -318,8 +364,9 @@ class SensorStore(Database):
     def rekey(self, ref: str, now: str) -> tuple[Sensor, creds.Credential]:
         """A fresh key under the same identifier; the sensor becomes active again."""
         sensor = self.get(ref)
-        credential = creds.mint(sensor.transport, sensor.kid)
         with self._transaction() as db:
+            credential = creds.mint(sensor.transport, sensor.kid,
+                                    self._gateway_edhoc(db, sensor.transport))
             db.execute("UPDATE sensors SET credential = ?, fingerprint = ?, status = 'active', "
                        "status_reason = NULL, updated_at = ? WHERE serial = ?",
                        (self._cipher.seal(sensor.id, CREDENTIAL, creds.encode(credential)),

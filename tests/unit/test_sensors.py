@@ -125,7 +125,8 @@ def test_an_import_names_every_problem_and_imports_nothing():
     problems = refused.value.problems
     assert "line 2: master_secret: only 1 distinct byte values in 16" in problems[0]
     assert "line 5: psk_identity: devid-s… is reserved for minted identities" in problems
-    assert "line 6: transport: 'carrier-pigeon', expected one of oscore, dtls-psk" in problems
+    assert ("line 6: transport: 'carrier-pigeon', expected one of oscore, dtls-psk "
+            "(EDHOC sensors are added with `sensors add`)") in problems
     assert "line 7: master_secret: 10 bytes, at least 16 required" in problems
     assert "line 9: master_secret: not hex" in problems
     assert "line 4: the same key as line 3" in problems
@@ -242,3 +243,54 @@ def test_a_version_1_registry_is_upgraded_in_place(tmp_path):
     assert upgraded.get("t-1").auth_failures == 0
     upgraded.save_oscore_state([(sensor.serial, 16, None)])
     assert upgraded.oscore_state(sensor.serial) == (16, None)
+
+
+def test_a_version_2_registry_takes_edhoc_sensors_and_never_reuses_a_serial(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "sensors.db"
+    cipher = _cipher()
+    store = SensorStore(path, cipher)
+    store.add([NewSensor("t-1", "temperature"), NewSensor("t-2", "temperature")], NOW)
+    store.remove("t-2")
+    key = store.credential(store.get("t-1")).secret.reveal()
+    store.close()
+    # What version 2 wrote: the same table, with transports oscore and dtls-psk only.
+    db = sqlite3.connect(path)
+    create = db.execute("SELECT sql FROM sqlite_master WHERE name = 'sensors'").fetchone()[0]
+    db.execute("PRAGMA writable_schema = ON")
+    db.execute("UPDATE sqlite_master SET sql = ? WHERE name = 'sensors'",
+               (create.replace(", 'edhoc'", ""),))
+    db.execute("PRAGMA writable_schema = OFF")
+    db.execute("PRAGMA user_version = 2")
+    db.commit()
+    db.close()
+    with sqlite3.connect(path) as check:
+        assert "'edhoc'" not in check.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'sensors'").fetchone()[0]
+    upgraded = SensorStore(path, cipher)
+    assert upgraded.credential(upgraded.get("t-1")).secret.reveal() == key
+    [(edhoc, credential)] = upgraded.add([NewSensor("e-1", "temperature", "edhoc")], NOW)
+    assert edhoc.serial == 3  # not t-2's
+    assert credential.transport == "edhoc"
+    assert upgraded.find("edhoc", edhoc.kid) is not None
+
+
+def test_edhoc_credentials_name_the_gateways_key_and_survive_sealing(tmp_path):
+    import cbor2
+
+    store = SensorStore(tmp_path / "sensors.db", _cipher())
+    added = store.add([NewSensor(f"e-{n}", "temperature", "edhoc") for n in range(2)], NOW)
+    key, gateway = store.gateway_edhoc_key()
+    assert store.gateway_edhoc_key() == (key, gateway)  # made once, then kept
+    for sensor, credential in added:
+        assert credential.gateway_credential == gateway
+        assert store.credential(sensor) == credential
+        ccs = cbor2.loads(credential.credential)
+        assert ccs[8][1][2] == sensor.kid and len(ccs[8][1][-2]) == 32
+    assert added[0][1].private_key.reveal() != added[1][1].private_key.reveal()
+    # Rekeyed: a new key, the same key ID.
+    sensor, credential = added[0]
+    _, fresh = store.rekey(sensor.name, NOW)
+    assert fresh.kid == sensor.kid and fresh.private_key.reveal() != \
+        credential.private_key.reveal()
