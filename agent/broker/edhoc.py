@@ -63,6 +63,10 @@ class SensorEdhocContext(CountedUnprotect, EdhocResponderContext):  # type: igno
                  started: float) -> None:
         super().__init__(responder, c_i, c_r, _CredentialFinder(sessions, self), log)
         self.sessions, self.started, self._traffic = sessions, started, sessions.traffic
+        # Its window starts empty and known: a replay is a replay, with no Echo recovery
+        # (aiocoap's responder context lacks the attribute; a replayed request then ended
+        # in an AttributeError, found by tests/integration/test_broker_fuzz.py).
+        self.echo_recovery = None
         self.sensor: Sensor | None = None
         self.fingerprint = b""
 

@@ -306,6 +306,13 @@ class _SiteWrapper(OscoreSiteWrapper):  # type: ignore[misc]
             if confirmable:
                 raise coap_error.BadRequest("Decryption failed") from None
             return
+        except Exception as e:  # a gap in aiocoap or here: answered, logged, never fatal
+            log.error("OSCORE listener: a request from %s could not be unprotected: %s: %s",
+                      remote_text(request.remote), type(e).__name__, e)
+            self._traffic.malformed("oscore", remote_text(request.remote), "unprotect failed")
+            if confirmable:
+                raise coap_error.BadRequest("Decryption failed") from None
+            return
         unprotected.remote = OSCOREAddress(context, request.remote)
         try:
             response = await self._gateway.respond(unprotected)

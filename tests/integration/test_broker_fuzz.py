@@ -1,7 +1,7 @@
 """Hostile datagrams at both listeners, from a hypothesis fuzzer: random bytes and mutations
-of real traffic (a captured OSCORE request, a DTLS ClientHello and a captured DTLS
-session). The broker must not crash or stall, must forward nothing, and the real sensors
-keep working; what is not CoAP at all is counted as malformed."""
+of real traffic (a captured OSCORE request, a captured EDHOC handshake, a DTLS ClientHello
+and a captured DTLS session). The broker must not crash or stall, must forward nothing,
+and the real sensors keep working; what is not CoAP at all is counted as malformed."""
 
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ def test_fuzzed_datagrams_forward_nothing_and_real_sensors_keep_working(broker_s
     sensor = OscoreSensor(tmp_path / "t-1", t1["credential"], relay.port)
     broker_stack.sensors.append(sensor)
     assert sensor.request("POST", "/telemetry", cbor2.dumps({"t": 1}), 60).code == "2.04"
+    e1 = broker_stack.add("e-1", "--transport", "edhoc")
+    edhoc = OscoreSensor(tmp_path / "e-1", e1["credential"], relay.port)
+    broker_stack.sensors.append(edhoc)
+    assert edhoc.request("POST", "/telemetry", cbor2.dumps({"t": 1}), 60).code == "2.04"
     d1 = broker_stack.add("d-1", "--transport", "dtls-psk")
     identity, key = libcoap_psk(broker, "d-1", d1["credential"])
     dtls_relay = UdpRelay(("127.0.0.1", broker.dtls_port))
@@ -43,8 +47,9 @@ def test_fuzzed_datagrams_forward_nothing_and_real_sensors_keep_working(broker_s
     relay.close()
     dtls_relay.close()
     sensor.retarget(broker.oscore_port)
+    edhoc.retarget(broker.oscore_port)
     forwarded = len(upstream.received())
-    assert forwarded == 2
+    assert forwarded == 3
     out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     ports = (broker.oscore_port, broker.dtls_port)
 
@@ -60,9 +65,11 @@ def test_fuzzed_datagrams_forward_nothing_and_real_sensors_keep_working(broker_s
     totals = broker_stack.totals()
     assert totals["malformed"] > 0
     assert sensor.request("POST", "/telemetry", cbor2.dumps({"t": 2}), 60).code == "2.04"
+    edhoc.forget_edhoc_session()  # a fresh handshake still completes
+    assert edhoc.request("POST", "/telemetry", cbor2.dumps({"t": 2}), 60).code == "2.04"
     assert coap_client("coap-client-gnutls", identity, key, broker.dtls_port, "/telemetry").ok
     received = upstream.received()
-    assert len(received) == forwarded + 2
-    assert {r["sensor"][0] for r in received} == {t1["id"], d1["id"]}
+    assert len(received) == forwarded + 3
+    assert {r["sensor"][0] for r in received} == {t1["id"], e1["id"], d1["id"]}
     assert broker.proc is not None and broker.proc.poll() is None
     assert "Traceback" not in broker.log.read_text()

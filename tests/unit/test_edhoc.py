@@ -12,6 +12,7 @@ from aiocoap.message import Direction
 from aiocoap.oscore import (
     CanProtect,
     CanUnprotect,
+    ReplayError,
     ReplayWindow,
     SecurityContextUtils,
     algorithms,
@@ -83,7 +84,7 @@ def _handshake(sessions: EdhocSessions, credential, private_key: bytes | None = 
 
 
 def test_a_handshake_gives_the_sensor_and_the_gateway_the_same_fresh_context(gateway):
-    sessions, _traffic, clock, [(sensor, credential), _] = gateway
+    sessions, traffic, clock, [(sensor, credential), _] = gateway
     final, initiator = _handshake(sessions, credential)
     assert final.code == Code.CHANGED
     initiator.process_message_4(final.payload)
@@ -102,6 +103,11 @@ def test_a_handshake_gives_the_sensor_and_the_gateway_the_same_fresh_context(gat
     incoming.direction = Direction.INCOMING
     unprotected, _ = context.unprotect(incoming)
     assert unprotected.payload == b"21.5" and unprotected.opt.uri_path == ("telemetry",)
+    # The same datagram again: a replay, refused and counted (aiocoap's responder context
+    # alone ends this in an AttributeError).
+    with pytest.raises(ReplayError):
+        context.unprotect(incoming)
+    assert traffic.totals["refused.replay"] == 1
     # On schedule: gone after the lifetime, so the sensor runs EDHOC again.
     clock.now += 61
     assert sessions.find(c_r) is None
