@@ -299,24 +299,30 @@ def _percentile(samples: list[float], q: float) -> float:
 
 
 async def measure(paths: dict[str, Send], seconds: float, concurrency: int, rate: int,
-                  server_pids: dict[str, int]) -> dict[str, dict[str, float]]:
+                  server_pids: dict[str, int], upstream_pids: dict[str, int]
+                  ) -> dict[str, dict[str, float]]:
     """Each path's figures, with the CPU its server process (the broker, aiocoap's proxy)
     spent per request in the closed loop: near 100 % there, the server is the limit;
-    well below, the load generator is."""
+    well below, the load generator is. The upstream's and the load generator's CPU in
+    the same interval show what was left of the machine's cores."""
     results: dict[str, dict[str, float]] = {}
     for name, send in paths.items():
         for _ in range(20):  # warm up: connections, contexts, handshakes
             await send()
         pid = server_pids.get(name)
-        cpu0, wall0 = (_cpu_seconds(pid) if pid else 0.0), time.perf_counter()
+        watched = {"server": pid, "upstream": upstream_pids[name], "loadgen": os.getpid()}
+        cpu0 = {k: _cpu_seconds(p) if p else 0.0 for k, p in watched.items()}
+        wall0 = time.perf_counter()
         throughput, failed = await closed_loop(send, seconds, concurrency)
-        cpu = (_cpu_seconds(pid) - cpu0) if pid else 0.0
-        busy = cpu / (time.perf_counter() - wall0)
+        wall = time.perf_counter() - wall0
+        busy = {k: ((_cpu_seconds(p) - cpu0[k]) / wall if p else 0.0)
+                for k, p in watched.items()}
         latencies, late_failed = await open_loop(send, min(seconds, 4.0), rate)
         results[name] = {"rps": throughput, "failed": failed + late_failed,
                          "p50": statistics.median(latencies),
-                         "p99": _percentile(latencies, 0.99), "busy": busy,
-                         "cpu_us": cpu / max(1, throughput * seconds) * 1e6}
+                         "p99": _percentile(latencies, 0.99), "busy": busy["server"],
+                         "cpu_us": busy["server"] * wall / max(1, throughput * seconds) * 1e6,
+                         "upstream_busy": busy["upstream"], "loadgen_busy": busy["loadgen"]}
     return results
 
 
@@ -377,8 +383,10 @@ def run(tmp: Path, args: argparse.Namespace) -> int:
                                      ca_pem, ready), daemon=True)
         proxy.start()
         ready.wait(30)
+        assert upstream.proc is not None and mosquitto.proc is not None
         results = asyncio.run(_drive(args, upstream.port, ca_pem, proxy_port, broker,
-                                     tmp / "sensor", oscore, psk, proxy.pid or 0))
+                                     tmp / "sensor", oscore, psk, proxy.pid or 0,
+                                     (upstream.proc.pid, mosquitto.proc.pid)))
 
         rss_used = _rss_kib(broker.proc.pid)
         from agent.control import client
@@ -405,7 +413,8 @@ def run(tmp: Path, args: argparse.Namespace) -> int:
 
 async def _drive(args: argparse.Namespace, upstream_port: int, ca_pem: str, proxy_port: int,
                  broker: BrokerProcess, sensor_dir: Path, oscore: dict[str, str],
-                 psk: dict[str, str], proxy_pid: int) -> dict[str, dict[str, float]]:
+                 psk: dict[str, str], proxy_pid: int, upstream_pids: tuple[int, int]
+                 ) -> dict[str, dict[str, float]]:
     direct = await aiocoap.Context.create_client_context(transports=["tlsclient"])
     tls = ssl.create_default_context(cadata=ca_pem)
     direct.client_credentials.ssl_client_context = lambda _scheme, _host: tls
@@ -432,7 +441,10 @@ async def _drive(args: argparse.Namespace, upstream_port: int, ca_pem: str, prox
         assert broker.proc is not None
         servers = {name: broker.proc.pid for name in paths if "broker" in name}
         servers["(b) aiocoap proxy"] = proxy_pid
-        return await measure(paths, args.seconds, args.concurrency, args.rate, servers)
+        coap, mqtt = upstream_pids
+        upstreams = {name: mqtt if "MQTT" in name else coap for name in paths}
+        return await measure(paths, args.seconds, args.concurrency, args.rate, servers,
+                             upstreams)
     finally:
         await direct.shutdown()
         for client in (plain, protected):
@@ -447,15 +459,18 @@ def _report(results: dict[str, dict[str, float]], args: argparse.Namespace, rss_
     print(f"{args.concurrency} in flight for {args.seconds:g}s (requests/s), then "
           f"{args.rate}/s for {min(args.seconds, 4.0):g}s (latency); same run, this machine")
     print(f"{'path':30s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'+p50':>7s} "
-          f"{'+p99':>7s} {'failed':>6s} {'server':>7s} {'us/req':>7s}")
+          f"{'+p99':>7s} {'failed':>6s} {'server':>7s} {'us/req':>7s} {'upstr.':>7s} "
+          f"{'loadgen':>7s}")
     for name, r in results.items():
         server = f"{r['busy'] * 100:6.0f}% {r['cpu_us']:7.0f}" if r["busy"] else \
             f"{'-':>7s} {'-':>7s}"
         print(f"{name:30s} {r['rps']:8.0f} {r['p50']:8.2f} {r['p99']:8.2f} "
               f"{r['p50'] - base['p50']:7.2f} {r['p99'] - base['p99']:7.2f} "
-              f"{int(r['failed']):6d} {server}")
-    print("server: the CPU of the broker (or aiocoap's proxy) while 16 were in flight, and "
-          "its CPU time per request")
+              f"{int(r['failed']):6d} {server} {r['upstream_busy'] * 100:6.0f}% "
+              f"{r['loadgen_busy'] * 100:6.0f}%")
+    print(f"server: the CPU of the broker (or aiocoap's proxy) while {args.concurrency} were "
+          "in flight, and its CPU time per request; upstr., loadgen: the CPU of the upstream "
+          f"and of this load generator meanwhile ({os.cpu_count()} cores in all)")
     for uri, first in FIRST_FAILURE.items():
         print(f"first failure at {uri}: {first}")
     proxy, oscore = results.get("(b) aiocoap proxy"), results.get("(c) broker, OSCORE")

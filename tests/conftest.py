@@ -139,20 +139,20 @@ def broker_stack_factory(gateway_agent: tuple[AgentProcess, RegistrarProcess], t
     """make(extra_toml, policy, plain, listen): the broker with the CoAP upstream `cloud` and
     whatever more `extra_toml` configures (the upstream's CA is at
     tmp_path/"upstream-ca.pem"); `plain` adds a plain-CoAP listener, `listen` keys of
-    [listen]."""
+    [listen], `host` the listeners' address ("::" for both IPv6 and IPv4)."""
     agent, registrar = gateway_agent
     made: list[BrokerStack] = []
     cert, key, ca_pem = server_identity(tmp_path / "upstream-tls")
     (tmp_path / "upstream-ca.pem").write_text(ca_pem)
 
     def make(extra: str = "", policy: str = DEMO_POLICY, plain: bool = False,
-             listen: str = "") -> BrokerStack:
+             listen: str = "", host: str = "127.0.0.1") -> BrokerStack:
         upstream = CoapUpstreamProcess(tmp_path / "upstream", free_port(), cert, key,
                                        registrar.ca).start()
         broker = BrokerProcess(
             tmp_path / "broker", agent.config.parent / "run" / "identity.sock",
             f'[upstreams.cloud]\nurl = "coaps+tcp://127.0.0.1:{upstream.port}"\n'
-            f'bundle = "{tmp_path / "upstream-ca.pem"}"\n' + extra, plain, listen)
+            f'bundle = "{tmp_path / "upstream-ca.pem"}"\n' + extra, plain, listen, host)
         broker.policy.write_text(policy)
         broker.start().wait_serving()
         made.append(BrokerStack(broker, upstream, registrar_ca=registrar.ca,

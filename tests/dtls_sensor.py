@@ -24,14 +24,15 @@ class Reply:
 
 def coap_client(tool: str, identity: str, key: bytes, port: int, path: str,
                 payload: str = "21.5", method: str = "post", content_format: int = 0,
-                wait: int = 5) -> Reply:
+                wait: int = 5, host: str = "127.0.0.1") -> Reply:
     """One request, one DTLS session. libcoap takes the key as a C string (no NUL)."""
     if b"\0" in key:
         raise ValueError("libcoap's -k cannot carry a NUL byte: rekey the sensor")
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     with tempfile.TemporaryDirectory() as scratch:
         body = Path(scratch) / "body"
         args = [tool, "-B", str(wait), "-m", method, "-u", identity, "-k", key, "-o", str(body),
-                "-t", str(content_format), "-e", payload, f"coaps://127.0.0.1:{port}{path}"]
+                "-t", str(content_format), "-e", payload, f"coaps://{authority}{path}"]
         proc = subprocess.run([os.fsencode(a) if isinstance(a, str) else a for a in args],
                               capture_output=True, timeout=wait + 15)
         # Error codes go to stderr, DTLS trouble to stdout (libcoap's log).

@@ -41,8 +41,10 @@ def _code(code: Code) -> str:
 class OscoreSensor:
     """Runs its own event loop in a thread; each call blocks until the answer."""
 
-    def __init__(self, directory: Path, credential: dict[str, str], port: int) -> None:
+    def __init__(self, directory: Path, credential: dict[str, str], port: int,
+                 host: str = "127.0.0.1") -> None:
         directory.mkdir(parents=True, exist_ok=True)
+        self.host = f"[{host}]" if ":" in host else host
         if credential["transport"] == "oscore":
             (directory / "secret.json").write_text(json.dumps({
                 "sender-id_hex": credential["sender_id"],
@@ -64,14 +66,14 @@ class OscoreSensor:
         self._security: Any = edhoc_initiator(self.credential) \
             if self.credential["transport"] == "edhoc" else \
             FilesystemSecurityContext(str(self.directory))
-        context.client_credentials[f"coap://127.0.0.1:{self.port}/*"] = self._security
+        context.client_credentials[f"coap://{self.host}:{self.port}/*"] = self._security
         return context
 
     def retarget(self, port: int) -> None:
         """Send to another port (a relay) with the same security context."""
-        self._context.client_credentials.pop(f"coap://127.0.0.1:{self.port}/*")
+        self._context.client_credentials.pop(f"coap://{self.host}:{self.port}/*")
         self.port = port
-        self._context.client_credentials[f"coap://127.0.0.1:{port}/*"] = self._security
+        self._context.client_credentials[f"coap://{self.host}:{port}/*"] = self._security
 
     def request(self, method: str, path: str, payload: bytes = b"",
                 content_format: int | None = None) -> Answer:
@@ -80,7 +82,7 @@ class OscoreSensor:
     async def _request(self, method: str, path: str, payload: bytes,
                        content_format: int | None) -> Answer:
         message = Message(code=Code[method], payload=payload,
-                          uri=f"coap://127.0.0.1:{self.port}{path}")
+                          uri=f"coap://{self.host}:{self.port}{path}")
         if content_format is not None:
             message.opt.content_format = content_format
         try:
@@ -96,6 +98,8 @@ class OscoreSensor:
 
     def close(self) -> None:
         self._run(self._context.shutdown())
+        if isinstance(self._security, FilesystemSecurityContext):
+            self._security._destroy()  # its lock: the directory may be opened again
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
 

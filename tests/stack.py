@@ -314,20 +314,21 @@ class BrokerProcess:
     """devid-broker as a child process: its config, state and sockets in `directory`."""
 
     def __init__(self, directory: Path, identity_socket: Path, extra: str = "",
-                 plain: bool = False, listen: str = "") -> None:
+                 plain: bool = False, listen: str = "", host: str = "127.0.0.1") -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.socket = directory / "run" / "control.sock"
         self.config = directory / "broker.toml"
         self.oscore_port, self.dtls_port = free_udp_port(), free_udp_port()
         self.plain_port = free_udp_port() if plain else None
+        bound = f"[{host}]" if ":" in host else host
         self.config.write_text(
             f'[paths]\nstate_dir = "state"\ncontrol_socket = "run/control.sock"\n'
             f'[identity]\nsocket = {json.dumps(str(identity_socket))}\nretry = "1s"\n'
             '[policy]\nfile = "policy.toml"\n'
-            f'[listen]\noscore = "127.0.0.1:{self.oscore_port}"\n'
-            f'dtls = "127.0.0.1:{self.dtls_port}"\n'
-            + (f'plain = "127.0.0.1:{self.plain_port}"\n' if plain else "") + listen + extra)
+            f'[listen]\noscore = "{bound}:{self.oscore_port}"\n'
+            f'dtls = "{bound}:{self.dtls_port}"\n'
+            + (f'plain = "{bound}:{self.plain_port}"\n' if plain else "") + listen + extra)
         self.policy = directory / "policy.toml"
         self.log = directory / "broker.log"
         self.proc: subprocess.Popen[bytes] | None = None

@@ -48,6 +48,10 @@ def test_spooled_telemetry_survives_a_sigkill_and_arrives_in_order(broker_stack_
     received = upstream.received()
     assert [cbor2.loads(bytes.fromhex(r["payload"]))["n"] for r in received] == list(range(8))
     assert all(r["sensor"] == [t1["id"]] for r in received)
+    # The upstream records a message before the broker has its answer and drops it from
+    # the spool: wait for that too.
+    while stack.status()["spool"]["messages"] and time.monotonic() < deadline:
+        time.sleep(0.1)
     status = stack.status()["spool"]
     assert status["messages"] == 0 and status["delivered"] == 7  # all, by the new broker
     # Delivered: the sensor is no longer queued behind its spool.
