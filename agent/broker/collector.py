@@ -4,7 +4,7 @@ Under load aiocoap keeps every answer for deduplication for the CoAP exchange
 lifetime (247 s): hundreds of thousands of long-lived objects at 1,000
 requests/s. Every full collection walks all of them. bench/broker.py measured
 the cost: a quarter of the broker's CPU, and pauses of 100 to 250 ms that made
-the p99 latency. So every few seconds the survivors are frozen (`gc.freeze`:
+the p99 latency. So every second the survivors are frozen (`gc.freeze`:
 moved where the collector does not look). Reference counting still frees them
 when aiocoap lets them go. What only the collector can free (reference cycles)
 is reclaimed by one full collection of everything every `full_every` seconds;
@@ -23,7 +23,7 @@ from typing import Any
 class Collector:
     name = "collector"
 
-    def __init__(self, freeze_every: float = 2.0, full_every: float = 600.0,
+    def __init__(self, freeze_every: float = 1.0, full_every: float = 600.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._freeze_every, self._full_every, self._clock = freeze_every, full_every, clock
         self.full_collections, self.last_full_ms, self.last_freed = 0, 0.0, 0
