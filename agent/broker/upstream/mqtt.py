@@ -8,8 +8,11 @@ one). The sensor gets 2.04 only once the broker has acknowledged the publish
 property `sensor`, and the payload's format as its content type. The sensor
 has no say in either.
 
-paho runs each connection's network loop in a thread of its own;
-acknowledgements come back to the event loop as futures. As with every
+paho's network loop runs on the broker's event loop (paho's "external loop":
+its socket callbacks register the socket with asyncio), not in a thread of
+its own. A thread cost a wake-up byte per publish and GIL hand-overs; here
+publishes queued in one turn of the loop go out in one write. Only the
+blocking TCP connect and TLS handshake run in a worker thread. As with every
 upstream, a rotation moves new publishes to a new connection with the new
 certificate, and the old one is closed after its last acknowledgement.
 """
@@ -122,6 +125,59 @@ class _Connection:
         return future
 
 
+class _OnEventLoop:
+    """paho's external-loop callbacks: its socket read, written and kept alive by the
+    event loop. paho may call them from the thread that connects; they then hop over."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, client: mqtt.Client) -> None:
+        self._loop, self._client = loop, client
+        self._misc: asyncio.Task[None] | None = None
+        client.on_socket_open = self._later(self._opened)
+        client.on_socket_close = self._later(self._closed)
+        client.on_socket_register_write = self._later(self._want_write)
+        client.on_socket_unregister_write = self._later(self._wrote)
+
+    def _later(self, action: Any) -> Any:
+        def callback(_client: Any, _userdata: Any, sock: Any) -> None:
+            if self._in_loop():
+                action(sock)
+            else:
+                self._loop.call_soon_threadsafe(action, sock)
+        return callback
+
+    def _in_loop(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
+    def _opened(self, sock: Any) -> None:
+        self._loop.add_reader(sock, self._read, sock)
+        self._misc = self._loop.create_task(self._keepalive())
+
+    def _read(self, sock: Any) -> None:
+        self._client.loop_read()
+        # TLS may hold decrypted bytes the socket no longer signals.
+        if getattr(sock, "pending", lambda: 0)() > 0:
+            self._loop.call_soon(self._read, sock)
+
+    def _closed(self, sock: Any) -> None:
+        self._loop.remove_reader(sock)
+        self._loop.remove_writer(sock)
+        if self._misc is not None:
+            self._misc.cancel()
+
+    def _want_write(self, sock: Any) -> None:
+        self._loop.add_writer(sock, self._client.loop_write)
+
+    def _wrote(self, sock: Any) -> None:
+        self._loop.remove_writer(sock)
+
+    async def _keepalive(self) -> None:
+        while self._client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:
+            await asyncio.sleep(1.0)
+
+
 class MqttUpstream:
     def __init__(self, name: str, url: str, trust: str | None,
                  credentials: GatewayCredentials, timeout: float = 10.0,
@@ -148,11 +204,11 @@ class MqttUpstream:
         client.on_connect, client.on_publish = connection.on_connect, connection.on_publish
         client.on_disconnect = connection.on_disconnect
         connection.client = client
+        _OnEventLoop(connection.loop, client)
         try:
             await asyncio.to_thread(client.connect, self._host, self._port, 30)
         except (OSError, ssl.SSLError, ValueError) as e:
             raise UpstreamError(f"{self.url}: cannot connect: {e}") from None
-        client.loop_start()
         try:
             reason = await asyncio.wait_for(connection.connected, CONNECT_TIMEOUT)
         except TimeoutError:
@@ -170,8 +226,7 @@ class MqttUpstream:
     async def _close(connection: _Connection) -> None:
         client = connection.client
         if client is not None:
-            client.disconnect()
-            await asyncio.to_thread(client.loop_stop)
+            client.disconnect()  # queues DISCONNECT; the event loop writes it and closes
 
     def topic(self, request: Forward) -> str:
         path = request.path.strip("/")
