@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -101,9 +102,19 @@ def free_port() -> int:
 
 
 def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A UDP port for a listener: below the kernel's ephemeral range (so that no client
+    socket of a test running alongside takes it before the listener binds it) and free
+    for a dual-stack "[::]" bind, which also covers 127.0.0.1 and ::1."""
+    for _ in range(100):
+        port = random.randint(20000, 32000)
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            try:
+                s.bind(("::", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free UDP port between 20000 and 32000")
 
 
 def allowed_pcrs_toml(name: str, values: dict[int, str]) -> str:

@@ -40,8 +40,7 @@ async def serve(listener: str, address: str, site: interfaces.Resource,
                             loggername=f"coap-{listener}")
     try:
         await context._append_tokenmanaged_messagemanaged_transport(transport(host, port))
-    except OSError as e:
-        await context.shutdown()
+    except OSError as e:  # nothing was started: nothing to shut down
         raise ListenerError(f"{listener} listener {address}: {e.strerror or e}",
                             f"another program has the port, or [listen] {listener} names "
                             "an address this host does not have") from None

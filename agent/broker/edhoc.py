@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from aiocoap.oscore import ProtectionInvalid
 
 from agent.broker.oscore import CountedUnprotect
 from agent.broker.traffic import Traffic
+from agent.ratelimit import KeyedBuckets, TokenBucket
 from agent.sensors.credentials import EdhocCredential
 from agent.sensors.model import Sensor
 from agent.sensors.store import SensorStore
@@ -44,6 +46,9 @@ log = logging.getLogger(__name__)
 CBOR_TRUE = b"\xf5"  # what a request carrying message 1 starts with (RFC 9528 A.2)
 C_R_BYTES = 5  # the gateway's connection identifiers: its OSCORE Recipient IDs
 MAX_PENDING, PENDING_FOR = 1024, 60.0  # handshakes awaiting message 3: at most, how long
+# Each message 1 costs two P-256 operations (about 1 ms here, more on a gateway's CPU):
+# a sender may start 10 at once, then one a second; all senders together 100, then 50/s.
+PER_ADDRESS, ALL_SENDERS = (10, 1.0), (100, 0.02)
 
 
 class EdhocRefused(Exception):
@@ -122,16 +127,25 @@ class EdhocSessions:
         self._pending: dict[bytes, SensorEdhocContext] = {}
         self._established: dict[bytes, SensorEdhocContext] = {}
         self.handshakes = 0
+        self._per_address = KeyedBuckets(*PER_ADDRESS, clock)
+        self._all_senders = TokenBucket(*ALL_SENDERS, clock)
 
     # --- the handshake ------------------------------------------------------------------
 
-    def answer(self, request: Message, remote: str) -> Message:
-        """The answer to a POST to /.well-known/edhoc: message 2 or message 4."""
+    def answer(self, request: Message, remote: str, address: object) -> Message:
+        """The answer to a POST to /.well-known/edhoc from `address` (the sender's IP
+        address): message 2 or message 4, or 5.03 with Max-Age when handshakes arrive
+        faster than this gateway wants to spend P-256 operations on them."""
         payload = request.payload
         try:
             if request.code != Code.POST:
                 raise coap_error.MethodNotAllowed()
             if payload[:1] == CBOR_TRUE:
+                wait = self._admit(address)
+                if wait is not None:
+                    self.traffic.totals["refused.edhoc-rate"] += 1
+                    return Message(code=Code.SERVICE_UNAVAILABLE, max_age=math.ceil(wait),
+                                   payload=b"too many EDHOC handshakes; try again later")
                 return Message(code=Code.CHANGED, payload=self._message_1(payload[1:]))
             return Message(code=Code.CHANGED, payload=self._message_3(payload))
         except EdhocRefused as e:
@@ -178,6 +192,12 @@ class EdhocSessions:
         except coap_error.Error:  # no sensor has this credential: counted when looked up
             raise EdhocRefused("EDHOC message 3: no sensor has this credential",
                                counted=True) from None
+
+    def _admit(self, address: object) -> float | None:
+        """None if a handshake from `address` may start now, else seconds to wait."""
+        if not self._per_address.take(address):
+            return PER_ADDRESS[1]
+        return self._all_senders.take()
 
     def _new_c_r(self, c_i: bytes) -> bytes:
         """A connection identifier no sensor's static OSCORE context uses, no session

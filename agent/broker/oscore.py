@@ -74,6 +74,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHUNK_START, CHUNK_LIMIT = 16, 4096  # sequence numbers reserved per registry write
+UNKNOWN_KIDS = 4096  # unknown kids remembered (the oldest forgotten first)
 SavedState = tuple[int, int, str | None]  # (serial, next_to_send, window JSON or None)
 
 
@@ -160,6 +161,7 @@ class SensorContexts:
                  edhoc: EdhocSessions | None = None) -> None:
         self._store, self._traffic, self.edhoc = store, traffic, edhoc
         self._contexts: dict[bytes, SensorContext] = {}
+        self._unknown: dict[bytes, None] = {}  # kids the registry lacked; reset on a change
 
     def __len__(self) -> int:
         return len(self._contexts)
@@ -178,9 +180,11 @@ class SensorContexts:
                 return session
         if context is None:
             found = None
-            if isinstance(kid, bytes) and unprotected.get(COSE_KID_CONTEXT) is None:
+            if isinstance(kid, bytes) and unprotected.get(COSE_KID_CONTEXT) is None \
+                    and kid not in self._unknown:
                 found = self._store.find("oscore", kid)
             if found is None:
+                self._remember_unknown(kid)
                 self._traffic.refused("unknown-credential", "no sensor has this OSCORE kid "
                                       f"({kid.hex() if isinstance(kid, bytes) else 'none'})",
                                       "")
@@ -192,6 +196,13 @@ class SensorContexts:
         if context.sensor.status != "active":
             self._refuse_disabled(context.sensor)
         return context
+
+    def _remember_unknown(self, kid: Any) -> None:
+        """A flood of made-up kids is answered from memory, not by a registry query each."""
+        if isinstance(kid, bytes):
+            if len(self._unknown) >= UNKNOWN_KIDS:
+                del self._unknown[next(iter(self._unknown))]
+            self._unknown[kid] = None
 
     def _refuse_disabled(self, sensor: Sensor) -> None:
         self._traffic.refused("disabled", f"sensor is {sensor.status}", "", sensor)
@@ -211,6 +222,7 @@ class SensorContexts:
     def refresh(self) -> None:
         """Follow the registry after a change: new status and attributes; a rekeyed or
         removed sensor's context is dropped (its replay state belonged to the old key)."""
+        self._unknown.clear()  # a sensor may have been added
         if self.edhoc is not None:
             self.edhoc.refresh()
         if not self._contexts:
@@ -266,8 +278,9 @@ class _SiteWrapper(OscoreSiteWrapper):  # type: ignore[misc]
         request = pipe.request
         if request.opt.uri_path == (".well-known", "edhoc"):
             edhoc = self._contexts.edhoc
-            pipe.add_response(edhoc.answer(request, remote_text(request.remote)) if edhoc
-                              else Message(code=Code.NOT_FOUND), is_last=True)
+            address = getattr(request.remote, "sockaddr", ("?",))[0]
+            pipe.add_response(edhoc.answer(request, remote_text(request.remote), address)
+                              if edhoc else Message(code=Code.NOT_FOUND), is_last=True)
             return
         confirmable = request.mtype == aiocoap.CON
         try:

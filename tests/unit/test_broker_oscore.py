@@ -182,3 +182,40 @@ def test_a_malformed_oscore_option_is_a_bad_option_not_a_traceback(registry, tmp
         with pytest.raises(coap_error.BadOption):
             asyncio.run(site.render_to_pipe(_Pipe(request)))
     assert traffic.totals["malformed"] == 3
+
+
+def test_unknown_kids_are_remembered_until_the_registry_changes(registry, tmp_path,
+                                                                monkeypatch):
+    store, _sensor, _ = registry
+    contexts, traffic = _contexts(store, tmp_path)
+    asked: list[bytes] = []
+    find = store.find
+    monkeypatch.setattr(store, "find", lambda transport, kid: asked.append(kid)
+                        or find(transport, kid))
+    for _ in range(3):
+        with pytest.raises(KeyError):
+            contexts.find_oscore({COSE_KID: b"\x7e"})
+    assert asked == [b"\x7e"]  # one registry query for a flood of the same made-up kid
+    assert traffic.totals["refused.unknown-credential"] == 3
+    contexts.refresh()  # the registry changed: perhaps that kid exists now
+    with pytest.raises(KeyError):
+        contexts.find_oscore({COSE_KID: b"\x7e"})
+    assert asked == [b"\x7e", b"\x7e"]
+
+
+def test_a_port_already_taken_is_a_listener_error_naming_the_key(registry, tmp_path):
+    import socket
+
+    from agent.broker.oscore import OscoreListener
+    from agent.errors import ListenerError
+
+    store, _sensor, _ = registry
+    contexts, traffic = _contexts(store, tmp_path)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        listener = OscoreListener(address, contexts, object(), traffic)  # type: ignore[arg-type]
+        with pytest.raises(ListenerError) as refused:
+            asyncio.run(listener.start())
+    assert f"oscore listener {address}" in refused.value.message
+    assert "[listen] oscore" in (refused.value.hint or "")

@@ -67,19 +67,19 @@ def _post(payload: bytes) -> Message:
     return Message(code=Code.POST, payload=payload, uri_path=(".well-known", "edhoc"))
 
 
-def _handshake(sessions: EdhocSessions, credential, private_key: bytes | None = None
-               ) -> tuple[Message, lakers.EdhocInitiator]:
+def _handshake(sessions: EdhocSessions, credential, private_key: bytes | None = None,
+               address: str = "192.0.2.7") -> tuple[Message, lakers.EdhocInitiator]:
     """Messages 1 to 3 as a sensor sends them (message 3 in a request of its own)."""
     initiator = lakers.EdhocInitiator()
     message_1 = initiator.prepare_message_1(b"\x08", [])
-    answer = sessions.answer(_post(b"\xf5" + bytes(message_1)), "192.0.2.7:5683")
+    answer = sessions.answer(_post(b"\xf5" + bytes(message_1)), "192.0.2.7:5683", address)
     assert answer.code == Code.CHANGED, answer.payload
     c_r, id_cred_r, _ = initiator.parse_message_2(answer.payload)
     assert cbor2.loads(id_cred_r) == {4: b"\x00"}  # the gateway, by reference
     key = private_key or credential.private_key.reveal()
     initiator.verify_message_2(key, credential.credential, credential.gateway_credential)
     message_3, _ = initiator.prepare_message_3(lakers.CredentialTransfer.ByReference, None)
-    final = sessions.answer(_post(cbor2.dumps(bytes(c_r)) + bytes(message_3)), "x")
+    final = sessions.answer(_post(cbor2.dumps(bytes(c_r)) + bytes(message_3)), "x", address)
     return final, initiator
 
 
@@ -122,9 +122,10 @@ def test_a_wrong_key_a_stranger_and_garbage_are_refused_and_counted(gateway):
     assert sessions.status_section()["edhoc_sessions"] == 0
     assert sessions.status_section()["edhoc_pending"] == 0  # no second try
 
-    answer = sessions.answer(_post(b"\xf5\x01\x02garbage"), "192.0.2.7:5683")
+    answer = sessions.answer(_post(b"\xf5\x01\x02garbage"), "192.0.2.7:5683", "192.0.2.7")
     assert answer.code == Code.BAD_REQUEST and b"EDHOC message 1" in answer.payload
-    answer = sessions.answer(_post(cbor2.dumps(b"nope") + b"\x00"), "192.0.2.7:5683")
+    answer = sessions.answer(_post(cbor2.dumps(b"nope") + b"\x00"), "192.0.2.7:5683",
+                             "192.0.2.7")
     assert answer.code == Code.BAD_REQUEST and b"no handshake waits" in answer.payload
     assert traffic.totals["malformed"] == 2
 
@@ -135,9 +136,31 @@ def test_a_flood_of_message_1_pushes_out_the_oldest_not_every_handshake(gateway,
 
     sessions, _traffic, _clock, [(_, credential), _] = gateway
     monkeypatch.setattr(edhoc, "MAX_PENDING", 4)
-    for _ in range(10):
+    for n in range(10):
         message_1 = lakers.EdhocInitiator().prepare_message_1(b"\x09", [])
-        assert sessions.answer(_post(b"\xf5" + bytes(message_1)), "x").code == Code.CHANGED
+        answer = sessions.answer(_post(b"\xf5" + bytes(message_1)), "x", f"192.0.2.{n}")
+        assert answer.code == Code.CHANGED
     assert sessions.status_section()["edhoc_pending"] == 4
-    final, _ = _handshake(sessions, credential)  # a sensor still gets through
+    final, _ = _handshake(sessions, credential, address="192.0.2.99")  # still gets through
     assert final.code == Code.CHANGED
+
+
+def test_handshakes_are_limited_per_sender_and_in_all(gateway):
+    """Each message 1 costs P-256 operations: a flood gets 5.03 with Max-Age."""
+    sessions, traffic, clock, _ = gateway
+
+    def start(address: str) -> Message:
+        message_1 = lakers.EdhocInitiator().prepare_message_1(b"\x0a", [])
+        return sessions.answer(_post(b"\xf5" + bytes(message_1)), "x", address)
+
+    assert [start("192.0.2.1").code for _ in range(10)] == [Code.CHANGED] * 10
+    refused = start("192.0.2.1")
+    assert refused.code == Code.SERVICE_UNAVAILABLE and refused.opt.max_age == 1
+    assert start("192.0.2.2").code == Code.CHANGED  # another sender is not held back
+    clock.now += 1.0
+    assert start("192.0.2.1").code == Code.CHANGED  # one a second after the burst
+    # All senders together: 100 at once, then one every 20 ms. The second waited above
+    # refilled the 100; the last handshake took one of them.
+    codes = [start(f"198.51.100.{n}").code for n in range(120)]
+    assert codes.count(Code.SERVICE_UNAVAILABLE) == 120 - 99
+    assert traffic.totals["refused.edhoc-rate"] == 1 + 21
