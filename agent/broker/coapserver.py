@@ -18,6 +18,7 @@ from typing import Any
 import aiocoap
 from aiocoap import interfaces
 from aiocoap.pipe import error_to_message, run_driving_pipe
+from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
 from agent.broker.config import parse_address
 from agent.errors import ListenerError
@@ -29,6 +30,16 @@ class ServerContext(aiocoap.Context):  # type: ignore[misc]
     def render_to_pipe(self, pipe: Any) -> None:
         run_driving_pipe(error_to_message(pipe, self.log), self._render_to_pipe(pipe),
                          name="devid-broker request")
+
+
+def udp(interface: type[MessageInterfaceUDP6] = MessageInterfaceUDP6
+        ) -> Callable[[str, int], MakeTransport]:
+    """aiocoap's CoAP-over-UDP transport (or a subclass) as `serve` takes it."""
+    def on(host: str, port: int) -> MakeTransport:
+        return lambda mman: interface.create_server_transport_endpoint(
+            mman, log=mman.log, loop=asyncio.get_running_loop(), bind=(host, port),
+            multicast=[])
+    return on
 
 
 async def serve(listener: str, address: str, site: interfaces.Resource,

@@ -34,7 +34,7 @@ from aiocoap import error as coap_error
 from aiocoap.edhoc import EdhocResponderContext
 from aiocoap.oscore import ProtectionInvalid
 
-from agent.broker.oscore import CountedUnprotect
+from agent.broker.oscore import CountedUnprotect, follow_registry
 from agent.broker.traffic import Traffic
 from agent.ratelimit import KeyedBuckets, TokenBucket
 from agent.sensors.credentials import EdhocCredential
@@ -102,6 +102,14 @@ class _CredentialFinder:
         return credential.credential, [sensor.id]
 
 
+def _identifier(value: Any) -> bytes | None:
+    """A connection identifier or key ID as decoded from CBOR, as its bytes: one whose
+    single byte is itself a CBOR integer travels as that integer (RFC 9528 3.3.2)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return cbor2.dumps(value)
+    return value if isinstance(value, bytes) else None
+
+
 def _key_id(id_cred: bytes) -> bytes | None:
     """The kid of ID_CRED_x = {4: kid} (RFC 9528 3.5.3), or None."""
     try:
@@ -109,10 +117,7 @@ def _key_id(id_cred: bytes) -> bytes | None:
     except (cbor2.CBORDecodeError, ValueError, TypeError):
         return None
     if isinstance(value, dict) and set(value) == {4}:
-        kid = value[4]
-        if isinstance(kid, int) and not isinstance(kid, bool):
-            kid = cbor2.dumps(kid)  # a one-byte kid is sent as its CBOR integer
-        return kid if isinstance(kid, bytes) else None
+        return _identifier(value[4])
     return None
 
 
@@ -179,9 +184,8 @@ class EdhocSessions:
             c_r = cbor2.load(stream)
         except (cbor2.CBORDecodeError, ValueError, EOFError):
             raise EdhocRefused("EDHOC message 3: does not start with C_R") from None
-        if isinstance(c_r, int) and not isinstance(c_r, bool):
-            c_r = cbor2.dumps(c_r)
-        context = self._pending.get(c_r) if isinstance(c_r, bytes) else None
+        c_r = _identifier(c_r)
+        context = self._pending.get(c_r) if c_r is not None else None
         if context is None:
             raise EdhocRefused("EDHOC message 3: no handshake waits under this C_R")
         try:
@@ -255,22 +259,11 @@ class EdhocSessions:
         for c_r in [c for c, ctx in self._pending.items() if now - ctx.started > PENDING_FOR]:
             del self._pending[c_r]
 
-    def used_ids(self) -> set[bytes]:
-        return set(self._pending) | set(self._established)
-
     def refresh(self) -> None:
         """Follow the registry: sessions of a rekeyed or removed sensor end; the others
-        see its status and attributes as they are now."""
-        held = [(c_r, ctx) for c_r, ctx in self._established.items() if ctx.sensor]
-        if not held:
-            return
-        now = self._store.follow([(ctx.sensor, ctx.fingerprint) for _, ctx in held
-                                  if ctx.sensor is not None])
-        for (c_r, context), sensor in zip(held, now, strict=True):
-            if sensor is None:
-                del self._established[c_r]
-            else:
-                context.sensor = sensor
+        see its status and attributes as they are now. (Established sessions all know
+        their sensor; waiting ones know none yet.)"""
+        follow_registry(self._store, self._established)
 
     def status_section(self) -> dict[str, Any]:
         return {"edhoc_sessions": len(self._established), "edhoc_pending": len(self._pending),

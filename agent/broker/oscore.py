@@ -24,7 +24,6 @@ without a disk write per message:
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import secrets
@@ -60,7 +59,7 @@ from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 from aiocoap.transports.oscore import OSCOREAddress
 from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
 
-from agent.broker.coapserver import MakeTransport, serve
+from agent.broker.coapserver import serve, udp
 from agent.broker.gateway import remote_text
 from agent.broker.traffic import Traffic
 from agent.errors import StateError
@@ -225,15 +224,7 @@ class SensorContexts:
         self._unknown.clear()  # a sensor may have been added
         if self.edhoc is not None:
             self.edhoc.refresh()
-        if not self._contexts:
-            return
-        held = list(self._contexts.items())
-        now = self._store.follow([(c.sensor, c.fingerprint) for _, c in held])
-        for (kid, context), sensor in zip(held, now, strict=True):
-            if sensor is None:
-                del self._contexts[kid]
-            else:
-                context.sensor = sensor
+        follow_registry(self._store, self._contexts)
 
     def save_all(self) -> None:
         """At a clean stop: every context's exact state, so no Echo round trip is needed."""
@@ -243,6 +234,21 @@ class SensorContexts:
     def status_section(self) -> dict[str, Any]:
         return {"contexts": len(self._contexts),
                 **(self.edhoc.status_section() if self.edhoc is not None else {})}
+
+
+def follow_registry(store: SensorStore, contexts: dict[bytes, Any]) -> None:
+    """Contexts by kid, each with its sensor and key fingerprint, as the registry has them
+    now: the sensor's status and attributes updated; the context of a rekeyed or removed
+    sensor dropped (its keys, and its replay state, belonged to the old credential)."""
+    held = list(contexts.items())
+    if not held:
+        return
+    now = store.follow([(context.sensor, context.fingerprint) for _, context in held])
+    for (kid, context), sensor in zip(held, now, strict=True):
+        if sensor is None:
+            del contexts[kid]
+        else:
+            context.sensor = sensor
 
 
 def identify(remote: Any) -> Sensor | None:
@@ -380,15 +386,9 @@ class OscoreListener:
         self._context: aiocoap.Context | None = None
 
     async def start(self) -> None:
-        transport = _counting_udp6(self._traffic)
         site = _SiteWrapper(self._site, self._contexts, self._traffic)
-
-        def udp(host: str, port: int) -> MakeTransport:
-            return lambda mman: transport.create_server_transport_endpoint(
-                mman, log=mman.log, loop=asyncio.get_running_loop(), bind=(host, port),
-                multicast=[])
-
-        self._context = await serve(self.name, self.address, site, udp)
+        self._context = await serve(self.name, self.address, site,
+                                    udp(_counting_udp6(self._traffic)))
 
     async def close(self) -> None:
         if self._context is not None:

@@ -11,7 +11,6 @@ forwarded.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 from collections.abc import Callable
@@ -19,9 +18,8 @@ from typing import Any
 
 import aiocoap
 from aiocoap.interfaces import Resource
-from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
-from agent.broker.coapserver import MakeTransport, serve
+from agent.broker.coapserver import serve, udp
 from agent.policy.model import Policy
 from agent.sensors.model import Sensor
 from agent.sensors.store import SensorStore
@@ -68,12 +66,7 @@ class PlainListener:
         self._context: aiocoap.Context | None = None
 
     async def start(self) -> None:
-        def udp(host: str, port: int) -> MakeTransport:
-            return lambda mman: MessageInterfaceUDP6.create_server_transport_endpoint(
-                mman, log=mman.log, loop=asyncio.get_running_loop(), bind=(host, port),
-                multicast=[])
-
-        self._context = await serve(self.name, self.address, self._site, udp)
+        self._context = await serve(self.name, self.address, self._site, udp())
         # The one udp6 transport of this context: its remotes name it as their interface.
         transport = self._context.request_interfaces[0].token_interface.message_interface
         self._identities.listener = transport
