@@ -12,6 +12,7 @@ are fresh each time and never stored.
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 from dataclasses import dataclass
@@ -128,9 +129,10 @@ class EdhocCredential:
     def kid(self) -> bytes:
         return self.key_id
 
-    @property
+    @functools.cached_property
     def credential(self) -> bytes:
-        """CRED_I: the sensor's CCS, which the gateway checks message 3 against."""
+        """CRED_I: the sensor's CCS, which the gateway checks message 3 against (derived
+        once: a point multiplication)."""
         return edhoc_ccs(self.private_key, self.key_id)
 
     def to_dict(self) -> dict[str, Any]:

@@ -249,12 +249,15 @@ class SensorStore(Database):
             if problem is not None:
                 raise SensorError(f"sensor {new.name!r}: {problem}")
         with self._transaction() as db:
+            # Once per call, not per sensor: a batch of 10,000 names the same key.
+            gateway = self._gateway_edhoc(db) \
+                if any(new.transport == "edhoc" for new in sensors) else None
             added = []
             for new in sensors:
                 serial = self._next_serial(db)
                 sid = sensor_id(self.registry_id, serial)
                 credential = creds.mint(new.transport, self._free_kid(db, new.transport, serial),
-                                        self._gateway_edhoc(db, new.transport))
+                                        gateway)
                 added.append(self._insert(db, serial, sid, new.name, new.profile,
                                           new.attributes, credential, now))
             return added
@@ -305,10 +308,9 @@ class SensorStore(Database):
             kid = secrets.token_bytes(creds.MAX_OSCORE_ID)
         return kid
 
-    def _gateway_edhoc(self, db: sqlite3.Connection, transport: str) -> bytes | None:
-        """The gateway's EDHOC credential (CCS) for a new EDHOC credential, else None."""
-        return creds.edhoc_ccs(self._edhoc_key(db), creds.GATEWAY_SENDER_ID) \
-            if transport == "edhoc" else None
+    def _gateway_edhoc(self, db: sqlite3.Connection) -> bytes:
+        """The gateway's EDHOC credential (CCS), which every EDHOC credential names."""
+        return creds.edhoc_ccs(self._edhoc_key(db), creds.GATEWAY_SENDER_ID)
 
     def _edhoc_key(self, db: sqlite3.Connection) -> SecretBytes:
         row = db.execute("SELECT value FROM registry WHERE key = 'edhoc_key'").fetchone()
@@ -366,7 +368,8 @@ class SensorStore(Database):
         sensor = self.get(ref)
         with self._transaction() as db:
             credential = creds.mint(sensor.transport, sensor.kid,
-                                    self._gateway_edhoc(db, sensor.transport))
+                                    self._gateway_edhoc(db) if sensor.transport == "edhoc"
+                                    else None)
             db.execute("UPDATE sensors SET credential = ?, fingerprint = ?, status = 'active', "
                        "status_reason = NULL, updated_at = ? WHERE serial = ?",
                        (self._cipher.seal(sensor.id, CREDENTIAL, creds.encode(credential)),
