@@ -41,17 +41,10 @@ sys.path.insert(0, str(REPO / "tests"))
 import aiocoap  # noqa: E402
 import cbor2  # noqa: E402
 from aiocoap import Code, Message  # noqa: E402
-from aiocoap.oscore import (  # noqa: E402
-    CanProtect,
-    CanUnprotect,
-    ReplayWindow,
-    SecurityContextUtils,
-    algorithms,
-    hashfunctions,
-)
 from coap_upstream import CoapUpstreamProcess  # noqa: E402
 from mqtt_peer import Mosquitto  # noqa: E402
 from mtls import server_identity  # noqa: E402
+from oscore_sensor import MemoryContext  # noqa: E402
 from stack import (  # noqa: E402
     AgentProcess,
     BrokerProcess,
@@ -205,27 +198,6 @@ class RawCoap(asyncio.DatagramProtocol):
                 FIRST_FAILURE.setdefault(uri, f"{answer.code} {answer.payload[:80]!r}")
             return bool(answer.code.is_successful())
         return send
-
-
-class _SensorContext(CanProtect, CanUnprotect, SecurityContextUtils):  # type: ignore[misc]
-    """The sensor's OSCORE context in memory. aiocoap's FilesystemSecurityContext fsyncs
-    its sequence numbers from the event loop now and then: stalls of the load generator
-    that would count as the broker's latency."""
-
-    def __init__(self, credential: dict[str, str]) -> None:
-        self.alg_aead = algorithms["AES-CCM-16-64-128"]
-        self.hashfun = hashfunctions["sha256"]
-        self.sender_id = bytes.fromhex(credential["sender_id"])
-        self.recipient_id = bytes.fromhex(credential["recipient_id"])
-        self.id_context = None
-        self.derive_keys(bytes.fromhex(credential["master_salt"]),
-                         bytes.fromhex(credential["master_secret"]))
-        self.sender_sequence_number = 0
-        self.recipient_replay_window = ReplayWindow(32, lambda: None)
-        self.recipient_replay_window.initialize_empty()
-
-    def post_seqnoincrease(self) -> None:
-        pass  # a benchmark's context lives as long as the run
 
 
 async def raw_client(port: int, secure: Any = None) -> RawCoap:
@@ -412,7 +384,7 @@ def run(tmp: Path, args: argparse.Namespace) -> int:
         ready.wait(30)
         assert upstream.proc is not None and mosquitto.proc is not None
         results = asyncio.run(_drive(args, upstream.port, ca_pem, proxy_port, broker,
-                                     tmp / "sensor", oscore, psk, proxy.pid or 0,
+                                     oscore, psk, proxy.pid or 0,
                                      (upstream.proc.pid, mosquitto.proc.pid)))
 
         rss_used = _rss_kib(broker.proc.pid)
@@ -439,13 +411,13 @@ def run(tmp: Path, args: argparse.Namespace) -> int:
 
 
 async def _drive(args: argparse.Namespace, upstream_port: int, ca_pem: str, proxy_port: int,
-                 broker: BrokerProcess, sensor_dir: Path, oscore: dict[str, str],
+                 broker: BrokerProcess, oscore: dict[str, str],
                  psk: dict[str, str], proxy_pid: int, upstream_pids: tuple[int, int]
                  ) -> dict[str, dict[str, float]]:
     direct = await aiocoap.Context.create_client_context(transports=["tlsclient"])
     tls = ssl.create_default_context(cadata=ca_pem)
     direct.client_credentials.ssl_client_context = lambda _scheme, _host: tls
-    security = _SensorContext(oscore)
+    security = MemoryContext.of(oscore)
     plain = await raw_client(proxy_port)
     protected = await raw_client(broker.oscore_port, security)
     dtls = await asyncio.to_thread(_DtlsWorkers, broker.dtls_port, psk["psk_identity"],

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aiocoap.util import hostportjoin
+
 CLIENTS = ("coap-client-openssl", "coap-client-gnutls")
 
 
@@ -28,11 +30,11 @@ def coap_client(tool: str, identity: str, key: bytes, port: int, path: str,
     """One request, one DTLS session. libcoap takes the key as a C string (no NUL)."""
     if b"\0" in key:
         raise ValueError("libcoap's -k cannot carry a NUL byte: rekey the sensor")
-    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     with tempfile.TemporaryDirectory() as scratch:
         body = Path(scratch) / "body"
+        uri = f"coaps://{hostportjoin(host, port)}{path}"
         args = [tool, "-B", str(wait), "-m", method, "-u", identity, "-k", key, "-o", str(body),
-                "-t", str(content_format), "-e", payload, f"coaps://{authority}{path}"]
+                "-t", str(content_format), "-e", payload, uri]
         proc = subprocess.run([os.fsencode(a) if isinstance(a, str) else a for a in args],
                               capture_output=True, timeout=wait + 15)
         # Error codes go to stderr, DTLS trouble to stdout (libcoap's log).

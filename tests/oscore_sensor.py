@@ -21,7 +21,17 @@ import aiocoap
 import cbor2
 from aiocoap import Code, Message
 from aiocoap.edhoc import EdhocCredentials
-from aiocoap.oscore import FilesystemSecurityContext, NotAProtectedMessage
+from aiocoap.oscore import (
+    CanProtect,
+    CanUnprotect,
+    FilesystemSecurityContext,
+    NotAProtectedMessage,
+    ReplayWindow,
+    SecurityContextUtils,
+    algorithms,
+    hashfunctions,
+)
+from aiocoap.util import hostportjoin
 
 T = TypeVar("T")
 
@@ -44,7 +54,7 @@ class OscoreSensor:
     def __init__(self, directory: Path, credential: dict[str, str], port: int,
                  host: str = "127.0.0.1") -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self.host = f"[{host}]" if ":" in host else host
+        self.host = host
         if credential["transport"] == "oscore":
             (directory / "secret.json").write_text(json.dumps({
                 "sender-id_hex": credential["sender_id"],
@@ -66,14 +76,17 @@ class OscoreSensor:
         self._security: Any = edhoc_initiator(self.credential) \
             if self.credential["transport"] == "edhoc" else \
             FilesystemSecurityContext(str(self.directory))
-        context.client_credentials[f"coap://{self.host}:{self.port}/*"] = self._security
+        context.client_credentials[self._origin(self.port) + "/*"] = self._security
         return context
+
+    def _origin(self, port: int) -> str:
+        return f"coap://{hostportjoin(self.host, port)}"
 
     def retarget(self, port: int) -> None:
         """Send to another port (a relay) with the same security context."""
-        self._context.client_credentials.pop(f"coap://{self.host}:{self.port}/*")
+        self._context.client_credentials.pop(self._origin(self.port) + "/*")
         self.port = port
-        self._context.client_credentials[f"coap://{self.host}:{port}/*"] = self._security
+        self._context.client_credentials[self._origin(port) + "/*"] = self._security
 
     def request(self, method: str, path: str, payload: bytes = b"",
                 content_format: int | None = None) -> Answer:
@@ -82,7 +95,7 @@ class OscoreSensor:
     async def _request(self, method: str, path: str, payload: bytes,
                        content_format: int | None) -> Answer:
         message = Message(code=Code[method], payload=payload,
-                          uri=f"coap://{self.host}:{self.port}{path}")
+                          uri=self._origin(self.port) + path)
         if content_format is not None:
             message.opt.content_format = content_format
         try:
@@ -102,6 +115,34 @@ class OscoreSensor:
             self._security._destroy()  # its lock: the directory may be opened again
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+
+
+class MemoryContext(CanProtect, CanUnprotect, SecurityContextUtils):  # type: ignore[misc]
+    """A sensor's OSCORE context in memory only (AES-CCM-16-64-128, HKDF-SHA-256): for
+    bench/broker.py's load generator (aiocoap's FilesystemSecurityContext fsyncs its
+    sequence numbers from the event loop, stalls that would count as the broker's latency)
+    and for unit tests of keys derived elsewhere (EDHOC's exporter)."""
+
+    def __init__(self, secret: bytes, salt: bytes, sender_id: bytes, recipient_id: bytes
+                 ) -> None:
+        self.alg_aead = algorithms["AES-CCM-16-64-128"]
+        self.hashfun = hashfunctions["sha256"]
+        self.sender_id, self.recipient_id, self.id_context = sender_id, recipient_id, None
+        self.derive_keys(salt, secret)
+        self.sender_sequence_number = 0
+        self.recipient_replay_window = ReplayWindow(32, lambda: None)
+        self.recipient_replay_window.initialize_empty()
+
+    @classmethod
+    def of(cls, credential: dict[str, str]) -> MemoryContext:
+        """The context of what `devidctl sensors add --json` printed for an OSCORE sensor."""
+        return cls(bytes.fromhex(credential["master_secret"]),
+                   bytes.fromhex(credential["master_salt"]),
+                   bytes.fromhex(credential["sender_id"]),
+                   bytes.fromhex(credential["recipient_id"]))
+
+    def post_seqnoincrease(self) -> None:
+        pass  # it lives as long as the run that made it
 
 
 class SessionKeepingEdhoc(EdhocCredentials):  # type: ignore[misc]

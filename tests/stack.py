@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from aiocoap.util import hostportjoin
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "swtpm"))
@@ -332,14 +333,14 @@ class BrokerProcess:
         self.config = directory / "broker.toml"
         self.oscore_port, self.dtls_port = free_udp_port(), free_udp_port()
         self.plain_port = free_udp_port() if plain else None
-        bound = f"[{host}]" if ":" in host else host
         self.config.write_text(
             f'[paths]\nstate_dir = "state"\ncontrol_socket = "run/control.sock"\n'
             f'[identity]\nsocket = {json.dumps(str(identity_socket))}\nretry = "1s"\n'
             '[policy]\nfile = "policy.toml"\n'
-            f'[listen]\noscore = "{bound}:{self.oscore_port}"\n'
-            f'dtls = "{bound}:{self.dtls_port}"\n'
-            + (f'plain = "{bound}:{self.plain_port}"\n' if plain else "") + listen + extra)
+            f'[listen]\noscore = "{hostportjoin(host, self.oscore_port)}"\n'
+            f'dtls = "{hostportjoin(host, self.dtls_port)}"\n'
+            + (f'plain = "{hostportjoin(host, self.plain_port)}"\n' if plain else "")
+            + listen + extra)
         self.policy = directory / "policy.toml"
         self.log = directory / "broker.log"
         self.proc: subprocess.Popen[bytes] | None = None

@@ -9,20 +9,13 @@ import lakers
 import pytest
 from aiocoap import CON, Code, Message
 from aiocoap.message import Direction
-from aiocoap.oscore import (
-    CanProtect,
-    CanUnprotect,
-    ReplayError,
-    ReplayWindow,
-    SecurityContextUtils,
-    algorithms,
-    hashfunctions,
-)
+from aiocoap.oscore import ReplayError
 
 from agent.audit import AuditLog
 from agent.broker.edhoc import EdhocSessions
 from agent.broker.traffic import Traffic
 from agent.sensors.store import NewSensor, SensorStore
+from tests.oscore_sensor import MemoryContext
 from tests.unit.test_sensors import NOW, _cipher
 
 
@@ -44,23 +37,6 @@ def gateway(tmp_path):
 
 class _Remote:
     hostinfo = "192.0.2.7:5683"
-
-
-class _SensorSide(CanProtect, CanUnprotect, SecurityContextUtils):
-    """An OSCORE context from an EDHOC exporter's output, as the sensor holds it."""
-
-    def __init__(self, secret: bytes, salt: bytes, recipient_id: bytes, sender_id: bytes
-                 ) -> None:
-        self.alg_aead = algorithms["AES-CCM-16-64-128"]
-        self.hashfun = hashfunctions["sha256"]
-        self.sender_id, self.recipient_id, self.id_context = sender_id, recipient_id, None
-        self.derive_keys(salt, secret)
-        self.sender_sequence_number = 0
-        self.recipient_replay_window = ReplayWindow(32, lambda: None)
-        self.recipient_replay_window.initialize_empty()
-
-    def post_seqnoincrease(self) -> None:
-        pass
 
 
 def _post(payload: bytes) -> Message:
@@ -94,8 +70,8 @@ def test_a_handshake_gives_the_sensor_and_the_gateway_the_same_fresh_context(gat
     assert sessions.find(c_r) is context
     # The sensor's OSCORE context from its side of the handshake (RFC 9528 A.1): what it
     # protects, the gateway's context opens, as this sensor's.
-    sensor_side = _SensorSide(bytes(initiator.edhoc_exporter(0, [], 16)),
-                              bytes(initiator.edhoc_exporter(1, [], 8)), b"\x08", c_r)
+    sensor_side = MemoryContext(bytes(initiator.edhoc_exporter(0, [], 16)),
+                                bytes(initiator.edhoc_exporter(1, [], 8)), c_r, b"\x08")
     protected, _ = sensor_side.protect(Message(code=Code.POST, payload=b"21.5",
                                                uri_path=("telemetry",)))
     protected.mtype, protected.mid, protected.token = CON, 1, b"t"
