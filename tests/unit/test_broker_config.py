@@ -34,6 +34,9 @@ def test_the_shipped_file_lists_every_key_with_its_default(tmp_path):
     ("[listeners]\n", "[listeners]: unknown section"),
     ("[listen]\noscore = '5683'\n", "[listen] oscore: '5683': expected IPV4:PORT"),
     ("[listen]\noscore = '[::1]:0'\n", "port 0 is not from 1 to 65535"),
+    ("[listen]\nedhoc_lifetime = '5s'\n", "[listen] edhoc_lifetime: Input should be greater "
+     "than or equal to 10"),
+    ("[listen]\nedhoc_lifetime = 'soon'\n", "[listen] edhoc_lifetime: expected a duration"),
     ("[upstreams.cloud]\nurl = 'https://x'\n", "[upstreams] cloud.url: 'https://x': expected "
      "a coaps+tcp:// or mqtts:// URL"),
     ("[upstreams.m]\nurl = 'mqtts://h/fleet/#'\n", "cannot hold the wildcards"),
