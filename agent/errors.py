@@ -229,3 +229,24 @@ class ListenerError(DevidError):
     """A broker listener cannot start (address in use, not on this host)."""
 
     code = "listener-error"
+
+
+class Lwm2mError(ProtocolError):
+    """A sensor's LwM2M request the broker refuses; the edge answers `coap_code`."""
+
+    code = "lwm2m-refused"
+    coap_code = 0x80  # 4.00 Bad Request
+
+
+class Lwm2mForbidden(Lwm2mError):
+    """Not this sensor's to do: another endpoint name, or a profile without LwM2M."""
+
+    code = "lwm2m-forbidden"
+    coap_code = 0x83  # 4.03
+
+
+class Lwm2mNotFound(Lwm2mError):
+    """No such registration (expired, deregistered, or another sensor's)."""
+
+    code = "lwm2m-not-found"
+    coap_code = 0x84  # 4.04

@@ -1,0 +1,177 @@
+"""LwM2M pure cores: link format (RFC 6690) and the Registration interface's state."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.errors import Lwm2mError, Lwm2mForbidden, Lwm2mNotFound
+from agent.lwm2m.linkformat import MAX_LINKS, LinkFormatError, parse_links
+from agent.lwm2m.registration import (
+    DEFAULT_LIFETIME,
+    Deprovision,
+    Expired,
+    Registrations,
+    parse_register,
+    parse_update,
+)
+
+LESHAN_STYLE = b'</>;rt="oma.lwm2m";ct=11543,</1/0>,</3/0>,</3303/0>;ver=1.1,</3303/1>,</5>'
+
+
+def test_links_with_parameters_in_order() -> None:
+    links = parse_links(LESHAN_STYLE)
+    assert [link.target for link in links] == ["/", "/1/0", "/3/0", "/3303/0", "/3303/1", "/5"]
+    assert links[0].params == {"rt": "oma.lwm2m", "ct": "11543"}
+    assert links[3].params == {"ver": "1.1"}
+    assert parse_links(b"") == []
+    assert parse_links(b'</a>;title="x\\"y";obs').pop().params == {"title": 'x"y', "obs": None}
+
+
+@pytest.mark.parametrize(("data", "offset", "what"), [
+    (b"</1/0", 5, "expected '>'"),
+    (b"</1/0>;", 7, "expected a parameter name"),
+    (b"</1>,", 5, "expected '<'"),
+    (b"</1>;ct=1;ct=2", 10, "'ct' twice"),
+    (b'</1>;rt="abc', 8, "does not end"),
+    (b"</1> ,</2>", 4, "expected ',' or the end"),
+    (b"</1>;ct=", 8, "expected a value"),
+    (b"</1\x00>", 3, "in a link target"),
+    (b"</\xff>", 2, "not ASCII"),
+])
+def test_bad_link_format_says_what_and_where(data: bytes, offset: int, what: str) -> None:
+    with pytest.raises(LinkFormatError) as caught:
+        parse_links(data)
+    assert caught.value.offset == offset and what in caught.value.message
+    assert f"byte {offset}" in caught.value.message
+
+
+def test_link_format_limits() -> None:
+    with pytest.raises(LinkFormatError, match="more than 1024 links"):
+        parse_links(b",".join(b"</%d>" % i for i in range(MAX_LINKS + 1)))
+    with pytest.raises(LinkFormatError, match="more than the 8192"):
+        parse_links(b"</1>" + b";a" * 5000)
+    with pytest.raises(LinkFormatError, match="more than 16 parameters"):
+        parse_links(b"</1>" + b"".join(b";p%d" % i for i in range(17)))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300) | st.text(alphabet='</>;=",0123abrt\\ ', max_size=80)
+       .map(str.encode))
+def test_link_format_fuzz_only_ever_refuses_cleanly(data: bytes) -> None:
+    try:
+        parse_links(data)
+    except LinkFormatError as e:
+        assert 0 <= e.offset <= len(data)
+    try:
+        parse_register(["ep=s-1"], data)
+    except Lwm2mError:
+        pass
+
+
+def test_register_parameters_and_objects() -> None:
+    params = parse_register(["ep=meter-7", "lt=300", "lwm2m=1.1", "b=U", "Q"], LESHAN_STYLE)
+    assert (params.endpoint, params.lifetime, params.version, params.binding, params.queue) \
+        == ("meter-7", 300, "1.1", "U", True)
+    assert params.objects == {1: (0,), 3: (0,), 3303: (0, 1), 5: ()}
+    assert params.versions == {3303: "1.1"}
+    defaults = parse_register(["ep=meter-7"], b"</1/0>,</0/0>,</21/0>")
+    assert (defaults.lifetime, defaults.version, defaults.binding, defaults.queue) == \
+        (DEFAULT_LIFETIME, "1.0", "U", False)
+    assert defaults.objects == {1: (0,)}  # Security and OSCORE are never registered
+    assert parse_register(["ep=x", "b=UQ"], b"").queue is True  # 1.0's queue mode
+    rooted = parse_register(["ep=x"], b'</lwm2m>;rt="oma.lwm2m",</lwm2m/3/0>')
+    assert rooted.root == "/lwm2m" and rooted.objects == {3: (0,)}
+
+
+@pytest.mark.parametrize(("query", "payload", "what"), [
+    ([], b"", "endpoint name (ep) is missing"),
+    (["ep=a b"], b"", "is not 1 to 64"),
+    (["ep=" + "x" * 65], b"", "is not 1 to 64"),
+    (["ep=x", "lt=0"], b"", "lifetime (lt) '0'"),
+    (["ep=x", "lt=-5"], b"", "lifetime (lt) '-5'"),
+    (["ep=x", "lt=007"], b"", "lifetime (lt) '007'"),
+    (["ep=x", "lwm2m=2.0"], b"", "version '2.0'"),
+    (["ep=x", "b=UU"], b"", "binding (b) 'UU'"),
+    (["ep=x", "b=UQ", "lwm2m=1.1"], b"", "queue mode is the Q parameter"),
+    (["ep=x", "Q"], b"", "LwM2M 1.0 says queue mode"),
+    (["ep=x", "ep=y"], b"", "given twice"),
+    (["ep=x", "evil=1"], b"", "unknown parameter 'evil'"),
+    (["ep=x"], b"</3/0/1>", "deeper than /object/instance"),
+    (["ep=x"], b"</3/00>", "is not an ID"),
+    (["ep=x"], b"</65535>", "is not an ID"),
+    (["ep=x"], b"</3/0>,</3/0>", "listed twice"),
+    (["ep=x"], b'</a>;rt="oma.lwm2m",</3/0>', "outside the alternate path"),
+    (["ep=x"], b"</3>;ver=one", "is not MAJOR.MINOR"),
+    (["ep=x"], b"</3", "link format, byte 3"),
+])
+def test_bad_register_is_refused_naming_what(query: list[str], payload: bytes,
+                                             what: str) -> None:
+    with pytest.raises(Lwm2mError, match=".*") as caught:
+        parse_register(query, payload)
+    assert what in caught.value.message, caught.value.message
+    assert caught.value.coap_code == 0x80
+
+
+def test_update_changes_only_what_it_names() -> None:
+    assert parse_update([], b"").objects is None
+    assert parse_update(["lt=60"], b"").lifetime == 60
+    with pytest.raises(Lwm2mError, match="unknown parameter 'ep'"):
+        parse_update(["ep=x"], b"")
+
+
+def _locations() -> object:
+    counter = iter(range(1000))
+    return lambda: f"l{next(counter)}"
+
+
+def test_register_update_deregister() -> None:
+    table = Registrations(_locations())  # type: ignore[arg-type]
+    reg = table.register(1, "urn:s:1", "m-1", parse_register(["ep=m-1", "lt=60"], b"</3/0>"),
+                         now=1000.0)
+    assert reg.location == "l0" and reg.expires_at == 1060.0 and len(table) == 1
+    assert table.changed == {1}
+    updated = table.update(1, "l0", parse_update(["lt=120"], b"</3/0>,</4/0>"), now=1050.0)
+    assert updated.lifetime == 120 and updated.objects == {3: (0,), 4: (0,)}
+    assert updated.registered_at == 1000.0 and updated.updated_at == 1050.0
+    again = table.register(1, "urn:s:1", "m-1", parse_register(["ep=m-1"], b""), now=1100.0)
+    assert again.location == "l1" and len(table) == 1  # replaces the old one
+    with pytest.raises(Lwm2mNotFound):
+        table.update(1, "l0", parse_update([], b""), now=1101.0)
+    table.deregister(1, "l1")
+    assert len(table) == 0 and table.of(1) is None
+
+
+def test_a_sensor_cannot_touch_another_sensors_registration() -> None:
+    table = Registrations(_locations())  # type: ignore[arg-type]
+    with pytest.raises(Lwm2mForbidden, match="'m-2' is not this sensor's"):
+        table.register(1, "urn:s:1", "m-1", parse_register(["ep=m-2"], b""), now=0.0)
+    assert len(table) == 0 and not table.changed
+    table.register(2, "urn:s:2", "m-2", parse_register(["ep=m-2"], b""), now=0.0)
+    for operation in (lambda: table.update(1, "l0", parse_update([], b""), now=1.0),
+                      lambda: table.deregister(1, "l0")):
+        with pytest.raises(Lwm2mNotFound):
+            operation()
+    assert table.of(2) is not None and table.of(2).updated_at == 0.0  # type: ignore[union-attr]
+
+
+def test_lifetime_expiry_then_deprovisioning_after_missed_lifetimes() -> None:
+    table = Registrations(_locations())  # type: ignore[arg-type]
+    table.register(1, "urn:s:1", "a", parse_register(["ep=a", "lt=100"], b""), now=0.0)
+    table.register(2, "urn:s:2", "b", parse_register(["ep=b", "lt=100"], b""), now=0.0)
+    table.update(2, "l1", parse_update([], b""), now=90.0)  # b stays in time
+    assert table.expire(100.0, lambda _s: 3) == []  # exactly at the deadline: still in time
+    changes = table.expire(101.0, lambda _s: 3)
+    assert [type(c) for c in changes] == [Expired] and changes[0].registration.serial == 1
+    assert table.of(1) is None and 1 in table.silent and table.of(2) is not None
+    # a has missed 2 lifetimes: not yet; b's lifetime ran out at 190.
+    assert [(type(c), c.registration.serial) for c in table.expire(299.0, lambda _s: 3)
+            if isinstance(c, Expired)] == [(Expired, 2)]
+    later = table.expire(300.0, lambda s: 3 if s == 1 else 0)
+    deprovisions = [c for c in later if isinstance(c, Deprovision)]
+    assert [(d.silent.serial, d.missed) for d in deprovisions] == [(1, 3)]
+    assert 1 not in table.silent and 2 in table.silent  # 0: b is never deprovisioned
+    # A silent sensor that registers again is no longer silent.
+    table.register(2, "urn:s:2", "b", parse_register(["ep=b"], b""), now=400.0)
+    assert 2 not in table.silent
