@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -64,10 +66,8 @@ def test_link_format_fuzz_only_ever_refuses_cleanly(data: bytes) -> None:
         parse_links(data)
     except LinkFormatError as e:
         assert 0 <= e.offset <= len(data)
-    try:
+    with contextlib.suppress(Lwm2mError):
         parse_register(["ep=s-1"], data)
-    except Lwm2mError:
-        pass
 
 
 def test_register_parameters_and_objects() -> None:
@@ -108,7 +108,7 @@ def test_register_parameters_and_objects() -> None:
 ])
 def test_bad_register_is_refused_naming_what(query: list[str], payload: bytes,
                                              what: str) -> None:
-    with pytest.raises(Lwm2mError, match=".*") as caught:
+    with pytest.raises(Lwm2mError) as caught:
         parse_register(query, payload)
     assert what in caught.value.message, caught.value.message
     assert caught.value.coap_code == 0x80
