@@ -166,6 +166,20 @@ _EVENTS = (
            "or 5.04)",
            "DEVID_UPSTREAM names it, DEVID_REASON says why; check the upstream, the network "
            "and `devidctl status`."),
+    EventType("lwm2m-registered", "e61c07a42baf4aa89c92422240b5b425", logging.INFO,
+           "a sensor registered with the gateway's LwM2M server",
+           "None; `devidctl sensors show NAME` shows its objects and lifetime."),
+    EventType("lwm2m-deregistered", "ad2d5399ecab4fb4832160f07879ebfe", logging.INFO,
+           "a sensor de-registered from the gateway's LwM2M server",
+           "None, if the device was switched off on purpose."),
+    EventType("lwm2m-offline", "6f30bf4469ab4b67ad4cdd8c7af15a39", logging.WARNING,
+           "a sensor sent no LwM2M Update within its lifetime; its registration was removed",
+           "Look at the device (power, radio). After the profile's deprovision_after "
+           "lifetimes its credential is revoked."),
+    EventType("sensor-deprovisioned", "b8ea0384e71b49b4838e9f11211f592d", logging.WARNING,
+           "a silent sensor was deprovisioned: its credential is revoked",
+           "DEVID_REASON says how long it was silent. To use the device again, onboard it "
+           "again (devidctl sensors rekey, then provision the new key)."),
 )
 
 EVENTS: dict[str, EventType] = {e.name: e for e in _EVENTS}

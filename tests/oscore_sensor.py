@@ -42,6 +42,7 @@ class Answer:
     payload: bytes
     protected: bool  # False: the broker answered without OSCORE (4.01 and the like)
     max_age: int | None = None
+    location: tuple[str, ...] = ()  # Location-Path (LwM2M's registration)
 
 
 def _code(code: Code) -> str:
@@ -89,21 +90,23 @@ class OscoreSensor:
         self._context.client_credentials[self._origin(port) + "/*"] = self._security
 
     def request(self, method: str, path: str, payload: bytes = b"",
-                content_format: int | None = None) -> Answer:
-        return self._run(self._request(method, path, payload, content_format))
+                content_format: int | None = None, query: tuple[str, ...] = ()) -> Answer:
+        return self._run(self._request(method, path, payload, content_format, query))
 
     async def _request(self, method: str, path: str, payload: bytes,
-                       content_format: int | None) -> Answer:
+                       content_format: int | None, query: tuple[str, ...]) -> Answer:
         message = Message(code=Code[method], payload=payload,
                           uri=self._origin(self.port) + path)
         if content_format is not None:
             message.opt.content_format = content_format
+        message.opt.uri_query = query
         try:
             response = await self._context.request(message).response
         except NotAProtectedMessage as e:
             plain = e.plain_message
             return Answer(_code(plain.code), plain.payload, False, plain.opt.max_age)
-        return Answer(_code(response.code), response.payload, True, response.opt.max_age)
+        return Answer(_code(response.code), response.payload, True, response.opt.max_age,
+                      tuple(response.opt.location_path))
 
     def forget_edhoc_session(self) -> None:
         """Run EDHOC again on the next request (what a sensor does after a 4.01)."""

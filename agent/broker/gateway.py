@@ -20,7 +20,7 @@ import datetime
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from aiocoap import Code, Message
 from aiocoap import resource as coap_resource
@@ -37,6 +37,13 @@ from agent.sensors.model import Sensor
 log = logging.getLogger(__name__)
 
 Identify = Callable[[Any], Sensor | None]  # request.remote -> the authenticated sensor
+
+
+class LocalService(Protocol):
+    """What the gateway itself answers instead of forwarding (LwM2M's /rd): it gets the
+    authenticated, active sensor; the policy it applies is its own."""
+
+    async def respond(self, sensor: Sensor, request: Message) -> Message: ...
 TOO_MANY_REQUESTS = Code(0x9D)  # 4.29, RFC 8516
 
 
@@ -47,7 +54,7 @@ def remote_text(remote: Any) -> str:
         return "?"
 
 
-def _answer(code: Code, text: str, max_age: int | None = None) -> Message:
+def answer(code: Code, text: str, max_age: int | None = None) -> Message:
     message = Message(code=code, payload=text.encode()[:200])
     if max_age is not None:
         message.opt.max_age = max_age
@@ -59,10 +66,12 @@ class Gateway(coap_resource.Resource):
                  upstreams: Mapping[str, Upstream], traffic: Traffic, rates: Rates,
                  spool: Spool | None = None,
                  now: Callable[[], datetime.datetime] =
-                 lambda: datetime.datetime.now(datetime.UTC)) -> None:
+                 lambda: datetime.datetime.now(datetime.UTC),
+                 local: Mapping[str, LocalService] | None = None) -> None:
         super().__init__()
         self._identify, self._policy, self._upstreams = identify, policy, upstreams
         self._traffic, self._rates, self._spool, self._now = traffic, rates, spool, now
+        self._local = dict(local or {})  # first path segment -> the service answering it
 
     def _sensor(self, request: Message) -> Sensor | None:
         for identify in self._identify:
@@ -102,14 +111,17 @@ class Gateway(coap_resource.Resource):
         if sensor is None:
             self._traffic.refused("unknown-credential", "a request without OSCORE or DTLS",
                                   remote_text(request.remote), request=f"{method} {path}")
-            return _answer(Code.UNAUTHORIZED, "OSCORE or DTLS required")
+            return answer(Code.UNAUTHORIZED, "OSCORE or DTLS required")
         if sensor.status != "active":  # a DTLS session outlives a quarantine
             self._traffic.refused("disabled", f"sensor is {sensor.status}",
                                   remote_text(request.remote), sensor, f"{method} {path}")
-            return _answer(Code.UNAUTHORIZED, "not authorized")
+            return answer(Code.UNAUTHORIZED, "not authorized")
         self._traffic.accepted(sensor)
         if request.opt.proxy_uri is not None or request.opt.proxy_scheme is not None:
-            return _answer(Code.PROXYING_NOT_SUPPORTED, "the gateway is not a forward proxy")
+            return answer(Code.PROXYING_NOT_SUPPORTED, "the gateway is not a forward proxy")
+        local = self._local.get(request.opt.uri_path[0]) if request.opt.uri_path else None
+        if local is not None:
+            return await local.respond(sensor, request)
         content_format = _number(request.opt.content_format)
         decision = decide(self._policy.policy, sensor,
                           PolicyMessage(method, path, len(request.payload), content_format),
@@ -118,15 +130,15 @@ class Gateway(coap_resource.Resource):
             self._traffic.refused("denied", decision.reason, remote_text(request.remote),
                                   sensor, f"{method} {path}")
             if decision.retry_after is not None:
-                return _answer(TOO_MANY_REQUESTS, decision.reason,
+                return answer(TOO_MANY_REQUESTS, decision.reason,
                                math.ceil(decision.retry_after))
-            return _answer(Code.FORBIDDEN, decision.reason)
+            return answer(Code.FORBIDDEN, decision.reason)
         upstream = self._upstream(decision.to)
         if upstream is None:
             reason = f"rule {decision.rule}: upstream {decision.to or '(default)'} is not " \
                      "configured"
             self._traffic.upstream_failed(sensor, decision.to or "-", reason)
-            return _answer(Code.BAD_GATEWAY, reason)
+            return answer(Code.BAD_GATEWAY, reason)
         assert decision.upstream is not None
         forward = Forward(sensor, method, decision.upstream, request.payload, content_format,
                           _number(request.opt.accept))
@@ -139,12 +151,12 @@ class Gateway(coap_resource.Resource):
             self._traffic.upstream_failed(sensor, upstream.name, "timed out")
             if spool is not None:  # at least once: it may have arrived; send it again later
                 return self._spooled(await spool.accept(upstream.name, forward))
-            return _answer(Code.GATEWAY_TIMEOUT, f"upstream {upstream.name} did not answer")
+            return answer(Code.GATEWAY_TIMEOUT, f"upstream {upstream.name} did not answer")
         except UpstreamError as e:
             self._traffic.upstream_failed(sensor, upstream.name, e.message)
             if spool is not None:
                 return self._spooled(await spool.accept(upstream.name, forward))
-            return _answer(Code.BAD_GATEWAY, f"upstream {upstream.name}: {e.message}")
+            return answer(Code.BAD_GATEWAY, f"upstream {upstream.name}: {e.message}")
         self._traffic.forwarded(sensor, upstream.name)
         return _response(reply)
 

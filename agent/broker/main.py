@@ -32,6 +32,8 @@ from agent.broker.datakey import fetch_data_key
 from agent.broker.dtls import DtlsListener
 from agent.broker.edhoc import EdhocSessions
 from agent.broker.gateway import Gateway
+from agent.broker.lwm2m import Lwm2mServer
+from agent.broker.lwm2mstore import Lwm2mStore
 from agent.broker.oscore import OscoreListener, SensorContexts
 from agent.broker.plain import PlainIdentities, PlainListener
 from agent.broker.policy import PolicyHolder
@@ -53,6 +55,7 @@ log = logging.getLogger("agent.broker")
 EXIT_CONFIG, EXIT_STARTUP = 78, 1
 REGISTRY_FILE = "sensors.db"
 SPOOL_FILE = "spool.db"
+LWM2M_FILE = "lwm2m.db"
 MAX_REQUEST = 32 << 20  # `sensors import` sends the file: 100,000 sensors fit
 
 
@@ -113,6 +116,7 @@ async def run(config: BrokerConfig) -> int:
     upstreams: Upstreams | None = None
     traffic: Traffic | None = None
     spool: Spool | None = None
+    lwm2m: Lwm2mServer | None = None
     try:
         def waiting(reason: str) -> None:
             if reason != broker.waiting:
@@ -156,8 +160,12 @@ async def run(config: BrokerConfig) -> int:
         # A request's sensor, asked of each listener kind that runs.
         identify = [oscore.identify, dtls.identify] + \
             ([identities.identify] if listen.plain else [])
+        lwm2m = Lwm2mServer(await asyncio.to_thread(Lwm2mStore, state_dir / LWM2M_FILE),
+                            policy, broker.registry, traffic)
+        tasks.append(asyncio.create_task(lwm2m.run(stop)))
+        broker.registry.details["lwm2m"] = lwm2m.registration_of
         gateway = Gateway(identify, policy, upstreams.by_name, traffic, Rates(time.monotonic),
-                          spool)
+                          spool, local={"rd": lwm2m})
         if listen.oscore:
             listeners.append(OscoreListener(listen.oscore, contexts, gateway, traffic))
         if listen.dtls:
@@ -171,7 +179,7 @@ async def run(config: BrokerConfig) -> int:
             await listener.start()
         collector = Collector()
         tasks.append(asyncio.create_task(collector.run()))
-        broker.parts += [*listeners, upstreams, spool, traffic, collector]
+        broker.parts += [*listeners, upstreams, spool, traffic, lwm2m, collector]
         followers = [contexts.refresh] + [ls.refresh for ls in listeners
                                           if isinstance(ls, DtlsListener | PlainListener)]
         tasks.append(asyncio.create_task(follow_registry(broker.registry, followers)))
@@ -200,6 +208,9 @@ async def run(config: BrokerConfig) -> int:
         await asyncio.gather(*tasks, return_exceptions=True)
         if traffic is not None:
             await traffic.flush()
+        if lwm2m is not None:
+            await lwm2m.flush()
+            lwm2m.store.close()
         if spool is not None:
             spool.store.close()
         await watchdog

@@ -52,6 +52,8 @@ class SensorRegistry:
         # Counters live in memory between flushes; reads flush them first, so that
         # `sensors show` right after a message counts it.
         self._before_read = before_read
+        # Other parts' view of a sensor for `sensors show` (LwM2M: its registration).
+        self.details: dict[str, Callable[[Sensor], Any]] = {}
 
     def _now(self) -> str:
         return isoformat_utc(time.time())
@@ -121,7 +123,13 @@ class SensorRegistry:
 
     async def show(self, params: dict[str, Any]) -> dict[str, Any]:
         await self._fresh()
-        return (await asyncio.to_thread(self.store.get, str(_text(params, "sensor")))).to_dict()
+        sensor = await asyncio.to_thread(self.store.get, str(_text(params, "sensor")))
+        doc = sensor.to_dict()
+        for key, describe in self.details.items():
+            value = describe(sensor)
+            if value is not None:
+                doc[key] = value
+        return doc
 
     async def change(self, params: dict[str, Any]) -> dict[str, Any]:
         ref, how = str(_text(params, "sensor")), str(_text(params, "change"))

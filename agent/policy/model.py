@@ -15,6 +15,9 @@
     spool = true                                     # store and forward when upstream is down
     to = "cloud"                 # which [upstreams.NAME] of broker.toml; optional if only one
 
+    [profiles.temperature.lwm2m]                     # may register over LwM2M; optional
+    deprovision_after = 3                            # lifetimes missed before revocation
+
 A rule's `path` is literal segments, `*` for one segment, and a final `**`
 for the rest; `upstream` may use {sensor}, {name}, {profile}, {attr.KEY} and
 {rest} (what `**` matched), and must contain {sensor} so that no sensor
@@ -117,10 +120,29 @@ class Rule(StrictSection):
         return out
 
 
+class Lwm2mSection(StrictSection):
+    """`[profiles.NAME.lwm2m]`: the profile's sensors may register with the gateway's
+    LwM2M server (agent/broker/lwm2m.py); without it they may not."""
+
+    # Lifetimes a Register or Update may ask for, in seconds (outside: 4.00).
+    min_lifetime: Annotated[int, Field(ge=1, le=2**31 - 1)] = 30
+    max_lifetime: Annotated[int, Field(ge=1, le=2**31 - 1)] = 7 * 86400
+    # After this many lifetimes without an Update the sensor's credential is revoked
+    # (deprovisioned); 0: it is only marked offline.
+    deprovision_after: Annotated[int, Field(ge=0, le=10_000)] = 3
+
+    @model_validator(mode="after")
+    def _range(self) -> Lwm2mSection:
+        if self.min_lifetime > self.max_lifetime:
+            raise ValueError("min_lifetime is above max_lifetime")
+        return self
+
+
 class Profile(StrictSection):
     description: str = ""
     # Plain CoAP, without OSCORE or DTLS: only where a profile says so (never by default).
     insecure: bool = False
+    lwm2m: Lwm2mSection | None = None
     rules: list[Rule] = Field(default_factory=list)
 
     @field_validator("rules")

@@ -1,0 +1,221 @@
+"""The gateway's LwM2M server for its sensors: the Registration interface at /rd.
+
+A sensor speaks LwM2M to the gateway over its own OSCORE or DTLS credential;
+the Gateway hands requests under /rd to this part, with the sensor the
+listener authenticated. The sensor's profile must have an `lwm2m` section;
+its endpoint name must be the one bound to its credential (its `endpoint`
+attribute, else its name). What it registers (lifetime, binding, objects) is
+in `devidctl sensors show`.
+
+Once a second the task lets time pass over the registrations: a sensor that
+missed its lifetime is offline (its registration is removed, as LwM2M says,
+and journaled); one silent for `deprovision_after` lifetimes is
+deprovisioned, i.e. its credential is revoked through the registry (audited
+and journaled), and it must be onboarded again. The parsing and the state are
+pure (agent/lwm2m/); this module is the edge: CoAP, clock, disk, journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from aiocoap import Code, Message
+from aiocoap.numbers import ContentFormat
+
+from agent import events
+from agent.broker.gateway import answer
+from agent.broker.lwm2mstore import Lwm2mStore
+from agent.broker.policy import PolicyHolder
+from agent.broker.registry import SensorRegistry
+from agent.broker.traffic import Traffic
+from agent.errors import DevidError, Lwm2mError, Lwm2mForbidden
+from agent.lwm2m.registration import (
+    Deprovision,
+    Expired,
+    Params,
+    Registrations,
+    parse_register,
+    parse_update,
+)
+from agent.policy.model import Lwm2mSection
+from agent.ratelimit import KeyedBuckets
+from agent.sensors.model import Sensor
+
+log = logging.getLogger(__name__)
+TICK = 1.0
+LINK_FORMAT = 40
+
+
+def endpoint_of(sensor: Sensor) -> str:
+    """The LwM2M endpoint name bound to a sensor's credential."""
+    return sensor.attributes.get("endpoint") or sensor.name
+
+
+class Lwm2mServer:
+    name = "lwm2m"
+
+    def __init__(self, store: Lwm2mStore, policy: PolicyHolder, registry: SensorRegistry,
+                 traffic: Traffic, clock: Callable[[], float] = time.time) -> None:
+        self.store, self._policy, self._registry = store, policy, registry
+        self._traffic, self._clock = traffic, clock
+        self.table = Registrations()
+        self.table.load(*store.load())
+        self.totals: Counter[str] = Counter()
+        # Register and De-register are journaled, at most 10 a minute per sensor: a sensor
+        # registering in a loop must not flood the journal.
+        self._journal = KeyedBuckets(10, 6.0, time.monotonic)
+
+    # --- requests ------------------------------------------------------------------------
+
+    async def respond(self, sensor: Sensor, request: Message) -> Message:
+        """The answer to a Register, Update or De-register of `sensor` (authenticated)."""
+        path = request.opt.uri_path
+        method = request.code
+        try:
+            section = self._section(sensor)
+            if method == Code.POST and len(path) == 1:
+                return self._register(sensor, section, request)
+            if len(path) == 2 and method == Code.POST:
+                return self._update(sensor, section, path[1], request)
+            if len(path) == 2 and method == Code.DELETE:
+                self.table.deregister(sensor.serial, path[1])
+                self.totals["deregistered"] += 1
+                if self._journal.take(sensor.serial):
+                        events.emit(log, "lwm2m-deregistered", "sensor %s de-registered (LwM2M)",
+                                sensor.name, sensor=sensor.id)
+                return Message(code=Code.DELETED)
+            return answer(Code.METHOD_NOT_ALLOWED, "LwM2M registration: POST /rd, POST or "
+                          "DELETE /rd/LOCATION")
+        except Lwm2mError as e:
+            self.totals["refused"] += 1
+            if isinstance(e, Lwm2mForbidden):
+                self._traffic.refused("denied", e.message, "", sensor,
+                                      f"{method} /{'/'.join(path)}")
+            else:
+                self._traffic.malformed("lwm2m", sensor.name, e.message)
+            return answer(Code(e.coap_code), e.message)
+
+    def _section(self, sensor: Sensor) -> Lwm2mSection:
+        profile = self._policy.policy.profiles.get(sensor.profile)
+        if profile is None or profile.lwm2m is None:
+            raise Lwm2mForbidden(f"profile {sensor.profile} does not allow LwM2M "
+                                 "registration (no [profiles.NAME.lwm2m] section)")
+        return profile.lwm2m
+
+    def _register(self, sensor: Sensor, section: Lwm2mSection, request: Message) -> Message:
+        _link_format(request)
+        params = parse_register(request.opt.uri_query, request.payload)
+        _lifetime_allowed(params, section)
+        registration = self.table.register(sensor.serial, sensor.id, endpoint_of(sensor),
+                                           params, self._clock())
+        self.totals["registered"] += 1
+        if self._journal.take(sensor.serial):
+            events.emit(log, "lwm2m-registered", "sensor %s registered (LwM2M %s, lifetime %d "
+                        "s, %d objects)", sensor.name, registration.version,
+                        registration.lifetime, len(registration.objects), sensor=sensor.id)
+        response = Message(code=Code.CREATED)
+        response.opt.location_path = ("rd", registration.location)
+        return response
+
+    def _update(self, sensor: Sensor, section: Lwm2mSection, location: str,
+                request: Message) -> Message:
+        if request.payload:
+            _link_format(request)
+        params = parse_update(request.opt.uri_query, request.payload)
+        _lifetime_allowed(params, section)
+        self.table.update(sensor.serial, location, params, self._clock())
+        self.totals["updated"] += 1
+        return Message(code=Code.CHANGED)
+
+    # --- time ----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), TICK)
+            await self.tick()
+        await self.flush()
+
+    async def tick(self) -> None:
+        for change in self.table.expire(self._clock(), self._deprovision_after):
+            if isinstance(change, Expired):
+                r = change.registration
+                self.totals["expired"] += 1
+                events.emit(log, "lwm2m-offline", "sensor %s is offline: no LwM2M Update "
+                            "within its lifetime of %d s", r.endpoint, r.lifetime,
+                            sensor=r.sensor_id)
+            else:
+                await self._deprovision(change)
+        await self.flush()
+
+    def _deprovision_after(self, serial: int) -> int:
+        silent = self.table.silent.get(serial)
+        try:
+            sensor = self._registry.store.get(silent.sensor_id) if silent else None
+        except DevidError:
+            return 1  # removed meanwhile: nothing left to keep
+        if sensor is None:
+            return 1
+        profile = self._policy.policy.profiles.get(sensor.profile)
+        return profile.lwm2m.deprovision_after if profile and profile.lwm2m else 0
+
+    async def _deprovision(self, change: Deprovision) -> None:
+        silent = change.silent
+        reason = f"LwM2M: no Update for {change.missed} lifetimes of {silent.lifetime} s"
+        try:
+            sensor = await asyncio.to_thread(self._registry.store.get, silent.sensor_id)
+        except DevidError:
+            return  # removed meanwhile
+        if sensor.status != "active":
+            return  # quarantined or revoked by hand: an operator decides
+        await self._registry.change({"sensor": sensor.id, "change": "revoke",
+                                     "reason": reason})
+        self.totals["deprovisioned"] += 1
+        events.emit(log, "sensor-deprovisioned", "sensor %s deprovisioned: %s; onboard it "
+                    "again to use it", sensor.name, reason, sensor=sensor.id, reason=reason)
+
+    async def flush(self) -> None:
+        changed, self.table.changed = self.table.changed, set()
+        if changed:
+            try:
+                await asyncio.to_thread(self.store.save, self.table, sorted(changed))
+            except Exception as e:  # a full disk must not stop the listeners
+                self.table.changed |= changed
+                log.error("cannot save LwM2M registrations (kept for the next try): %s", e)
+
+    # --- what others see -----------------------------------------------------------------
+
+    def registration_of(self, sensor: Sensor) -> dict[str, Any] | None:
+        registration = self.table.of(sensor.serial)
+        if registration is not None:
+            return {"state": "registered", **registration.to_dict()}
+        silent = self.table.silent.get(sensor.serial)
+        if silent is not None:
+            return {"state": "offline", "endpoint": silent.endpoint,
+                    "last_update": silent.last_update, "lifetime": silent.lifetime,
+                    "missed_lifetimes": silent.missed(self._clock())}
+        return None
+
+    def status_section(self) -> dict[str, Any]:
+        return {"registered": len(self.table), "offline": len(self.table.silent),
+                "totals": dict(sorted(self.totals.items()))}
+
+
+def _link_format(request: Message) -> None:
+    fmt = request.opt.content_format
+    if fmt is not None and int(fmt) != LINK_FORMAT and fmt != ContentFormat.LINKFORMAT:
+        raise Lwm2mError(f"Content-Format {int(fmt)}: a registration's payload is link "
+                         f"format ({LINK_FORMAT})")
+
+
+def _lifetime_allowed(params: Params, section: Lwm2mSection) -> None:
+    lifetime = params.lifetime
+    if lifetime is not None and not section.min_lifetime <= lifetime <= section.max_lifetime:
+        raise Lwm2mError(f"lifetime {lifetime} s: this sensor's profile allows "
+                         f"{section.min_lifetime} to {section.max_lifetime} s")

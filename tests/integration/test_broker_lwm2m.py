@@ -1,0 +1,130 @@
+"""LwM2M registration at the gateway, end to end: aiocoap's OSCORE client as the sensor,
+devid-broker as its LwM2M server (the Registration interface at /rd).
+
+Checked: Register, Update and De-register by the sensor's own credential, what it
+registered shown by `devidctl sensors show`; refusals with a 4.xx saying why and the
+registry unchanged (another sensor's endpoint name, a profile without LwM2M, bad link
+format, a lifetime outside the profile's range, another sensor's registration); a
+registration kept across a restart; a sensor that misses its lifetime goes offline and,
+after the profile's number of missed lifetimes, is deprovisioned (revoked, refused)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from oscore_sensor import OscoreSensor
+from stack import DEMO_POLICY
+
+LINKS = b'</>;rt="oma.lwm2m";ct=11543,</1/0>,</3/0>,</3303/0>;ver=1.1,</3303/1>'
+LINK_FORMAT = 40
+POLICY = DEMO_POLICY + """
+[profiles.meter]
+[profiles.meter.lwm2m]
+min_lifetime = 1
+max_lifetime = 3600
+deprovision_after = 2
+"""
+
+
+def _register(sensor: OscoreSensor, endpoint: str, lifetime: int = 300,
+              links: bytes = LINKS) -> tuple[str, tuple[str, ...]]:
+    answer = sensor.request("POST", "/rd", links, LINK_FORMAT,
+                            (f"ep={endpoint}", f"lt={lifetime}", "lwm2m=1.1", "b=U"))
+    return answer.code, answer.location
+
+
+def test_sensors_register_update_and_deregister_by_their_own_credential(
+        broker_stack_factory, tmp_path):
+    stack = broker_stack_factory(policy=POLICY)
+    broker = stack.broker
+    m1 = stack.add("m-1", "--profile", "meter")  # the later --profile wins
+    m2 = stack.add("m-2", "--profile", "meter", "--attr", "endpoint=urn:dev:m2")
+    t1 = stack.add("t-1")
+    meter = OscoreSensor(tmp_path / "m-1", m1["credential"], broker.oscore_port)
+    other = OscoreSensor(tmp_path / "m-2", m2["credential"], broker.oscore_port)
+    temperature = OscoreSensor(tmp_path / "t-1", t1["credential"], broker.oscore_port)
+    stack.sensors += [meter, other, temperature]
+
+    code, location = _register(meter, "m-1")
+    assert code == "2.01" and location[0] == "rd" and len(location) == 2
+    _, shown = broker.ctl_json("show", "m-1")
+    registration = shown["lwm2m"]
+    assert registration["state"] == "registered" and registration["endpoint"] == "m-1"
+    assert registration["objects"] == {"1": [0], "3": [0], "3303": [0, 1]}
+    assert registration["object_versions"] == {"3303": "1.1"}
+    assert (registration["lifetime"], registration["lwm2m"], registration["binding"]) == \
+        (300, "1.1", "U")
+
+    # Refused, each with a 4.xx saying why; nothing registered.
+    refusals = [
+        (_register(other, "m-1")[0], "4.03"),  # another sensor's endpoint name
+        (_register(temperature, "t-1")[0], "4.03"),  # a profile without LwM2M
+        (_register(other, "urn:dev:m2", links=b"</3/0>,</3/0")[0], "4.00"),
+        (_register(other, "urn:dev:m2", lifetime=7200)[0], "4.00"),
+    ]
+    assert [got for got, _ in refusals] == [want for _, want in refusals]
+    answer = other.request("POST", "/rd", b"</3/0>,</3/0", LINK_FORMAT, ("ep=urn:dev:m2",))
+    assert answer.code == "4.00" and b"link format, byte 12" in answer.payload
+    answer = other.request("POST", "/rd", LINKS, LINK_FORMAT, ("ep=urn:dev:m2", "lt=7200"))
+    assert b"allows 1 to 3600 s" in answer.payload
+    for name in ("m-2", "t-1"):
+        assert "lwm2m" not in broker.ctl_json("show", name)[1]
+    totals = stack.status()["lwm2m"]["totals"]
+    assert totals["registered"] == 1 and totals["refused"] >= 4
+
+    # m-2 registers under the endpoint name bound to it; it cannot touch m-1's.
+    code, other_location = _register(other, "urn:dev:m2")
+    assert code == "2.01" and other_location != location
+    assert other.request("POST", "/" + "/".join(location), b"", None, ("lt=60",)).code \
+        == "4.04"
+    assert other.request("DELETE", "/" + "/".join(location)).code == "4.04"
+    assert broker.ctl_json("show", "m-1")[1]["lwm2m"]["state"] == "registered"
+
+    # Update: a new lifetime and objects.
+    answer = meter.request("POST", "/" + "/".join(location), b"</3/0>,</4/0>", LINK_FORMAT,
+                           ("lt=600",))
+    assert answer.code == "2.04"
+    registration = broker.ctl_json("show", "m-1")[1]["lwm2m"]
+    assert registration["lifetime"] == 600 and registration["objects"] == {"3": [0], "4": [0]}
+
+    # Kept across a restart: the Update after it finds the registration.
+    broker.stop()
+    stack.sensors.remove(meter)
+    meter.close()
+    broker.start().wait_serving()
+    meter = OscoreSensor(tmp_path / "m-1", m1["credential"], broker.oscore_port)
+    stack.sensors.append(meter)
+    assert meter.request("POST", "/" + "/".join(location)).code == "2.04"
+
+    assert meter.request("DELETE", "/" + "/".join(location)).code == "2.02"
+    assert "lwm2m" not in broker.ctl_json("show", "m-1")[1]
+    assert meter.request("POST", "/" + "/".join(location)).code == "4.04"
+
+
+def test_a_silent_sensor_goes_offline_then_is_deprovisioned(broker_stack_factory, tmp_path):
+    stack = broker_stack_factory(policy=POLICY)
+    broker = stack.broker
+    m1 = stack.add("m-1", "--profile", "meter")
+    meter = OscoreSensor(tmp_path / "m-1", m1["credential"], broker.oscore_port)
+    stack.sensors.append(meter)
+    assert _register(meter, "m-1", lifetime=1)[0] == "2.01"
+
+    states = []
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        shown = broker.ctl_json("show", "m-1")[1]
+        states.append(shown.get("lwm2m", {}).get("state"))
+        if shown["status"] == "revoked":
+            break
+        time.sleep(0.2)
+    assert shown["status"] == "revoked", shown
+    assert "offline" in states  # after one lifetime, before the second
+    assert shown["status_reason"] == "LwM2M: no Update for 2 lifetimes of 1 s"
+    totals = stack.status()["lwm2m"]["totals"]
+    assert totals["expired"] == 1 and totals["deprovisioned"] == 1
+    assert meter.request("POST", "/rd", LINKS, LINK_FORMAT, ("ep=m-1",)).code == "4.01"
+    records = [json.loads(line) for line in
+               (broker.directory / "state" / "audit.log").read_text().splitlines()]
+    assert [(r["change"], r["reason"]) for r in records if r["event"] == "sensor-changed"] \
+        == [("revoke", "LwM2M: no Update for 2 lifetimes of 1 s")]
