@@ -12,11 +12,11 @@ APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev libsystemd-dev libcoap3
 # Parallel test workers; the machine has 2 cores and the tests mostly wait on swtpm.
 TEST_WORKERS ?= 4
 
-.PHONY: all deps apt venv test lint unit integration bench demo demo-down package package-test clean
+.PHONY: all deps apt venv peers test lint unit integration bench demo demo-down package package-test clean
 
 all: test
 
-deps: apt venv
+deps: apt venv peers
 
 # Install only what is missing, so a second run costs one dpkg-query.
 apt:
@@ -35,6 +35,16 @@ $(VENV)/.installed: pyproject.toml | apt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip setuptools wheel
 	$(VPY) -m pip install -q -e '.[test]'
+	touch $@
+
+# Test peers from npm (tests/peers: lwm2m-node-lib), at the versions package-lock.json pins.
+PEERS := tests/peers
+peers: $(PEERS)/node_modules/.installed
+
+$(PEERS)/node_modules/.installed: $(PEERS)/package.json $(PEERS)/package-lock.json | apt
+	@command -v npm >/dev/null || { echo "installing Debian packages: nodejs npm"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm; }
+	cd $(PEERS) && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 lint: venv
@@ -73,4 +83,4 @@ demo-down:
 	-$(VPY) tests/stack.py demo --dir .demo --down
 
 clean:
-	rm -rf .demo .pytest_cache .ruff_cache build dist *.egg-info
+	rm -rf .demo .pytest_cache .ruff_cache build dist *.egg-info $(PEERS)/node_modules

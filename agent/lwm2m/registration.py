@@ -40,7 +40,9 @@ _VERSION = re.compile(r"^[0-9]\.[0-9]$")
 # Binding letters: U(DP), M (MQTT, 1.2), H(TTP, 1.2), T(CP), S(MS), N(on-IP); Q is 1.0's queue.
 _BINDING = re.compile(r"^(?!.*(.).*\1)[UMHTSNQ]{1,7}$")
 REGISTER_PARAMS = ("ep", "lt", "lwm2m", "b", "Q", "sms")
-UPDATE_PARAMS = ("lt", "b", "Q", "sms")
+# "lwm2m" is not an Update parameter, but clients send it (lwm2m-node-lib does): taken
+# when it names the registered version.
+UPDATE_PARAMS = ("lt", "b", "Q", "sms", "lwm2m")
 NOT_REGISTERED = (0, 21)  # Security and OSCORE objects: never in a registration (6.2.1)
 
 
@@ -79,7 +81,7 @@ def parse_update(query: Sequence[str], payload: bytes) -> Params:
     params = _query(query, UPDATE_PARAMS, "Update")
     binding = _binding(params["b"], "1.1") if "b" in params else None
     objects, versions, root = _objects(payload, "Update") if payload else (None, {}, "/")
-    return Params(None, _lifetime(params.get("lt"), "Update"), None, binding,
+    return Params(None, _lifetime(params.get("lt"), "Update"), params.get("lwm2m"), binding,
                   True if "Q" in params else None, objects, versions, root)
 
 
@@ -284,6 +286,9 @@ class Registrations:
 
     def update(self, serial: int, location: str, params: Params, now: float) -> Registration:
         current = self._mine(serial, location, "Update")
+        if params.version is not None and params.version != current.version:
+            raise Lwm2mError(f"Update: LwM2M version {params.version[:8]!r} is not the "
+                             f"registered {current.version}; register again to change it")
         changes: dict[str, Any] = {"updated_at": now}
         if params.lifetime is not None:
             changes["lifetime"] = params.lifetime

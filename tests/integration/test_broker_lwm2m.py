@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 
+from lwm2m_peer import DtlsRelay, NodeLwm2mClient
 from oscore_sensor import OscoreSensor
 from stack import DEMO_POLICY
 
@@ -128,3 +129,35 @@ def test_a_silent_sensor_goes_offline_then_is_deprovisioned(broker_stack_factory
                (broker.directory / "state" / "audit.log").read_text().splitlines()]
     assert [(r["change"], r["reason"]) for r in records if r["event"] == "sensor-changed"] \
         == [("revoke", "LwM2M: no Update for 2 lifetimes of 1 s")]
+
+
+def test_lwm2m_node_lib_client_registers_over_dtls_psk(broker_stack_factory):
+    """An LwM2M client nobody here wrote (lwm2m-node-lib) registers, updates and
+    de-registers through the gateway with a DTLS-PSK credential of its own."""
+    stack = broker_stack_factory(policy=POLICY)
+    broker = stack.broker
+    added = stack.add("n-1", "--profile", "meter", "--transport", "dtls-psk")
+    credential = added["credential"]
+    relay = DtlsRelay(broker.dtls_port, credential["psk_identity"],
+                      bytes.fromhex(credential["psk"]))
+    client = NodeLwm2mClient(relay.port, "n-1", lifetime=120)
+    try:
+        registered = client.next_event()
+        assert registered.get("error") is None, registered
+        location = registered["location"]
+        assert location.startswith("rd/") or location.startswith("/rd/"), registered
+        shown = broker.ctl_json("show", "n-1")[1]["lwm2m"]
+        assert shown["state"] == "registered" and shown["endpoint"] == "n-1"
+        assert (shown["lifetime"], shown["lwm2m"], shown["binding"]) == (120, "1.0", "U")
+        assert shown["objects"] == {"3": [0], "3303": [0]}
+        updated = client.command("update")
+        assert updated.get("error") is None, updated
+        assert broker.ctl_json("show", "n-1")[1]["lwm2m"]["updated_at"] > \
+            shown["updated_at"]
+        assert client.command("deregister")["error"] is None
+        assert "lwm2m" not in broker.ctl_json("show", "n-1")[1]
+        assert stack.status()["lwm2m"]["totals"] == {"deregistered": 1, "registered": 1,
+                                                     "updated": 1}
+    finally:
+        client.close()
+        relay.close()

@@ -119,6 +119,12 @@ def test_update_changes_only_what_it_names() -> None:
     assert parse_update(["lt=60"], b"").lifetime == 60
     with pytest.raises(Lwm2mError, match="unknown parameter 'ep'"):
         parse_update(["ep=x"], b"")
+    table = Registrations()
+    reg = table.register(1, "s", "e", parse_register(["ep=e", "lwm2m=1.1"], b""), now=0.0)
+    assert table.update(1, reg.location, parse_update(["lwm2m=1.1"], b""), 1.0).version \
+        == "1.1"  # named again (lwm2m-node-lib does): taken
+    with pytest.raises(Lwm2mError, match=r"not the registered 1\.1"):
+        table.update(1, reg.location, parse_update(["lwm2m=1.0"], b""), 2.0)
 
 
 def _locations() -> object:
