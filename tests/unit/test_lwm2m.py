@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import struct
 
+import cbor2
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import Lwm2mError, Lwm2mForbidden, Lwm2mNotFound
+from agent.lwm2m.content import SENML_CBOR, SENML_JSON, TEXT, TLV, ContentError, decode
 from agent.lwm2m.linkformat import MAX_LINKS, LinkFormatError, parse_links
 from agent.lwm2m.registration import (
     DEFAULT_LIFETIME,
@@ -181,3 +185,62 @@ def test_lifetime_expiry_then_deprovisioning_after_missed_lifetimes() -> None:
     # A silent sensor that registers again is no longer silent.
     table.register(2, "urn:s:2", "b", parse_register(["ep=b"], b""), now=400.0)
     assert 2 not in table.silent
+
+
+# --- content formats ------------------------------------------------------------------
+
+DEVICE_TLV = (bytes([0xC4, 0]) + b"Acme" + bytes([0xC1, 9, 87])
+              + bytes([0x88, 7, 6, 0x41, 0, 0x0E, 0x41, 1, 0x10]))
+
+
+def test_tlv_of_an_instance_and_of_an_object() -> None:
+    values = [v.to_dict() for v in decode(TLV, DEVICE_TLV, (3, 0))]
+    assert values == [{"path": "/3/0/0", "value": "Acme", "as": "string"},
+                      {"path": "/3/0/9", "value": 87, "as": "integer"},
+                      {"path": "/3/0/7/0", "value": 14, "as": "integer"},
+                      {"path": "/3/0/7/1", "value": 16, "as": "integer"}]
+    whole = bytes([0x08, 0, len(DEVICE_TLV)]) + DEVICE_TLV
+    assert [v.path for v in decode(TLV, whole, (3,))][:2] == ["/3/0/0", "/3/0/9"]
+    temperature = bytes([0xE4, 0x16, 0x44]) + struct.pack(">f", 21.5)
+    assert decode(TLV, temperature, (3303, 0))[0].to_dict() == \
+        {"path": "/3303/0/5700", "value": 21.5, "as": "float"}
+    assert decode(TLV, bytes([0xC3, 1]) + b"\x00\xff\x10", (9, 0))[0].kind == "hex"
+
+
+@pytest.mark.parametrize(("payload", "path", "what"), [
+    (bytes([0xC4, 0]) + b"Ac", (3, 0), "byte 0: a value of 4 bytes runs past the end"),
+    (bytes([0x08, 0, 3, 0xC1, 9, 87]), (3, 0), "object instance at /3/0/0 is not where"),
+    (bytes([0xC1, 9, 87, 0x20]), (3, 0), "byte 3: the header runs past the end"),
+    (bytes([0x41, 0, 1]), (3, 0), "resource instance at /3/0/0 is not where"),
+])
+def test_bad_tlv_says_what_and_where(payload: bytes, path: tuple[int, ...], what: str) -> None:
+    with pytest.raises(ContentError) as caught:
+        decode(TLV, payload, path)
+    assert what in caught.value.message, caught.value.message
+
+
+def test_senml_json_and_cbor() -> None:
+    records = [{"bn": "/3303/0/", "n": "5700", "v": 21.5}, {"n": "5701", "vs": "Cel"},
+               {"n": "5850", "vb": True}]
+    as_json = decode(SENML_JSON, json.dumps(records).encode(), (3303, 0))
+    as_cbor = decode(SENML_CBOR, cbor2.dumps([{-2: "/3303/0/", 0: "5700", 2: 21.5},
+                                              {0: "5701", 3: "Cel"}, {0: "5850", 4: True}]),
+                     (3303, 0))
+    assert as_json == as_cbor
+    assert [(v.path, v.value, v.kind) for v in as_json] == [
+        ("/3303/0/5700", 21.5, "float"), ("/3303/0/5701", "Cel", "string"),
+        ("/3303/0/5850", True, "boolean")]
+    for bad, what in ((b"{}", "expected an array"), (b'[{"n": "/x", "v": 1}]', "not an LwM2M"),
+                      (b'[{"n": "/3/0/1", "v": 1, "vs": "a"}]', "found 2"),
+                      (b'[{"n": "/3/0/1", "v": "1"}]', "not a finite number"),
+                      (b"[", "not JSON")):
+        with pytest.raises(ContentError, match=what):
+            decode(SENML_JSON, bad, (3, 0))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.sampled_from([TLV, SENML_JSON, SENML_CBOR, TEXT, 60, 42]))
+def test_content_fuzz_only_ever_refuses_cleanly(payload: bytes, fmt: int) -> None:
+    with contextlib.suppress(Lwm2mError):
+        for value in decode(fmt, payload, (3, 0, 1)):
+            assert value.path.startswith("/")
