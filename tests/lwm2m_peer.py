@@ -18,6 +18,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from aiocoap import Code, Message
+
 PEERS = Path(__file__).resolve().parent / "peers"
 
 
@@ -39,7 +41,9 @@ class DtlsRelay:
         self._plain = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._plain.bind(("127.0.0.1", 0))
         self.port = int(self._plain.getsockname()[1])
-        self._client: tuple[str, int] | None = None  # where the broker's answers go
+        self._client: tuple[str, int] | None = None  # the last request's source
+        self._listener: tuple[str, int] | None = None  # where the client serves (its /rd port)
+        self._asked: dict[int, tuple[str, int]] = {}  # message ID -> who sent that request
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -49,14 +53,25 @@ class DtlsRelay:
             ready, _, _ = select.select([self._plain, self._secure], [], [], 0.1)
             if self._plain in ready:
                 data, self._client = self._plain.recvfrom(65535)
+                message = Message.decode(data)
+                if message.code.is_request():
+                    self._asked[message.mid] = self._client
+                    # lwm2m-node-lib serves the gateway's requests on its Register's port
+                    if message.code == Code.POST and message.opt.uri_path == ("rd",):
+                        self._listener = self._client
                 self._secure.send(data)
             if self._secure in ready:
                 try:
                     data = self._secure.recv(65535)
                 except Exception:  # an alert, a timeout: the session is over
                     return
-                if data and self._client is not None:
-                    self._plain.sendto(data, self._client)
+                message = Message.decode(data)
+                # The gateway's own requests go to the client's listener; answers (and
+                # empty ACKs) to whoever sent the request they answer.
+                to = self._listener if message.code.is_request() else \
+                    self._asked.get(message.mid, self._client)
+                if to is not None:
+                    self._plain.sendto(data, to)
 
     def close(self) -> None:
         self._stop.set()

@@ -49,19 +49,26 @@ def _code(code: Code) -> str:
     return f"{int(code) >> 5}.{int(code) & 31:02d}"
 
 
+def write_oscore_secret(directory: Path, credential: dict[str, str]) -> None:
+    """A minted OSCORE credential as aiocoap's FilesystemSecurityContext reads it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "secret.json").write_text(json.dumps({
+        "sender-id_hex": credential["sender_id"],
+        "recipient-id_hex": credential["recipient_id"],
+        "secret_hex": credential["master_secret"],
+        "salt_hex": credential["master_salt"]}))
+
+
 class OscoreSensor:
     """Runs its own event loop in a thread; each call blocks until the answer."""
 
     def __init__(self, directory: Path, credential: dict[str, str], port: int,
                  host: str = "127.0.0.1") -> None:
-        directory.mkdir(parents=True, exist_ok=True)
         self.host = host
         if credential["transport"] == "oscore":
-            (directory / "secret.json").write_text(json.dumps({
-                "sender-id_hex": credential["sender_id"],
-                "recipient-id_hex": credential["recipient_id"],
-                "secret_hex": credential["master_secret"],
-                "salt_hex": credential["master_salt"]}))
+            write_oscore_secret(directory, credential)
+        else:
+            directory.mkdir(parents=True, exist_ok=True)
         self.directory, self.port, self.credential = directory, port, credential
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)

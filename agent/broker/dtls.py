@@ -263,7 +263,11 @@ class DtlsServer(asyncio.DatagramProtocol, interfaces.MessageInterface):
         self._flush(session)
 
     async def determine_remote(self, message: Message) -> None:
-        return None  # a server only: it never starts a session
+        return None  # it never starts a session: requests go into a sensor's own
+
+    async def recognize_remote(self, remote: Any) -> bool:
+        """A request to a sensor (LwM2M device management) goes into its session."""
+        return isinstance(remote, DtlsRemote) and remote._server is self
 
     async def shutdown(self) -> None:
         self._mman = None
@@ -341,6 +345,11 @@ class DtlsListener:
     def refresh(self) -> None:
         if self.server is not None:
             self.server.refresh(self._store.follow)
+
+    @property
+    def context(self) -> aiocoap.Context | None:
+        """The listener's aiocoap context: the gateway's requests to sensors go out by it."""
+        return self._context
 
     async def close(self) -> None:
         if self._context is not None:

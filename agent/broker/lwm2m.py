@@ -29,12 +29,16 @@ from aiocoap import Code, Message
 from aiocoap.numbers import ContentFormat
 
 from agent import events
+from agent.audit import AuditLog
+from agent.broker.downlink import Downlink
 from agent.broker.gateway import answer
 from agent.broker.lwm2mstore import Lwm2mStore
 from agent.broker.policy import PolicyHolder
 from agent.broker.registry import SensorRegistry
 from agent.broker.traffic import Traffic
-from agent.errors import DevidError, Lwm2mError, Lwm2mForbidden
+from agent.errors import DevidError, Lwm2mError, Lwm2mForbidden, Lwm2mNotFound
+from agent.lwm2m.content import decode, encode_text, parse_path
+from agent.lwm2m.linkformat import parse_links
 from agent.lwm2m.registration import (
     Deprovision,
     Expired,
@@ -50,6 +54,7 @@ from agent.sensors.model import Sensor
 log = logging.getLogger(__name__)
 TICK = 1.0
 LINK_FORMAT = 40
+OPERATIONS = ("read", "write", "execute", "discover")
 
 
 def endpoint_of(sensor: Sensor) -> str:
@@ -61,8 +66,10 @@ class Lwm2mServer:
     name = "lwm2m"
 
     def __init__(self, store: Lwm2mStore, policy: PolicyHolder, registry: SensorRegistry,
-                 traffic: Traffic, clock: Callable[[], float] = time.time) -> None:
+                 traffic: Traffic, audit: AuditLog, downlink: Downlink | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.store, self._policy, self._registry = store, policy, registry
+        self._audit, self.downlink = audit, downlink or Downlink()
         self._traffic, self._clock = traffic, clock
         self.table = Registrations()
         self.table.load(*store.load())
@@ -119,6 +126,7 @@ class Lwm2mServer:
             events.emit(log, "lwm2m-registered", "sensor %s registered (LwM2M %s, lifetime %d "
                         "s, %d objects)", sensor.name, registration.version,
                         registration.lifetime, len(registration.objects), sensor=sensor.id)
+        self.downlink.remember(sensor, request.remote)
         response = Message(code=Code.CREATED)
         response.opt.location_path = ("rd", registration.location)
         return response
@@ -130,8 +138,79 @@ class Lwm2mServer:
         params = parse_update(request.opt.uri_query, request.payload)
         _lifetime_allowed(params, section)
         self.table.update(sensor.serial, location, params, self._clock())
+        self.downlink.remember(sensor, request.remote)
         self.totals["updated"] += 1
         return Message(code=Code.CHANGED)
+
+    # --- device management: the gateway's requests to a sensor ---------------------------
+
+    def handlers(self) -> dict[str, Any]:
+        return {"lwm2m-operate": self.operate}
+
+    async def operate(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Read, Write, Execute or Discover on a registered sensor, for the operator, as
+        the sensor's profile grants; audited whether allowed or not."""
+        ref, operation = params.get("sensor"), params.get("operation")
+        if not isinstance(ref, str) or operation not in OPERATIONS:
+            raise Lwm2mError(f"expected a sensor and one of {', '.join(OPERATIONS)}")
+        path_text = params.get("path")
+        path = parse_path(path_text if isinstance(path_text, str) else "")
+        sensor = await asyncio.to_thread(self._registry.store.get, ref)
+        audit = {"sensor": sensor.id, "name": sensor.name, "operation": operation,
+                 "path": path_text, "caller": "operator"}
+        try:
+            message = self._downlink_message(sensor, str(operation), path, params)
+        except Lwm2mError as e:
+            await asyncio.to_thread(self._audit.append, "lwm2m-operation", **audit,
+                                    refused=e.message)
+            raise
+        response = await self.downlink.request(sensor, message)
+        code = f"{int(response.code) >> 5}.{int(response.code) & 31:02d}"
+        await asyncio.to_thread(self._audit.append, "lwm2m-operation", **audit, answer=code)
+        self.totals[f"operation.{operation}"] += 1
+        doc: dict[str, Any] = {"sensor": sensor.name, "operation": operation,
+                               "path": path_text, "code": code}
+        fmt = response.opt.content_format
+        if fmt is not None:
+            doc["content_format"] = int(fmt)
+        if not response.code.is_successful():
+            doc["error"] = response.payload.decode("utf-8", "replace")[:200]
+        elif operation == "read":
+            doc["values"] = [v.to_dict() for v in decode(
+                None if fmt is None else int(fmt), response.payload, path)]
+        elif operation == "discover":
+            doc["links"] = [{"target": link.target, "params": link.params}
+                            for link in parse_links(response.payload)]
+        return doc
+
+    def _downlink_message(self, sensor: Sensor, operation: str, path: tuple[int, ...],
+                          params: dict[str, Any]) -> Message:
+        section = self._section(sensor)
+        if self.table.of(sensor.serial) is None:
+            raise Lwm2mNotFound(f"sensor {sensor.name} is not registered (LwM2M)")
+        if section.grant("operator", operation, path) is None:
+            raise Lwm2mForbidden(f"profile {sensor.profile} grants the operator no "
+                                 f"{operation} on {params.get('path')} "
+                                 "([[profiles.NAME.lwm2m.grants]])")
+        if operation == "read":
+            return Message(code=Code.GET, uri_path=tuple(map(str, path)))
+        if operation == "discover":
+            message = Message(code=Code.GET, uri_path=tuple(map(str, path)))
+            message.opt.accept = LINK_FORMAT
+            return message
+        if len(path) != 3:
+            raise Lwm2mError(f"{operation} takes a resource: /OBJECT/INSTANCE/RESOURCE")
+        value = params.get("value", "")
+        if not isinstance(value, str) or (operation == "write" and value == ""):
+            raise Lwm2mError(f"{operation}: the value is text ("
+                             f"{'required' if operation == 'write' else 'optional'})")
+        if operation == "write":
+            fmt, payload = encode_text(value)
+            message = Message(code=Code.PUT, uri_path=tuple(map(str, path)), payload=payload)
+            message.opt.content_format = fmt
+            return message
+        return Message(code=Code.POST, uri_path=tuple(map(str, path)),
+                       payload=value.encode("utf-8"))
 
     # --- time ----------------------------------------------------------------------------
 

@@ -161,7 +161,7 @@ async def run(config: BrokerConfig) -> int:
         identify = [oscore.identify, dtls.identify] + \
             ([identities.identify] if listen.plain else [])
         lwm2m = Lwm2mServer(await asyncio.to_thread(Lwm2mStore, state_dir / LWM2M_FILE),
-                            policy, broker.registry, traffic)
+                            policy, broker.registry, traffic, audit)
         tasks.append(asyncio.create_task(lwm2m.run(stop)))
         broker.registry.details["lwm2m"] = lwm2m.registration_of
         gateway = Gateway(identify, policy, upstreams.by_name, traffic, Rates(time.monotonic),
@@ -177,6 +177,7 @@ async def run(config: BrokerConfig) -> int:
             listeners.append(PlainListener(listen.plain, identities, gateway))
         for listener in listeners:
             await listener.start()
+        lwm2m.downlink.listeners = {listener.name: listener for listener in listeners}
         collector = Collector()
         tasks.append(asyncio.create_task(collector.run()))
         broker.parts += [*listeners, upstreams, spool, traffic, lwm2m, collector]
@@ -186,7 +187,7 @@ async def run(config: BrokerConfig) -> int:
         gid = grp.getgrnam(config.control.group).gr_gid if config.control.group else None
         server = ControlServer(config.paths.control_socket,
                                {"status": broker.status, **broker.registry.handlers(),
-                                **broker.policy.handlers()}, gid,
+                                **broker.policy.handlers(), **lwm2m.handlers()}, gid,
                                max_request=MAX_REQUEST, program="devid-broker")
         await server.start()
         broker.ready = True

@@ -390,6 +390,11 @@ class OscoreListener:
         self._context = await serve(self.name, self.address, site,
                                     udp(_counting_udp6(self._traffic)))
 
+    @property
+    def context(self) -> aiocoap.Context | None:
+        """The listener's aiocoap context: the gateway's requests to sensors go out by it."""
+        return self._context
+
     async def close(self) -> None:
         if self._context is not None:
             await self._context.shutdown()

@@ -76,6 +76,11 @@ class PlainListener:
     def refresh(self) -> None:
         self._identities.refresh()
 
+    @property
+    def context(self) -> aiocoap.Context | None:
+        """The listener's aiocoap context: the gateway's requests to sensors go out by it."""
+        return self._context
+
     async def close(self) -> None:
         if self._context is not None:
             await self._context.shutdown()

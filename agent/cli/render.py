@@ -11,7 +11,7 @@ import datetime
 from dataclasses import dataclass
 from typing import Any
 
-from agent.clock import human_duration
+from agent.clock import human_duration, isoformat_utc
 from agent.diagnostics.broker import LISTENERS
 from agent.rotation.registrarclock import describe_offset
 
@@ -402,12 +402,44 @@ def render_sensor(doc: dict[str, Any]) -> str:
              f"{_date(doc.get('last_seen')) if doc.get('last_seen') else 'never'}",
              f"  traffic     {doc.get('messages', 0)} messages, {doc.get('denials', 0)} denied, "
              f"{doc.get('auth_failures', 0)} failed authentication"]
+    lwm2m = doc.get("lwm2m")
+    if lwm2m and lwm2m.get("state") == "registered":
+        objects = " ".join(f"/{o}" + (f"/{{{','.join(map(str, i))}}}" if i else "")
+                           for o, i in lwm2m.get("objects", {}).items())
+        lines += [f"  lwm2m       registered as {lwm2m.get('endpoint')} at "
+                  f"{lwm2m.get('location')}: LwM2M {lwm2m.get('lwm2m')}, binding "
+                  f"{lwm2m.get('binding')}{', queue mode' if lwm2m.get('queue') else ''}, "
+                  f"lifetime {lwm2m.get('lifetime')} s, last update "
+                  f"{_date(_iso(lwm2m.get('updated_at')))}",
+                  f"  objects     {objects or '(none)'}"]
+    elif lwm2m:
+        lines.append(f"  lwm2m       offline since {_date(_iso(lwm2m.get('last_update')))}: "
+                     f"missed {lwm2m.get('missed_lifetimes')} lifetimes of "
+                     f"{lwm2m.get('lifetime')} s")
     credential = doc.get("credential")
     if credential:
         lines.append("  credential  (shown once: the broker keeps it sealed and never shows "
                      "it again)")
         lines += [f"    {key:<13} {value}" for key, value in credential.items()
                   if key != "transport"]
+    return "\n".join(lines)
+
+
+def _iso(epoch: Any) -> str | None:
+    return isoformat_utc(float(epoch)) if isinstance(epoch, int | float) else None
+
+
+def render_lwm2m(doc: dict[str, Any]) -> str:
+    """The answer to `sensors read|write|execute|discover`."""
+    head = f"{doc.get('sensor')} {doc.get('operation')} {doc.get('path')}: {doc.get('code')}"
+    if doc.get("error"):
+        return f"{head} {doc['error']}"
+    lines = [head]
+    for value in doc.get("values", []):
+        lines.append(f"  {value['path']:<18} {value['value']!s:<24} ({value['as']})")
+    for link in doc.get("links", []):
+        params = ";".join(k if v is None else f"{k}={v}" for k, v in link["params"].items())
+        lines.append(f"  <{link['target']}>" + (f";{params}" if params else ""))
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import segno
 
 from agent.broker.config import DEFAULT_CONTROL_SOCKET
-from agent.cli.render import render_sensor, render_sensors
+from agent.cli.render import render_lwm2m, render_sensor, render_sensors
 from agent.control import client
 from agent.errors import DaemonNotRunning, DevidError, PermissionDenied, SensorError
 from agent.fsutil import write_atomic
@@ -30,7 +30,8 @@ Fail = Callable[[DevidError, bool, int], int]
 EXIT_FAIL, EXIT_NO_DAEMON = 2, 3
 SOCKET_ENV = "DEVIDCTL_BROKER_SOCKET"
 ACTIONS = ("add", "import", "list", "show", "quarantine", "release", "revoke", "rekey",
-           "remove")
+           "remove", "read", "write", "execute", "discover")
+DOWNLINK = ("read", "write", "execute", "discover")  # LwM2M device management
 BATCH_MAX_LINE = 64 << 20  # 10,000 credentials in one answer
 IMPORT_MAX_BYTES = 24 << 20  # sent whole in one request (the broker takes 32 MiB)
 
@@ -47,6 +48,9 @@ def add_verbs(verb: Verb) -> None:
     sensors.add_argument("action", choices=ACTIONS)
     sensors.add_argument("sensor", nargs="?", metavar="NAME|ID|FILE",
                          help="the sensor (add: its name; import: the CSV or JSON file)")
+    sensors.add_argument("operands", nargs="*", metavar="PATH [VALUE]",
+                         help="read/write/execute/discover: the LwM2M path (/3/0/1); "
+                         "write: the value; execute: optional arguments")
     sensors.add_argument("--profile", help="add: the policy profile (its role)")
     sensors.add_argument("--transport", choices=TRANSPORTS, default="oscore",
                          help="add: how the sensor talks to the gateway (default oscore)")
@@ -146,6 +150,19 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             raise SensorError(f"{ref}: cannot read: {getattr(e, 'strerror', None) or e}"
                               ) from None
         return "sensors-import", {"text": text, "filename": Path(ref).name}
+    if action in DOWNLINK:
+        operands = args.operands
+        if not operands or len(operands) > 2 or (action in ("read", "discover")
+                                                 and len(operands) != 1):
+            usage = "PATH VALUE" if action == "write" else "PATH [ARGUMENTS]" \
+                if action == "execute" else "PATH"
+            raise SensorError(f"sensors {action}: expected {ref} {usage}")
+        params = {"sensor": ref, "operation": action, "path": operands[0]}
+        if len(operands) == 2:
+            params["value"] = operands[1]
+        return "lwm2m-operate", params
+    if args.operands:
+        raise SensorError(f"sensors {action}: unexpected {' '.join(args.operands)!r}")
     if action in ("quarantine", "release", "revoke"):
         return "sensors-change", {"sensor": ref, "change": action, "reason": args.reason}
     return f"sensors-{action}", {"sensor": ref}
@@ -184,8 +201,12 @@ def cmd_sensors(args: argparse.Namespace, fail: Fail) -> int:
         return fail(e, args.json, exit_code(e))
     if args.json:
         print(json.dumps(doc, indent=2, sort_keys=True))
+    elif method == "lwm2m-operate":
+        print(render_lwm2m(doc))
     elif "sensors" in doc:
         print(render_sensors(doc))
     else:
         print(render_sensor(doc))
+    if method == "lwm2m-operate" and not str(doc.get("code", "")).startswith("2."):
+        return EXIT_FAIL  # the sensor refused (its code and reason are printed)
     return 0

@@ -120,6 +120,44 @@ class Rule(StrictSection):
         return out
 
 
+LWM2M_OPERATIONS = ("read", "write", "execute", "discover", "observe")
+LWM2M_CALLERS = ("operator", "upstream")
+_LWM2M_PATH = re.compile(r"^(/(0|[1-9][0-9]{0,4}|\*))*(/\*\*)?$")
+
+
+class Lwm2mGrant(StrictSection):
+    """What the operator (devidctl) or the upstream LwM2M server may do on a sensor."""
+
+    who: Annotated[list[Literal[LWM2M_CALLERS]], Field(min_length=1)] = ["operator"]  # type: ignore[valid-type]
+    operations: Annotated[list[Literal[LWM2M_OPERATIONS]], Field(min_length=1)]  # type: ignore[valid-type]
+    # /OBJECT/INSTANCE/RESOURCE with '*' for one ID and a final '**' for the rest.
+    paths: Annotated[list[str], Field(min_length=1)]
+
+    @field_validator("paths")
+    @classmethod
+    def _paths(cls, v: list[str]) -> list[str]:
+        for path in v:
+            if not path or not _LWM2M_PATH.match(path) or path.count("/") > 4:
+                raise ValueError(f"{path!r}: expected /OBJECT[/INSTANCE[/RESOURCE]] of IDs "
+                                 "or '*', optionally ending in '/**'")
+        return v
+
+    def matches(self, who: str, operation: str, path: tuple[int, ...]) -> bool:
+        if who not in self.who or operation not in self.operations:
+            return False
+        return any(_lwm2m_match(pattern, path) for pattern in self.paths)
+
+
+def _lwm2m_match(pattern: str, path: tuple[int, ...]) -> bool:
+    want = pattern.split("/")[1:]
+    for i, segment in enumerate(want):
+        if segment == "**":
+            return True
+        if i >= len(path) or (segment != "*" and int(segment) != path[i]):
+            return False
+    return len(path) == len(want)
+
+
 class Lwm2mSection(StrictSection):
     """`[profiles.NAME.lwm2m]`: the profile's sensors may register with the gateway's
     LwM2M server (agent/broker/lwm2m.py); without it they may not."""
@@ -130,6 +168,13 @@ class Lwm2mSection(StrictSection):
     # After this many lifetimes without an Update the sensor's credential is revoked
     # (deprovisioned); 0: it is only marked offline.
     deprovision_after: Annotated[int, Field(ge=0, le=10_000)] = 3
+    # Downlink operations (Read, Write, Execute, Discover, Observe): none unless granted.
+    grants: list[Lwm2mGrant] = Field(default_factory=list)
+
+    def grant(self, who: str, operation: str, path: tuple[int, ...]) -> int | None:
+        """The index of the first grant that allows it, or None (deny by default)."""
+        return next((i for i, g in enumerate(self.grants) if g.matches(who, operation, path)),
+                    None)
 
     @model_validator(mode="after")
     def _range(self) -> Lwm2mSection:

@@ -14,6 +14,7 @@ import json
 import time
 
 from lwm2m_peer import DtlsRelay, NodeLwm2mClient
+from lwm2m_sensor import Lwm2mOscoreClient
 from oscore_sensor import OscoreSensor
 from stack import DEMO_POLICY
 
@@ -25,6 +26,19 @@ POLICY = DEMO_POLICY + """
 min_lifetime = 1
 max_lifetime = 3600
 deprovision_after = 2
+"""
+
+
+MANAGED_POLICY = POLICY + """
+[[profiles.meter.lwm2m.grants]]
+operations = ["read", "discover"]
+paths = ["/3/0", "/3303/*/**"]
+[[profiles.meter.lwm2m.grants]]
+operations = ["write"]
+paths = ["/3303/*/5750"]
+[[profiles.meter.lwm2m.grants]]
+operations = ["execute"]
+paths = ["/3/0/4"]
 """
 
 
@@ -132,9 +146,9 @@ def test_a_silent_sensor_goes_offline_then_is_deprovisioned(broker_stack_factory
 
 
 def test_lwm2m_node_lib_client_registers_over_dtls_psk(broker_stack_factory):
-    """An LwM2M client nobody here wrote (lwm2m-node-lib) registers, updates and
-    de-registers through the gateway with a DTLS-PSK credential of its own."""
-    stack = broker_stack_factory(policy=POLICY)
+    """An LwM2M client nobody here wrote (lwm2m-node-lib) registers, is read, updates
+    and de-registers through the gateway with a DTLS-PSK credential of its own."""
+    stack = broker_stack_factory(policy=MANAGED_POLICY)
     broker = stack.broker
     added = stack.add("n-1", "--profile", "meter", "--transport", "dtls-psk")
     credential = added["credential"]
@@ -150,14 +164,72 @@ def test_lwm2m_node_lib_client_registers_over_dtls_psk(broker_stack_factory):
         assert shown["state"] == "registered" and shown["endpoint"] == "n-1"
         assert (shown["lifetime"], shown["lwm2m"], shown["binding"]) == (120, "1.0", "U")
         assert shown["objects"] == {"3": [0], "3303": [0]}
+        # Read by the operator: into the sensor's DTLS session, answered in text.
+        code, read = broker.ctl_json("read", "n-1", "/3303/0/5700")
+        assert code == 0, read
+        assert read["values"] == [{"path": "/3303/0/5700", "value": "21.5", "as": "string"}]
+        code, refused = broker.ctl_json("write", "n-1", "/3303/0/5700", "30")
+        assert code == 2 and "grants the operator no write" in refused["error"]["message"]
         updated = client.command("update")
         assert updated.get("error") is None, updated
         assert broker.ctl_json("show", "n-1")[1]["lwm2m"]["updated_at"] > \
             shown["updated_at"]
         assert client.command("deregister")["error"] is None
         assert "lwm2m" not in broker.ctl_json("show", "n-1")[1]
-        assert stack.status()["lwm2m"]["totals"] == {"deregistered": 1, "registered": 1,
-                                                     "updated": 1}
+        assert stack.status()["lwm2m"]["totals"] == {
+            "deregistered": 1, "operation.read": 1, "registered": 1, "updated": 1}
     finally:
         client.close()
         relay.close()
+
+
+def test_the_operator_manages_an_oscore_sensor_as_its_profile_grants(broker_stack_factory,
+                                                                      tmp_path):
+    """devidctl sensors read|write|execute|discover: requests from the gateway to the
+    sensor, protected with the sensor's own OSCORE context, answers decoded (TLV, SenML
+    CBOR, text, link format); what no grant allows is refused before anything is sent."""
+    stack = broker_stack_factory(policy=MANAGED_POLICY)
+    broker = stack.broker
+    m1 = stack.add("m-1", "--profile", "meter")
+    sensor = Lwm2mOscoreClient(tmp_path / "m-1", m1["credential"], broker.oscore_port)
+    stack.sensors.append(sensor)
+    # Not registered yet: nothing to reach.
+    code, refused = broker.ctl_json("read", "m-1", "/3/0")
+    assert code == 2 and "not registered" in refused["error"]["message"]
+    assert sensor.register("m-1") == "2.01 Created"
+
+    code, device = broker.ctl_json("read", "m-1", "/3/0")
+    assert code == 0 and device["code"] == "2.05" and device["content_format"] == 11542
+    assert device["values"] == [
+        {"path": "/3/0/0", "value": "devid-agent tests", "as": "string"},
+        {"path": "/3/0/9", "value": 87, "as": "integer"}]
+    code, temperature = broker.ctl_json("read", "m-1", "/3303/0/5700")
+    assert code == 0 and temperature["values"] == [
+        {"path": "/3303/0/5700", "value": 21.5, "as": "float"}]
+    code, written = broker.ctl_json("write", "m-1", "/3303/0/5750", "kitchen")
+    assert code == 0 and written["code"] == "2.04"
+    assert sensor.application_type.value == "kitchen"
+    code, executed = broker.ctl_json("execute", "m-1", "/3/0/4")
+    assert code == 0 and executed["code"] == "2.04" and sensor.executed == [""]
+    code, discovered = broker.ctl_json("discover", "m-1", "/3/0")
+    assert code == 0 and [link["target"] for link in discovered["links"]] == \
+        ["/3/0", "/3/0/0", "/3/0/4", "/3/0/9"]
+    text = broker.ctl("read", "m-1", "/3303/0/5750")
+    assert text.returncode == 0 and "kitchen" in text.stdout and "(string)" in text.stdout
+
+    # Refused by the profile's grants, before anything reaches the sensor.
+    for args in (("read", "m-1", "/1/0"), ("write", "m-1", "/3/0/0", "x"),
+                 ("execute", "m-1", "/3/0/5")):
+        code, refused = broker.ctl_json(*args)
+        assert code == 2 and "grants the operator no" in refused["error"]["message"], refused
+    assert sensor.executed == [""] and sensor.application_type.value == "kitchen"
+    # The sensor's own refusal comes back with its code.
+    code, missing = broker.ctl_json("read", "m-1", "/3303/0/5701")
+    assert code == 2 and missing["code"] == "4.04"
+    records = [json.loads(line) for line in
+               (broker.directory / "state" / "audit.log").read_text().splitlines()]
+    operations = [(r["operation"], r["path"], r.get("answer"), "refused" in r)
+                  for r in records if r["event"] == "lwm2m-operation"]
+    assert ("write", "/3303/0/5750", "2.04", False) in operations
+    assert ("read", "/1/0", None, True) in operations
+    assert stack.status()["lwm2m"]["totals"]["operation.read"] >= 3

@@ -1,0 +1,101 @@
+"""Requests from the gateway to a sensor (LwM2M device management), over the sensor's
+own secure channel.
+
+The way back to a sensor is the one its last LwM2M message came by: the route
+is remembered at Register and Update. Over OSCORE the request is protected
+with the sensor's own context (its sequence numbers are reserved ahead on
+disk like every other the gateway sends) and sent through the OSCORE
+listener; over DTLS it goes into the sensor's session; on the plain listener
+(insecure profiles only) to its address. Routes live in memory: after a
+broker restart a sensor is reachable again from its next Update.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiocoap
+from aiocoap import Message
+from aiocoap.oscore import DecodeError, NotAProtectedMessage, ProtectionInvalid
+from aiocoap.transports.oscore import OSCOREAddress
+
+from agent.broker.dtls import DtlsRemote
+from agent.errors import Lwm2mError, Lwm2mNotFound
+from agent.sensors.model import Sensor
+
+TIMEOUT = 10.0
+
+
+class Listener(Protocol):
+    name: str
+
+    @property
+    def context(self) -> aiocoap.Context | None: ...
+
+
+@dataclass(frozen=True)
+class Route:
+    listener: str  # oscore, dtls or plain
+    remote: Any  # what the sensor's message came from
+
+
+def route_of(remote: Any) -> Route:
+    if isinstance(remote, OSCOREAddress):
+        return Route("oscore", remote)
+    if isinstance(remote, DtlsRemote):
+        return Route("dtls", remote)
+    return Route("plain", remote)
+
+
+class Downlink:
+    def __init__(self, timeout: float = TIMEOUT) -> None:
+        self.timeout = timeout
+        self.listeners: Mapping[str, Listener] = {}
+        self._routes: dict[int, Route] = {}
+
+    def remember(self, sensor: Sensor, remote: Any) -> None:
+        self._routes[sensor.serial] = route_of(remote)
+
+    def forget(self, serial: int) -> None:
+        self._routes.pop(serial, None)
+
+    async def request(self, sensor: Sensor, message: Message) -> Message:
+        """The sensor's answer; Lwm2mError when it cannot be reached or does not answer."""
+        route = self._routes.get(sensor.serial)
+        if route is None:
+            raise Lwm2mNotFound(f"sensor {sensor.name}: no way to it yet (it reaches the "
+                                "gateway after its next LwM2M Register or Update)")
+        listener = self.listeners.get(route.listener)
+        context = listener.context if listener is not None else None
+        if context is None:
+            raise Lwm2mError(f"sensor {sensor.name}: the {route.listener} listener is not "
+                             "running")
+        try:
+            return await asyncio.wait_for(self._send(context, route, message), self.timeout)
+        except TimeoutError:
+            raise Lwm2mError(f"sensor {sensor.name} did not answer within "
+                             f"{self.timeout:g} s (asleep, out of reach, or gone)") from None
+        except aiocoap.error.Error as e:
+            raise Lwm2mError(f"sensor {sensor.name}: {type(e).__name__}: {e}") from None
+
+    @staticmethod
+    async def _send(context: aiocoap.Context, route: Route, message: Message) -> Message:
+        if route.listener != "oscore":
+            message.remote = route.remote
+            return await context.request(message, handle_blockwise=True).response
+        security = route.remote.security_context
+        protected, request_id = security.protect(message)
+        protected.remote = route.remote.underlying_address
+        outer = await context.request(protected, handle_blockwise=False).response
+        try:
+            inner, _ = security.unprotect(outer, request_id)
+        except NotAProtectedMessage:
+            raise Lwm2mError(f"the sensor answered {outer.code} without OSCORE (it does not "
+                             "know this context: rekeyed, or restarted without its state)"
+                             ) from None
+        except (ProtectionInvalid, DecodeError) as e:
+            raise Lwm2mError(f"the sensor's answer does not verify: {e}") from None
+        return inner  # type: ignore[no-any-return]

@@ -1,0 +1,147 @@
+"""An LwM2M client built on aiocoap, over OSCORE with the sensor's own credential: it
+registers with the gateway and answers the gateway's device management (Read, Write,
+Execute, Discover) from the same port, as a sensor does.
+
+For what lwm2m-node-lib lacks: TLV and SenML-CBOR answers, Execute, Discover, and
+OSCORE. aiocoap does the CoAP and the OSCORE (one FilesystemSecurityContext for both
+directions); the objects here are a Device (/3/0) and a Temperature (/3303/0)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiocoap
+import cbor2
+from aiocoap import Code, Message
+from aiocoap import resource as coap_resource
+from aiocoap.credentials import CredentialsMap
+from aiocoap.oscore import FilesystemSecurityContext
+from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
+from oscore_sensor import write_oscore_secret
+
+T = TypeVar("T")
+TLV, SENML_CBOR, TEXT, LINK_FORMAT = 11542, 112, 0, 40
+MANUFACTURER = "devid-agent tests"
+
+
+def _tlv_resource(ident: int, value: bytes) -> bytes:
+    assert len(value) < 256
+    return bytes([0xC8, ident, len(value)]) + value
+
+
+class _Device(coap_resource.Resource):
+    """/3/0: Read as TLV; Discover (Accept: link format) lists its resources."""
+
+    def __init__(self, sensor: Lwm2mOscoreClient) -> None:
+        super().__init__()
+        self._sensor = sensor
+
+    async def render_get(self, request: Message) -> Message:
+        if request.opt.accept == LINK_FORMAT:
+            return Message(payload=b"</3/0>,</3/0/0>,</3/0/4>,</3/0/9>",
+                           content_format=LINK_FORMAT)
+        payload = _tlv_resource(0, MANUFACTURER.encode()) + _tlv_resource(9, bytes([87]))
+        return Message(payload=payload, content_format=TLV)
+
+
+class _Reboot(coap_resource.Resource):
+    """/3/0/4: Execute."""
+
+    def __init__(self, sensor: Lwm2mOscoreClient) -> None:
+        super().__init__()
+        self._sensor = sensor
+
+    async def render_post(self, request: Message) -> Message:
+        self._sensor.executed.append(request.payload.decode())
+        return Message(code=Code.CHANGED)
+
+
+class _Temperature(coap_resource.Resource):
+    """/3303/0/5700: Read as SenML CBOR."""
+
+    async def render_get(self, request: Message) -> Message:
+        records = [{-2: "/3303/0/", 0: "5700", 2: 21.5}]
+        return Message(payload=cbor2.dumps(records), content_format=SENML_CBOR)
+
+
+class _Text(coap_resource.Resource):
+    """A writable string resource (/3303/0/5750, Application Type)."""
+
+    def __init__(self, value: str) -> None:
+        super().__init__()
+        self.value = value
+
+    async def render_get(self, request: Message) -> Message:
+        return Message(payload=self.value.encode(), content_format=TEXT)
+
+    async def render_put(self, request: Message) -> Message:
+        if request.opt.content_format not in (None, TEXT):
+            return Message(code=Code.UNSUPPORTED_CONTENT_FORMAT)
+        self.value = request.payload.decode()
+        return Message(code=Code.CHANGED)
+
+
+class Lwm2mOscoreClient:
+    """Runs its own event loop in a thread; each call blocks until done."""
+
+    def __init__(self, directory: Path, credential: dict[str, str], gateway_port: int) -> None:
+        write_oscore_secret(directory, credential)
+        self.gateway = f"coap://127.0.0.1:{gateway_port}"
+        self.executed: list[str] = []
+        self.application_type = _Text("outdoor")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._security = FilesystemSecurityContext(str(directory))
+        self._context: aiocoap.Context = self._run(self._open())
+        self.location: tuple[str, ...] = ()
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result(timeout)
+
+    async def _open(self) -> aiocoap.Context:
+        site = coap_resource.Site()
+        site.add_resource(["3", "0"], _Device(self))
+        site.add_resource(["3", "0", "4"], _Reboot(self))
+        site.add_resource(["3303", "0", "5700"], _Temperature())
+        site.add_resource(["3303", "0", "5750"], self.application_type)
+        credentials = CredentialsMap()
+        credentials[":gateway"] = self._security
+        wrapped = OscoreSiteWrapper(site, credentials)
+        context = await aiocoap.Context.create_server_context(
+            wrapped, bind=("127.0.0.1", 0), transports=["oscore", "udp6"])
+        context.client_credentials[self.gateway + "/*"] = self._security
+        return context
+
+    def register(self, endpoint: str, lifetime: int = 300, queue: bool = False) -> str:
+        query = (f"ep={endpoint}", f"lt={lifetime}", "lwm2m=1.1", "b=U") + \
+            (("Q",) if queue else ())
+        links = b'</>;rt="oma.lwm2m";ct=11543,</1/0>,</3/0>,</3303/0>'
+        response = self._run(self._request(Code.POST, "/rd", links, query))
+        self.location = tuple(response.opt.location_path)
+        return str(response.code)
+
+    def update(self) -> str:
+        return str(self._run(self._request(Code.POST, "/" + "/".join(self.location), b"",
+                                           ())).code)
+
+    async def _request(self, code: Code, path: str, payload: bytes,
+                       query: tuple[str, ...]) -> Message:
+        message = Message(code=code, payload=payload, uri=self.gateway + path)
+        if payload:
+            message.opt.content_format = LINK_FORMAT
+        message.opt.uri_query = query
+        return await self._context.request(message).response
+
+    def close(self) -> None:
+        self._run(self._context.shutdown())
+        self._security._destroy()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
