@@ -180,6 +180,14 @@ _EVENTS = (
            "a silent sensor was deprovisioned: its credential is revoked",
            "DEVID_REASON says how long it was silent. To use the device again, onboard it "
            "again (devidctl sensors rekey, then provision the new key)."),
+    EventType("lwm2m-bootstrapped", "939592f4997f4cb0b8b939cb9e4bd492", logging.INFO,
+           "a sensor was bootstrapped: it holds a fresh operational credential, and its "
+           "bootstrap credential is spent",
+           "None; a second use of the bootstrap credential is refused."),
+    EventType("lwm2m-bootstrap-failed", "1eab9c0745c4481592cf2fe631cd8457", logging.WARNING,
+           "an LwM2M bootstrap did not finish; the sensor's credential is unchanged and it "
+           "may try again",
+           "DEVID_REASON says at which step; look at the device if it keeps failing."),
 )
 
 EVENTS: dict[str, EventType] = {e.name: e for e in _EVENTS}

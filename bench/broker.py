@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import aiocoap  # noqa: E402
 import cbor2  # noqa: E402
 from aiocoap import Code, Message  # noqa: E402
+from coap_loadgen import RawCoap, raw_client  # noqa: E402
 from coap_upstream import CoapUpstreamProcess  # noqa: E402
 from mqtt_peer import Mosquitto  # noqa: E402
 from mtls import server_identity  # noqa: E402
@@ -49,11 +50,8 @@ from stack import (  # noqa: E402
     AgentProcess,
     BrokerProcess,
     RegistrarProcess,
-    enrollment_toml,
+    enrolled_gateway,
     free_port,
-    rotation_toml,
-    start_tpm,
-    write_agent_config,
 )
 
 POLICY = """
@@ -138,72 +136,24 @@ async def open_loop(send: Send, seconds: float, rate: int) -> tuple[list[float],
 FIRST_FAILURE: dict[str, str] = {}
 
 
-class RawCoap(asyncio.DatagramProtocol):
-    """A lean CoAP-over-UDP load generator: one socket, confirmable requests matched to
-    piggybacked answers by token. aiocoap's client spends more CPU per request than the
-    servers measured here; this one keeps the load generator from being the limit.
-    `secure` protects each request with the sensor's OSCORE context (as a sensor does)
-    and checks the answer's inner code."""
-
-    def __init__(self, secure: Any = None) -> None:
-        self._secure = secure
-        self._waiting: dict[bytes, tuple[asyncio.Future[Message], Any]] = {}
-        self._next = 0
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
+def raw_sender(client: RawCoap, path: str, uri: str, secure: Any = None) -> Send:
+    """POSTs of PAYLOAD to `path` by the lean client (tests/coap_loadgen.py), protected
+    with `secure` (the sensor's OSCORE context, as a sensor does) when given."""
+    async def send() -> bool:
+        request = Message(code=Code.POST, payload=PAYLOAD, uri_path=(path,))
+        request.opt.content_format = 60
         try:
-            answer = Message.decode(data)
-        except Exception:
-            return
-        if answer.mtype == aiocoap.CON:  # a separate response: acknowledged, or resent
-            assert self.transport is not None
-            ack = Message(code=Code.EMPTY)
-            ack.mtype, ack.mid = aiocoap.ACK, answer.mid
-            self.transport.sendto(ack.encode())
-        waiting = self._waiting.pop(answer.token, None)
-        if waiting is not None and not waiting[0].done():
-            waiting[0].set_result(answer)
-
-    def sender(self, path: str, uri: str) -> Send:
-        async def send() -> bool:
-            self._next += 1
-            request = Message(code=Code.POST, payload=PAYLOAD, uri_path=(path,))
-            request.opt.content_format = 60
-            request_id = None
-            if self._secure is not None:
-                request, request_id = self._secure.protect(request)
-            request.mtype, request.mid = aiocoap.CON, self._next & 0xFFFF
-            request.token = self._next.to_bytes(4, "big")
-            future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-            self._waiting[request.token] = (future, request_id)
-            assert self.transport is not None
-            self.transport.sendto(request.encode())
-            try:
-                answer = await asyncio.wait_for(future, 5.0)
-            except TimeoutError:
-                self._waiting.pop(request.token, None)
-                FIRST_FAILURE.setdefault(uri, "no answer within 5 s")
-                return False
-            if self._secure is not None:
-                try:
-                    answer, _ = self._secure.unprotect(answer, request_id)
-                except Exception as e:
-                    FIRST_FAILURE.setdefault(uri, f"{answer.code}: {e!r}")
-                    return False
-            if not answer.code.is_successful():
-                FIRST_FAILURE.setdefault(uri, f"{answer.code} {answer.payload[:80]!r}")
-            return bool(answer.code.is_successful())
-        return send
-
-
-async def raw_client(port: int, secure: Any = None) -> RawCoap:
-    _, protocol = await asyncio.get_running_loop().create_datagram_endpoint(
-        lambda: RawCoap(secure), remote_addr=("127.0.0.1", port))
-    return protocol
+            answer = await client.exchange(request, secure)
+        except TimeoutError:
+            FIRST_FAILURE.setdefault(uri, "no answer within 5 s")
+            return False
+        except Exception as e:
+            FIRST_FAILURE.setdefault(uri, f"{e!r}")
+            return False
+        if not answer.code.is_successful():
+            FIRST_FAILURE.setdefault(uri, f"{answer.code} {answer.payload[:80]!r}")
+        return bool(answer.code.is_successful())
+    return send
 
 
 def _coap_sender(context: aiocoap.Context, uri: str) -> Send:
@@ -338,14 +288,12 @@ def main() -> int:
 
 
 def run(tmp: Path, args: argparse.Namespace) -> int:
-    tpm = start_tpm(tmp / "tpm")
-    registrar = RegistrarProcess(tmp / "registrar", [tpm.vendor_ca]).start()
-    consumer = (f'\n[[consumers]]\nname = "broker"\nuser = {os.getuid()}\n'
-                'grants = ["secrets", "credentials"]\n')
-    config = write_agent_config(tmp / "agent" / "agent.toml", tpm.tcti, [tpm.vendor_ca],
-                                enrollment_toml(registrar, registrar.token()) + rotation_toml()
-                                + consumer)
-    agent = AgentProcess(config).start()
+    with enrolled_gateway(tmp) as (agent, registrar):
+        return _run(tmp, args, agent, registrar)
+
+
+def _run(tmp: Path, args: argparse.Namespace, agent: AgentProcess,
+         registrar: RegistrarProcess) -> int:
     cert, key, ca_pem = server_identity(tmp / "tls")
     (tmp / "upstream-ca.pem").write_text(ca_pem)
     upstream = CoapUpstreamProcess(tmp / "upstream", free_port(), cert, key, registrar.ca,
@@ -354,11 +302,10 @@ def run(tmp: Path, args: argparse.Namespace) -> int:
     broker: BrokerProcess | None = None
     proxy: multiprocessing.Process | None = None
     try:
-        agent.wait_enrollment("enrolled", timeout=60)
         upstream.start()
         mosquitto.start("nothing/#")
         broker = BrokerProcess(
-            tmp / "broker", config.parent / "run" / "identity.sock",
+            tmp / "broker", agent.config.parent / "run" / "identity.sock",
             f'[upstreams.cloud]\nurl = "coaps+tcp://127.0.0.1:{upstream.port}"\n'
             f'bundle = "{tmp / "upstream-ca.pem"}"\n'
             f'[upstreams.fleet]\nurl = "mqtts://127.0.0.1:{mosquitto.tls_port}"\n'
@@ -402,9 +349,6 @@ def run(tmp: Path, args: argparse.Namespace) -> int:
             broker.stop()
         mosquitto.stop()
         upstream.stop()
-        agent.stop()
-        registrar.stop()
-        tpm.stop()
     _report(results, args, rss_empty, rss_used, rss_10k)
     print("broker totals:", ", ".join(f"{k} {v}" for k, v in sorted(totals.items()) if v))
     return 0
@@ -419,16 +363,18 @@ async def _drive(args: argparse.Namespace, upstream_port: int, ca_pem: str, prox
     direct.client_credentials.ssl_client_context = lambda _scheme, _host: tls
     security = MemoryContext.of(oscore)
     plain = await raw_client(proxy_port)
-    protected = await raw_client(broker.oscore_port, security)
+    protected = await raw_client(broker.oscore_port)
     dtls = await asyncio.to_thread(_DtlsWorkers, broker.dtls_port, psk["psk_identity"],
                                    bytes.fromhex(psk["psk"]), args.concurrency)
     paths = {
         "(a) direct to upstream": _coap_sender(
             direct, f"coaps+tcp://127.0.0.1:{upstream_port}/sensors/x/telemetry"),
-        "(b) aiocoap proxy": plain.sender("telemetry", "coap://proxy/telemetry"),
-        "(c) broker, OSCORE": protected.sender("telemetry", "coap://broker/telemetry"),
+        "(b) aiocoap proxy": raw_sender(plain, "telemetry", "coap://proxy/telemetry"),
+        "(c) broker, OSCORE": raw_sender(protected, "telemetry", "coap://broker/telemetry",
+                                         security),
         "(d) broker, DTLS-PSK": dtls.send,
-        "(e) broker, OSCORE to MQTT": protected.sender("mqtt", "coap://broker/mqtt"),
+        "(e) broker, OSCORE to MQTT": raw_sender(protected, "mqtt", "coap://broker/mqtt",
+                                                 security),
     }
     paths = {name: send for name, send in paths.items()
              if name[1] == "a" or name[1] in args.only}
@@ -443,8 +389,7 @@ async def _drive(args: argparse.Namespace, upstream_port: int, ca_pem: str, prox
     finally:
         await direct.shutdown()
         for client in (plain, protected):
-            assert client.transport is not None
-            client.transport.close()
+            client.close()
 
 
 def _report(results: dict[str, dict[str, float]], args: argparse.Namespace, rss_empty: int,

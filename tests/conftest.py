@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from stack import (
     BrokerProcess,
     RegistrarProcess,
     SimulatedTpm,
+    consumer_toml,
     enrollment_toml,
     free_port,
     rotation_toml,
@@ -125,10 +125,8 @@ def gateway_agent(tpm: SimulatedTpm, registrar_factory: Callable[..., RegistrarP
                   registrar_settings: dict[str, str]) -> tuple[AgentProcess, RegistrarProcess]:
     """An enrolled agent that declares the broker (this user) a consumer of its identity."""
     registrar = registrar_factory([tpm.vendor_ca], settings=registrar_settings)
-    consumer = (f'\n[[consumers]]\nname = "broker"\nuser = {os.getuid()}\n'
-                'grants = ["secrets", "credentials"]\n')
     agent = agent_factory(tpm, extra=enrollment_toml(registrar, registrar.token())
-                          + rotation_toml() + consumer)
+                          + rotation_toml() + consumer_toml("broker"))
     agent.wait_enrollment("enrolled")
     return agent, registrar
 

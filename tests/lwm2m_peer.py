@@ -57,7 +57,8 @@ class DtlsRelay:
                 if message.code.is_request():
                     self._asked[message.mid] = self._client
                     # lwm2m-node-lib serves the gateway's requests on its Register's port
-                    if message.code == Code.POST and message.opt.uri_path == ("rd",):
+                    if message.code == Code.POST and message.opt.uri_path in (("rd",),
+                                                                              ("bs",)):
                         self._listener = self._client
                 self._secure.send(data)
             if self._secure in ready:

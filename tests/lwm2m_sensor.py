@@ -1,10 +1,14 @@
-"""An LwM2M client built on aiocoap, over OSCORE with the sensor's own credential: it
-registers with the gateway and answers the gateway's device management (Read, Write,
-Execute, Discover) from the same port, as a sensor does.
+"""An LwM2M client built on aiocoap: it bootstraps, registers with the gateway and
+answers the gateway's device management (Read, Write, Execute, Discover) from the same
+port, as a sensor does; over OSCORE with the sensor's own credential, or in plain CoAP
+behind a DTLS relay (tests/lwm2m_peer.py).
 
-For what lwm2m-node-lib lacks: TLV and SenML-CBOR answers, Execute, Discover, and
-OSCORE. aiocoap does the CoAP and the OSCORE (one FilesystemSecurityContext for both
-directions); the objects here are a Device (/3/0) and a Temperature (/3303/0)."""
+For what lwm2m-node-lib lacks: Bootstrap, TLV and SenML-CBOR answers, Execute,
+Discover, and OSCORE. aiocoap does the CoAP and the OSCORE (one
+FilesystemSecurityContext for both directions); the objects here are Security (/0),
+Server (/1) and OSCORE (/21) for bootstrap, a Device (/3/0) and a Temperature
+(/3303/0). The TLV that bootstrap writes is read by its own small reader here, not
+by the gateway's code."""
 
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ def _tlv_resource(ident: int, value: bytes) -> bytes:
 class _Device(coap_resource.Resource):
     """/3/0: Read as TLV; Discover (Accept: link format) lists its resources."""
 
-    def __init__(self, sensor: Lwm2mOscoreClient) -> None:
+    def __init__(self, sensor: Lwm2mClient) -> None:
         super().__init__()
         self._sensor = sensor
 
@@ -52,7 +56,7 @@ class _Device(coap_resource.Resource):
 class _Reboot(coap_resource.Resource):
     """/3/0/4: Execute."""
 
-    def __init__(self, sensor: Lwm2mOscoreClient) -> None:
+    def __init__(self, sensor: Lwm2mClient) -> None:
         super().__init__()
         self._sensor = sensor
 
@@ -86,20 +90,77 @@ class _Text(coap_resource.Resource):
         return Message(code=Code.CHANGED)
 
 
-class Lwm2mOscoreClient:
-    """Runs its own event loop in a thread; each call blocks until done."""
+def read_tlv(data: bytes) -> dict[int, bytes]:
+    """Resource ID -> value bytes of an object instance's TLV (resources only)."""
+    out, at = {}, 0
+    while at < len(data):
+        byte = data[at]
+        id_len, len_type = (2 if byte & 0x20 else 1), (byte >> 3) & 3
+        ident = int.from_bytes(data[at + 1:at + 1 + id_len], "big")
+        at += 1 + id_len
+        length = byte & 7 if len_type == 0 else int.from_bytes(data[at:at + len_type], "big")
+        at += len_type
+        out[ident] = data[at:at + length]
+        at += length
+    return out
 
-    def __init__(self, directory: Path, credential: dict[str, str], gateway_port: int) -> None:
-        write_oscore_secret(directory, credential)
+
+class _Instances(coap_resource.Resource):
+    """/0, /1 or /21 as bootstrap sees them: Bootstrap-Delete empties it; Bootstrap-Write
+    of /OBJECT/INSTANCE (see `_Instance`) fills it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.instances: dict[int, dict[int, bytes]] = {}
+
+    async def render_delete(self, request: Message) -> Message:
+        self.instances.clear()
+        return Message(code=Code.DELETED)
+
+
+class _Instance(coap_resource.Resource):
+    def __init__(self, into: _Instances, instance: int) -> None:
+        super().__init__()
+        self._into, self._instance = into, instance
+
+    async def render_put(self, request: Message) -> Message:
+        if request.opt.content_format != TLV:
+            return Message(code=Code.UNSUPPORTED_CONTENT_FORMAT)
+        self._into.instances[self._instance] = read_tlv(request.payload)
+        return Message(code=Code.CHANGED)
+
+
+class _BootstrapFinish(coap_resource.Resource):
+    def __init__(self, finished: asyncio.Event) -> None:
+        super().__init__()
+        self._finished = finished
+
+    async def render_post(self, request: Message) -> Message:
+        self._finished.set()
+        return Message(code=Code.CHANGED)
+
+
+class Lwm2mClient:
+    """Runs its own event loop in a thread; each call blocks until done. `security`: an
+    OSCORE context for both directions, or None for plain CoAP (behind a DTLS relay)."""
+
+    def __init__(self, gateway_port: int, security: Any = None) -> None:
         self.gateway = f"coap://127.0.0.1:{gateway_port}"
         self.executed: list[str] = []
         self.application_type = _Text("outdoor")
+        self.security_objects, self.server_objects = _Instances(), _Instances()
+        self.oscore_objects = _Instances()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        self._security = FilesystemSecurityContext(str(directory))
+        self._security = security
+        self._finished = self._run(self._event())
         self._context: aiocoap.Context = self._run(self._open())
         self.location: tuple[str, ...] = ()
+
+    @staticmethod
+    async def _event() -> asyncio.Event:
+        return asyncio.Event()
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -111,6 +172,15 @@ class Lwm2mOscoreClient:
         site.add_resource(["3", "0", "4"], _Reboot(self))
         site.add_resource(["3303", "0", "5700"], _Temperature())
         site.add_resource(["3303", "0", "5750"], self.application_type)
+        for number, objects in (("0", self.security_objects), ("1", self.server_objects),
+                                ("21", self.oscore_objects)):
+            site.add_resource([number], objects)
+            for instance in range(2):
+                site.add_resource([number, str(instance)], _Instance(objects, instance))
+        site.add_resource(["bs"], _BootstrapFinish(self._finished))
+        if self._security is None:
+            return await aiocoap.Context.create_server_context(
+                site, bind=("127.0.0.1", 0), transports=["udp6"])
         credentials = CredentialsMap()
         credentials[":gateway"] = self._security
         wrapped = OscoreSiteWrapper(site, credentials)
@@ -118,6 +188,14 @@ class Lwm2mOscoreClient:
             wrapped, bind=("127.0.0.1", 0), transports=["oscore", "udp6"])
         context.client_credentials[self.gateway + "/*"] = self._security
         return context
+
+    def bootstrap(self, endpoint: str, timeout: float = 20.0) -> str:
+        """Bootstrap-Request; then waits for the gateway's Bootstrap-Finish (TimeoutError
+        if it does not come). The request's code."""
+        response = self._run(self._request(Code.POST, "/bs", b"", (f"ep={endpoint}",)))
+        if response.code.is_successful():
+            self._run(asyncio.wait_for(self._finished.wait(), timeout), timeout + 5)
+        return str(response.code)
 
     def register(self, endpoint: str, lifetime: int = 300, queue: bool = False) -> str:
         query = (f"ep={endpoint}", f"lt={lifetime}", "lwm2m=1.1", "b=U") + \
@@ -141,7 +219,15 @@ class Lwm2mOscoreClient:
 
     def close(self) -> None:
         self._run(self._context.shutdown())
-        self._security._destroy()
+        if isinstance(self._security, FilesystemSecurityContext):
+            self._security._destroy()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
 
+
+
+def oscore_client(directory: Path, credential: dict[str, str], gateway_port: int
+                  ) -> Lwm2mClient:
+    """The client over OSCORE with a sensor's minted credential."""
+    write_oscore_secret(directory, credential)
+    return Lwm2mClient(gateway_port, FilesystemSecurityContext(str(directory)))

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,6 +219,32 @@ def enrollment_toml(registrar: RegistrarProcess, token: str | None) -> str:
     if token:
         text += f"token = {json.dumps(token)}\n"
     return text
+
+
+def consumer_toml(name: str, grants: tuple[str, ...] = ("secrets", "credentials")) -> str:
+    """This user declared a consumer of the agent's identity API (docs/identity-api.md):
+    on a gateway devid-broker runs as a user of its own; here it runs as ours."""
+    listed = ", ".join(f'"{g}"' for g in grants)
+    return f'\n[[consumers]]\nname = "{name}"\nuser = {os.getuid()}\ngrants = [{listed}]\n'
+
+
+@contextlib.contextmanager
+def enrolled_gateway(directory: Path) -> Iterator[tuple[AgentProcess, RegistrarProcess]]:
+    """swtpm, a registrar and an agent enrolled with it that declares this user the
+    consumer `broker`: what a broker needs underneath (benchmarks use it)."""
+    tpm = start_tpm(directory / "tpm")
+    registrar = RegistrarProcess(directory / "registrar", [tpm.vendor_ca]).start()
+    config = write_agent_config(directory / "agent" / "agent.toml", tpm.tcti, [tpm.vendor_ca],
+                                enrollment_toml(registrar, registrar.token()) + rotation_toml()
+                                + consumer_toml("broker"))
+    agent = AgentProcess(config).start()
+    try:
+        agent.wait_enrollment("enrolled", timeout=60)
+        yield agent, registrar
+    finally:
+        agent.stop()
+        registrar.stop()
+        tpm.stop()
 
 
 def rotation_toml(retry_max: str = "2s", hooks: list[str] | None = None) -> str:
@@ -437,8 +463,7 @@ def demo(directory: Path, keep: bool) -> int:
     # The demo's own user is a consumer of the identity API (docs/identity-api.md). On a
     # gateway devid-broker is a consumer of its own (user devid-broker); here it runs as
     # the demo's user, so it is this consumer too.
-    consumer = (f'\n[[consumers]]\nname = "demo"\nuser = {os.getuid()}\n'
-                'grants = ["credentials", "sign", "secrets"]\n')
+    consumer = consumer_toml("demo", ("credentials", "sign", "secrets"))
     config = write_agent_config(directory / "agent" / "agent.toml", tpm.tcti, [tpm.vendor_ca],
                                 enrollment_toml(registrar, token) + consumer)
     _banner(f"starting devid-agent --config {config}")

@@ -109,11 +109,7 @@ class Lwm2mServer:
             return answer(Code(e.coap_code), e.message)
 
     def _section(self, sensor: Sensor) -> Lwm2mSection:
-        profile = self._policy.policy.profiles.get(sensor.profile)
-        if profile is None or profile.lwm2m is None:
-            raise Lwm2mForbidden(f"profile {sensor.profile} does not allow LwM2M "
-                                 "registration (no [profiles.NAME.lwm2m] section)")
-        return profile.lwm2m
+        return lwm2m_section(self._policy, sensor)
 
     def _register(self, sensor: Sensor, section: Lwm2mSection, request: Message) -> Message:
         _link_format(request)
@@ -284,6 +280,15 @@ class Lwm2mServer:
     def status_section(self) -> dict[str, Any]:
         return {"registered": len(self.table), "offline": len(self.table.silent),
                 "totals": dict(sorted(self.totals.items()))}
+
+
+def lwm2m_section(policy: PolicyHolder, sensor: Sensor) -> Lwm2mSection:
+    """The sensor's profile's LwM2M section; Lwm2mForbidden when it has none."""
+    profile = policy.policy.profiles.get(sensor.profile)
+    if profile is None or profile.lwm2m is None:
+        raise Lwm2mForbidden(f"profile {sensor.profile} does not allow LwM2M (no "
+                             "[profiles.NAME.lwm2m] section)")
+    return profile.lwm2m
 
 
 def _link_format(request: Message) -> None:

@@ -26,6 +26,7 @@ from agent import __version__, events, logsetup
 from agent.access import command_line
 from agent.audit import AGENT_AUDIT_LOG, AuditLog
 from agent.broker import dtls, oscore
+from agent.broker.bootstrap import Lwm2mBootstrap
 from agent.broker.collector import Collector
 from agent.broker.config import DEFAULT_CONFIG, BrokerConfig, load_broker_config
 from agent.broker.datakey import fetch_data_key
@@ -164,8 +165,9 @@ async def run(config: BrokerConfig) -> int:
                             policy, broker.registry, traffic, audit)
         tasks.append(asyncio.create_task(lwm2m.run(stop)))
         broker.registry.details["lwm2m"] = lwm2m.registration_of
+        bootstrap = Lwm2mBootstrap(broker.registry, policy, lwm2m.downlink, traffic, audit)
         gateway = Gateway(identify, policy, upstreams.by_name, traffic, Rates(time.monotonic),
-                          spool, local={"rd": lwm2m})
+                          spool, local={"rd": lwm2m, "bs": bootstrap})
         if listen.oscore:
             listeners.append(OscoreListener(listen.oscore, contexts, gateway, traffic))
         if listen.dtls:
@@ -180,7 +182,7 @@ async def run(config: BrokerConfig) -> int:
         lwm2m.downlink.listeners = {listener.name: listener for listener in listeners}
         collector = Collector()
         tasks.append(asyncio.create_task(collector.run()))
-        broker.parts += [*listeners, upstreams, spool, traffic, lwm2m, collector]
+        broker.parts += [*listeners, upstreams, spool, traffic, lwm2m, bootstrap, collector]
         followers = [contexts.refresh] + [ls.refresh for ls in listeners
                                           if isinstance(ls, DtlsListener | PlainListener)]
         tasks.append(asyncio.create_task(follow_registry(broker.registry, followers)))

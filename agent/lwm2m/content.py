@@ -267,3 +267,33 @@ def _senml_value(where: str, path: str, key: str, value: object, framing: str) -
 def encode_text(value: str) -> tuple[int, bytes]:
     """A Write of one resource, as text/plain (every LwM2M version takes it)."""
     return TEXT, value.encode("utf-8")
+
+
+Resource = str | int | bool | bytes
+
+
+def encode_tlv(resources: dict[int, Resource]) -> bytes:
+    """An object instance's resources as TLV (for a Write or a Bootstrap-Write): strings
+    as UTF-8, integers in the fewest of 1, 2, 4 or 8 bytes, booleans as one byte."""
+    out = bytearray()
+    for ident, value in resources.items():
+        if isinstance(value, bool):
+            raw = bytes([int(value)])
+        elif isinstance(value, int):
+            size = next(n for n in (1, 2, 4, 8) if -(1 << (8 * n - 1)) <= value < 1 << (8 * n - 1))
+            raw = value.to_bytes(size, "big", signed=True)
+        elif isinstance(value, str):
+            raw = value.encode("utf-8")
+        else:
+            raw = bytes(value)
+        out += _tlv_header(3, ident, len(raw)) + raw
+    return bytes(out)
+
+
+def _tlv_header(kind: int, ident: int, length: int) -> bytes:
+    byte = kind << 6 | (0x20 if ident > 0xFF else 0)
+    ident_bytes = ident.to_bytes(2 if ident > 0xFF else 1, "big")
+    if length < 8:
+        return bytes([byte | length]) + ident_bytes
+    size = 1 if length < 1 << 8 else 2 if length < 1 << 16 else 3
+    return bytes([byte | size << 3]) + ident_bytes + length.to_bytes(size, "big")

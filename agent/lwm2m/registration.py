@@ -77,6 +77,18 @@ def parse_register(query: Sequence[str], payload: bytes) -> Params:
                   versions, root)
 
 
+def parse_bootstrap_request(query: Sequence[str]) -> str:
+    """The endpoint name of a Bootstrap-Request (POST /bs?ep=NAME[&pct=FORMAT])."""
+    params = _query(query, ("ep", "pct"), "Bootstrap-Request")
+    endpoint = params.get("ep")
+    if endpoint is None:
+        raise Lwm2mError("Bootstrap-Request: the endpoint name (ep) is missing")
+    if len(endpoint) > MAX_ENDPOINT or not _ENDPOINT.match(endpoint):
+        raise Lwm2mError(f"Bootstrap-Request: endpoint name {endpoint[:MAX_ENDPOINT]!r} is "
+                         f"not 1 to {MAX_ENDPOINT} letters, digits or ._:~-")
+    return endpoint
+
+
 def parse_update(query: Sequence[str], payload: bytes) -> Params:
     params = _query(query, UPDATE_PARAMS, "Update")
     binding = _binding(params["b"], "1.1") if "b" in params else None

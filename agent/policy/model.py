@@ -168,6 +168,9 @@ class Lwm2mSection(StrictSection):
     # After this many lifetimes without an Update the sensor's credential is revoked
     # (deprovisioned); 0: it is only marked offline.
     deprovision_after: Annotated[int, Field(ge=0, le=10_000)] = 3
+    # Sensors arrive with a bootstrap credential and get their operational one by LwM2M
+    # Bootstrap from the gateway (agent/broker/bootstrap.py).
+    bootstrap: bool = False
     # Downlink operations (Read, Write, Execute, Discover, Observe): none unless granted.
     grants: list[Lwm2mGrant] = Field(default_factory=list)
 

@@ -366,17 +366,27 @@ class SensorStore(Database):
     def rekey(self, ref: str, now: str) -> tuple[Sensor, creds.Credential]:
         """A fresh key under the same identifier; the sensor becomes active again."""
         sensor = self.get(ref)
+        credential = self.fresh_credential(sensor)
+        return self.replace_credential(sensor, credential, now), credential
+
+    def fresh_credential(self, sensor: Sensor) -> creds.Credential:
+        """A new credential for `sensor` under its identifier, not yet in force (LwM2M
+        bootstrap writes it to the sensor first; `replace_credential` puts it in force)."""
         with self._transaction() as db:
-            credential = creds.mint(sensor.transport, sensor.kid,
-                                    self._gateway_edhoc(db) if sensor.transport == "edhoc"
-                                    else None)
+            gateway = self._gateway_edhoc(db) if sensor.transport == "edhoc" else None
+        return creds.mint(sensor.transport, sensor.kid, gateway)
+
+    def replace_credential(self, sensor: Sensor, credential: creds.Credential, now: str
+                           ) -> Sensor:
+        """`credential` in force from now on; the old one is refused, the sensor active."""
+        with self._transaction() as db:
             db.execute("UPDATE sensors SET credential = ?, fingerprint = ?, status = 'active', "
                        "status_reason = NULL, updated_at = ? WHERE serial = ?",
                        (self._cipher.seal(sensor.id, CREDENTIAL, creds.encode(credential)),
                         self._cipher.fingerprint(credential.secret), now, sensor.serial))
             # A new key starts a new OSCORE context: sequence numbers and window from zero.
             db.execute("DELETE FROM oscore_state WHERE serial = ?", (sensor.serial,))
-        return self.get(sensor.id), credential
+        return self.get(sensor.id)
 
     def remove(self, ref: str) -> Sensor:
         sensor = self.get(ref)

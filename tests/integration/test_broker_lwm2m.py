@@ -13,8 +13,12 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lwm2m_peer import DtlsRelay, NodeLwm2mClient
-from lwm2m_sensor import Lwm2mOscoreClient
+from lwm2m_sensor import Lwm2mClient, oscore_client
+from mbedtls.exceptions import TLSError
 from oscore_sensor import OscoreSensor
 from stack import DEMO_POLICY
 
@@ -125,16 +129,17 @@ def test_a_silent_sensor_goes_offline_then_is_deprovisioned(broker_stack_factory
     stack.sensors.append(meter)
     assert _register(meter, "m-1", lifetime=1)[0] == "2.01"
 
-    states = []
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         shown = broker.ctl_json("show", "m-1")[1]
-        states.append(shown.get("lwm2m", {}).get("state"))
         if shown["status"] == "revoked":
             break
         time.sleep(0.2)
     assert shown["status"] == "revoked", shown
-    assert "offline" in states  # after one lifetime, before the second
+    # Offline after one lifetime, deprovisioned after the second (journaled in order).
+    log = broker.log.read_text()
+    offline = log.index("sensor m-1 is offline: no LwM2M Update within its lifetime of 1 s")
+    assert offline < log.index("sensor m-1 deprovisioned: LwM2M: no Update for 2 lifetimes")
     assert shown["status_reason"] == "LwM2M: no Update for 2 lifetimes of 1 s"
     totals = stack.status()["lwm2m"]["totals"]
     assert totals["expired"] == 1 and totals["deprovisioned"] == 1
@@ -191,7 +196,7 @@ def test_the_operator_manages_an_oscore_sensor_as_its_profile_grants(broker_stac
     stack = broker_stack_factory(policy=MANAGED_POLICY)
     broker = stack.broker
     m1 = stack.add("m-1", "--profile", "meter")
-    sensor = Lwm2mOscoreClient(tmp_path / "m-1", m1["credential"], broker.oscore_port)
+    sensor = oscore_client(tmp_path / "m-1", m1["credential"], broker.oscore_port)
     stack.sensors.append(sensor)
     # Not registered yet: nothing to reach.
     code, refused = broker.ctl_json("read", "m-1", "/3/0")
@@ -233,3 +238,142 @@ def test_the_operator_manages_an_oscore_sensor_as_its_profile_grants(broker_stac
     assert ("write", "/3303/0/5750", "2.04", False) in operations
     assert ("read", "/1/0", None, True) in operations
     assert stack.status()["lwm2m"]["totals"]["operation.read"] >= 3
+
+
+def test_hostile_registrations_get_4xx_and_change_nothing(broker_stack_factory, tmp_path):
+    """A fuzzer's Register and Update payloads and queries (random, and mutations of a
+    valid one): always a 4.xx or a 2.xx that the registry then shows, never a 5.xx, and
+    the registration made before stays as it was unless a valid Update changed it."""
+    stack = broker_stack_factory(policy=POLICY)
+    broker = stack.broker
+    m1 = stack.add("m-1", "--profile", "meter")
+    sensor = OscoreSensor(tmp_path / "m-1", m1["credential"], broker.oscore_port)
+    stack.sensors.append(sensor)
+    code, location = _register(sensor, "m-1")
+    assert code == "2.01"
+    before = broker.ctl_json("show", "m-1")[1]["lwm2m"]
+    seen: dict[str, int] = {}
+
+    mutated = st.builds(lambda cut, junk: LINKS[:cut] + junk + LINKS[cut:],
+                        st.integers(0, len(LINKS)), st.binary(max_size=8))
+    payloads = st.binary(max_size=120) | mutated | st.text(
+        alphabet='</>;=",0123456789rt.\\', max_size=60).map(str.encode)
+    queries = st.lists(st.sampled_from(["ep=m-1", "ep=x", "lt=60", "lt=0", "lt=99999999999",
+                                        "lwm2m=1.1", "lwm2m=9", "b=U", "b=UQ", "Q", "Q=1",
+                                        "zz=1", "ep=", "lt=abc"]), max_size=4)
+
+    @settings(max_examples=40, deadline=None, database=None)
+    @given(payloads, queries)
+    def probe(payload: bytes, query: list[str]) -> None:
+        answer = sensor.request("POST", "/" + "/".join(location), payload, LINK_FORMAT,
+                                tuple(q for q in query if not q.startswith("ep=")))
+        seen[answer.code] = seen.get(answer.code, 0) + 1
+        assert answer.code[0] in "24", (payload, query, answer)
+
+    probe()
+    after = broker.ctl_json("show", "m-1")[1]["lwm2m"]
+    assert after["location"] == before["location"]  # never replaced by a bad Update
+    assert "4.00" in seen, seen
+    # Hostile Registers: refused, or a fresh registration of m-1 itself; nothing else.
+    for payload in (b"</3/0>" * 2000, b"<" * 5000, b"</3/0>;" + b"a;" * 40):
+        answer = sensor.request("POST", "/rd", payload, LINK_FORMAT, ("ep=m-1",))
+        assert answer.code == "4.00", (payload[:20], answer)
+    assert broker.ctl_json("show", "m-1")[1]["lwm2m"]["location"] == before["location"]
+    assert stack.status()["lwm2m"]["registered"] == 1
+
+
+BOOTSTRAP_POLICY = POLICY + """
+[profiles.field]
+[profiles.field.lwm2m]
+bootstrap = true
+"""
+
+
+def _audit(broker) -> list[dict]:
+    return [json.loads(line) for line in
+            (broker.directory / "state" / "audit.log").read_text().splitlines()]
+
+
+def _wait_bootstrap(broker, sensor_id: str) -> dict:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        done = [r for r in _audit(broker) if r["event"] == "lwm2m-bootstrap"
+                and r["sensor"] == sensor_id]
+        if done:
+            return done[-1]
+        time.sleep(0.1)
+    raise AssertionError("no lwm2m-bootstrap record")
+
+
+def test_a_sensor_bootstraps_over_dtls_psk_then_its_bootstrap_key_is_spent(
+        broker_stack_factory):
+    """Zero-touch onboarding: the factory credential gets the sensor a fresh operational
+    PSK written into its Security object; with it the sensor registers; the factory
+    credential is refused from then on."""
+    stack = broker_stack_factory(policy=BOOTSTRAP_POLICY)
+    broker = stack.broker
+    added = stack.add("f-1", "--profile", "field", "--transport", "dtls-psk")
+    identity, factory_key = added["credential"]["psk_identity"], \
+        bytes.fromhex(added["credential"]["psk"])
+    relay = DtlsRelay(broker.dtls_port, identity, factory_key)
+    client = Lwm2mClient(relay.port)
+    try:
+        assert client.bootstrap("f-1") == "2.04 Changed"
+        security = client.security_objects.instances[1]
+        assert security[0] == f"coaps://127.0.0.1:{broker.dtls_port}".encode()
+        assert (security[1], security[2], security[10]) == (b"\x00", b"\x00", b"\x01")
+        assert security[3] == identity.encode()
+        operational_key = security[5]
+        assert len(operational_key) == 16 and operational_key != factory_key
+        assert client.server_objects.instances[0][7] == b"U"
+        assert _wait_bootstrap(broker, added["id"])["outcome"] == "finished"
+    finally:
+        client.close()
+        relay.close()
+
+    relay = DtlsRelay(broker.dtls_port, identity, operational_key)
+    client = Lwm2mClient(relay.port)
+    try:
+        assert client.register("f-1") == "2.01 Created"
+    finally:
+        client.close()
+        relay.close()
+    refused_before = stack.totals().get("refused.auth-failed", 0)
+    with pytest.raises(TLSError):  # the handshake fails: the factory key is spent
+        DtlsRelay(broker.dtls_port, identity, factory_key)
+    assert stack.totals().get("refused.auth-failed", 0) == refused_before + 1
+    assert stack.status()["lwm2m_bootstrap"] == {"requested": 1, "finished": 1, "failed": 0,
+                                                 "running": 0}
+
+
+def test_an_oscore_sensor_bootstraps_into_a_fresh_context(broker_stack_factory, tmp_path):
+    stack = broker_stack_factory(policy=BOOTSTRAP_POLICY)
+    broker = stack.broker
+    added = stack.add("f-2", "--profile", "field")
+    meter = stack.add("m-9", "--profile", "meter")
+    client = oscore_client(tmp_path / "f-2", added["credential"], broker.oscore_port)
+    stack.sensors.append(client)
+    other = oscore_client(tmp_path / "m-9", meter["credential"], broker.oscore_port)
+    stack.sensors.append(other)
+    # Refused: another endpoint name; a profile that does not bootstrap.
+    assert client.bootstrap("m-9", timeout=1).startswith("4.03")
+    assert other.bootstrap("m-9", timeout=1).startswith("4.03")
+    assert client.bootstrap("f-2") == "2.04 Changed"
+    assert _wait_bootstrap(broker, added["id"])["outcome"] == "finished"
+    security = client.security_objects.instances[1]
+    assert security[2] == b"\x03" and security[17] == bytes([0, 21, 0, 1])  # NoSec + /21/1
+    written = client.oscore_objects.instances[1]
+    fresh = {"transport": "oscore", "master_secret": written[0].hex(),
+             "sender_id": written[1].hex(), "recipient_id": written[2].hex(),
+             "master_salt": written[5].hex()}
+    assert fresh["sender_id"] == added["credential"]["sender_id"]  # the same identifier
+    assert fresh["master_secret"] != added["credential"]["master_secret"]
+    renewed = oscore_client(tmp_path / "f-2b", fresh, broker.oscore_port)
+    stack.sensors.append(renewed)
+    assert renewed.register("f-2") == "2.01 Created"
+    old = OscoreSensor(tmp_path / "f-2c", added["credential"], broker.oscore_port)
+    stack.sensors.append(old)
+    refused = stack.totals().get("refused.auth-failed", 0)
+    # The spent key no longer decrypts: 4.00, as RFC 8613 (8.2) answers that; counted.
+    assert old.request("POST", "/rd", LINKS, LINK_FORMAT, ("ep=f-2",)).code == "4.00"
+    assert stack.totals().get("refused.auth-failed", 0) == refused + 1
