@@ -40,7 +40,7 @@ from aiocoap.util import hostportjoin
 from mbedtls import tls
 from mbedtls.exceptions import TLSError
 
-from agent.broker.coapserver import MakeTransport, serve
+from agent.broker.coapserver import MakeTransport, deduplication, serve
 from agent.broker.traffic import Traffic
 from agent.sensors.credentials import PskCredential
 from agent.sensors.model import Sensor
@@ -358,7 +358,8 @@ class DtlsListener:
 
     def status_section(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"address": self.address, "listening": self._context is not None,
-                               "cipher_suites": list(CIPHER_SUITES)}
+                               "cipher_suites": list(CIPHER_SUITES),
+                               "deduplication": deduplication(self._context)}
         if self.server is not None:
             doc.update(self.server.status_section())
         return doc

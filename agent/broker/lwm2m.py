@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 TICK = 1.0
 LINK_FORMAT = 40
 OPERATIONS = ("read", "write", "execute", "discover")
+MAX_WAIT = 110  # seconds an operation may wait for a sleeping sensor (devidctl waits 120)
 
 
 def endpoint_of(sensor: Sensor) -> str:
@@ -77,6 +78,7 @@ class Lwm2mServer:
         # Register and De-register are journaled, at most 10 a minute per sensor: a sensor
         # registering in a loop must not flood the journal.
         self._journal = KeyedBuckets(10, 6.0, time.monotonic)
+        self._woken: dict[int, asyncio.Event] = {}  # queue-mode sensors waited for
 
     # --- requests ------------------------------------------------------------------------
 
@@ -123,6 +125,7 @@ class Lwm2mServer:
                         "s, %d objects)", sensor.name, registration.version,
                         registration.lifetime, len(registration.objects), sensor=sensor.id)
         self.downlink.remember(sensor, request.remote)
+        self._heard(sensor)
         response = Message(code=Code.CREATED)
         response.opt.location_path = ("rd", registration.location)
         return response
@@ -135,6 +138,7 @@ class Lwm2mServer:
         _lifetime_allowed(params, section)
         self.table.update(sensor.serial, location, params, self._clock())
         self.downlink.remember(sensor, request.remote)
+        self._heard(sensor)
         self.totals["updated"] += 1
         return Message(code=Code.CHANGED)
 
@@ -156,6 +160,7 @@ class Lwm2mServer:
                  "path": path_text, "caller": "operator"}
         try:
             message = self._downlink_message(sensor, str(operation), path, params)
+            await self._awake(sensor, params.get("wait", 0))
         except Lwm2mError as e:
             await asyncio.to_thread(self._audit.append, "lwm2m-operation", **audit,
                                     refused=e.message)
@@ -178,6 +183,38 @@ class Lwm2mServer:
             doc["links"] = [{"target": link.target, "params": link.params}
                             for link in parse_links(response.payload)]
         return doc
+
+    async def _awake(self, sensor: Sensor, wait: object) -> None:
+        """Returns when the sensor listens: always, unless it registered in queue mode and
+        its last Register or Update is older than its profile's `queue_awake`; then at its
+        next Update, if that comes within `wait` seconds (LwM2M queue mode)."""
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or \
+                not 0 <= wait <= MAX_WAIT:
+            raise Lwm2mError(f"wait: expected 0 to {MAX_WAIT} seconds")
+        registration = self.table.of(sensor.serial)
+        section = self._section(sensor)
+        if registration is None or not registration.queue:
+            return
+        quiet = self._clock() - registration.updated_at
+        if quiet <= section.queue_awake:
+            return
+        if not wait:
+            raise Lwm2mError(f"sensor {sensor.name} sleeps (queue mode): last heard "
+                             f"{quiet:.0f} s ago, it listens {section.queue_awake} s after "
+                             "each Update", "wait for its next Update with --wait SECONDS")
+        woke = self._woken.setdefault(sensor.serial, asyncio.Event())
+        woke.clear()
+        try:
+            await asyncio.wait_for(woke.wait(), float(wait))
+        except TimeoutError:
+            raise Lwm2mError(f"sensor {sensor.name} sleeps (queue mode) and sent no Update "
+                             f"within {wait} s") from None
+
+    def _heard(self, sensor: Sensor) -> None:
+        """A Register or Update: a queue-mode sensor listens now."""
+        woke = self._woken.pop(sensor.serial, None)
+        if woke is not None:
+            woke.set()
 
     def _downlink_message(self, sensor: Sensor, operation: str, path: tuple[int, ...],
                           params: dict[str, Any]) -> Message:

@@ -27,6 +27,7 @@ from agent.access import command_line
 from agent.audit import AGENT_AUDIT_LOG, AuditLog
 from agent.broker import dtls, oscore
 from agent.broker.bootstrap import Lwm2mBootstrap
+from agent.broker.coapserver import sweep_deduplication
 from agent.broker.collector import Collector
 from agent.broker.config import DEFAULT_CONFIG, BrokerConfig, load_broker_config
 from agent.broker.datakey import fetch_data_key
@@ -180,6 +181,8 @@ async def run(config: BrokerConfig) -> int:
         for listener in listeners:
             await listener.start()
         lwm2m.downlink.listeners = {listener.name: listener for listener in listeners}
+        tasks.append(asyncio.create_task(sweep_deduplication(
+            lambda: [listener.context for listener in listeners], stop)))
         collector = Collector()
         tasks.append(asyncio.create_task(collector.run()))
         broker.parts += [*listeners, upstreams, spool, traffic, lwm2m, bootstrap, collector]

@@ -59,7 +59,7 @@ from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 from aiocoap.transports.oscore import OSCOREAddress
 from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
 
-from agent.broker.coapserver import serve, udp
+from agent.broker.coapserver import deduplication, serve, udp
 from agent.broker.gateway import remote_text
 from agent.broker.traffic import Traffic
 from agent.errors import StateError
@@ -101,6 +101,11 @@ class CountedUnprotect:
             raise
 
 
+def _not_one_by_one() -> None:
+    """A replay window's strike-out callback: windows are saved in batches (module doc);
+    one function for all contexts, not one closure each."""
+
+
 class SensorContext(CountedUnprotect, CanProtect, CanUnprotect, SecurityContextUtils):
     """One sensor's OSCORE context: the gateway sends with its ID (b"\\x00"), receives
     with the sensor's. Persisting goes through `save` (the registry)."""
@@ -116,7 +121,7 @@ class SensorContext(CountedUnprotect, CanProtect, CanUnprotect, SecurityContextU
         self.id_context = None
         self.derive_keys(credential.master_salt, credential.master_secret.reveal())
         # Strike-outs are not persisted one by one (see the module's docstring).
-        self.recipient_replay_window = ReplayWindow(DEFAULT_WINDOWSIZE, lambda: None)
+        self.recipient_replay_window = ReplayWindow(DEFAULT_WINDOWSIZE, _not_one_by_one)
         self.echo_recovery = secrets.token_bytes(8)
         if state is None:  # never used: a fresh context
             self.sender_sequence_number = 0
@@ -403,4 +408,5 @@ class OscoreListener:
 
     def status_section(self) -> dict[str, Any]:
         return {"address": self.address, "listening": self._context is not None,
-                **self._contexts.status_section()}
+                **self._contexts.status_section(),
+                "deduplication": deduplication(self._context)}

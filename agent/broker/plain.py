@@ -19,7 +19,7 @@ from typing import Any
 import aiocoap
 from aiocoap.interfaces import Resource
 
-from agent.broker.coapserver import serve, udp
+from agent.broker.coapserver import deduplication, serve, udp
 from agent.policy.model import Policy
 from agent.sensors.model import Sensor
 from agent.sensors.store import SensorStore
@@ -88,4 +88,4 @@ class PlainListener:
 
     def status_section(self) -> dict[str, Any]:
         return {"address": self.address, "listening": self._context is not None,
-                "insecure": True}
+                "insecure": True, "deduplication": deduplication(self._context)}

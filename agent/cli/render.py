@@ -151,6 +151,13 @@ def _broker_lines(broker: dict[str, Any] | None) -> list[str]:
                  f"{totals.get('refused.denied', 0)} denied, {refused} refused in all, "
                  f"{totals.get('spooled', 0)} spooled ({spool.get('messages', 0)} waiting), "
                  f"{totals.get('malformed', 0)} malformed dropped")
+    lwm2m, bootstrap = broker.get("lwm2m"), broker.get("lwm2m_bootstrap") or {}
+    if isinstance(lwm2m, dict):
+        lines.append(f"             lwm2m   {lwm2m.get('registered', 0)} registered, "
+                     f"{lwm2m.get('offline', 0)} offline, "
+                     f"{(lwm2m.get('totals') or {}).get('deprovisioned', 0)} deprovisioned; "
+                     f"{bootstrap.get('finished', 0)} bootstrapped, "
+                     f"{bootstrap.get('failed', 0)} bootstraps failed")
     for name, upstream in (broker.get("upstreams") or {}).items():
         error = upstream.get("last_error")
         lines.append(f"             {name:7s} {upstream.get('url')}: "

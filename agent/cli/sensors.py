@@ -65,6 +65,9 @@ def add_verbs(verb: Verb) -> None:
     sensors.add_argument("--qr", type=Path, metavar="FILE", help="add/rekey: also write the "
                          "credential as a QR code PNG (0600) for the field installer")
     sensors.add_argument("--reason", help="quarantine/release/revoke: why (audited)")
+    sensors.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                         help="read/write/execute/discover: for a sensor asleep in LwM2M "
+                         "queue mode, wait up to this long for its next Update (max 110)")
     add_broker_socket(sensors)
     sensors.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -157,7 +160,8 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             usage = "PATH VALUE" if action == "write" else "PATH [ARGUMENTS]" \
                 if action == "execute" else "PATH"
             raise SensorError(f"sensors {action}: expected {ref} {usage}")
-        params = {"sensor": ref, "operation": action, "path": operands[0]}
+        params = {"sensor": ref, "operation": action, "path": operands[0],
+                  "wait": args.wait}
         if len(operands) == 2:
             params["value"] = operands[1]
         return "lwm2m-operate", params

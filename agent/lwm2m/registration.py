@@ -189,7 +189,24 @@ def _objects(payload: bytes, operation: str
         root or "/"
 
 
-@dataclass(frozen=True)
+_SHARED: dict[object, object] = {}  # equal object lists and versions: one copy for all
+_SHARED_MAX = 4096
+
+
+def shared(value: Any) -> Any:
+    """One copy of equal values (a fleet of one model registers the same objects): 10,000
+    registrations of one model keep one object list, not 10,000."""
+    key = repr(value)
+    found = _SHARED.get(key)
+    if found is not None:
+        return found
+    if len(_SHARED) >= _SHARED_MAX:
+        _SHARED.clear()  # many models: copies again, until the next ones are shared
+    _SHARED[key] = value
+    return value
+
+
+@dataclass(frozen=True, slots=True)
 class Registration:
     serial: int  # the sensor's
     sensor_id: str
@@ -218,7 +235,7 @@ class Registration:
                 "registered_at": self.registered_at, "updated_at": self.updated_at}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Silent:
     """A sensor whose registration expired: since when, for how long each lifetime."""
 
@@ -289,8 +306,8 @@ class Registrations:
         assert params.binding is not None and params.objects is not None
         registration = Registration(serial, sensor_id, params.endpoint, location,
                                     params.lifetime, params.version, params.binding,
-                                    bool(params.queue), params.objects, params.versions,
-                                    params.root, now, now)
+                                    bool(params.queue), shared(params.objects),
+                                    shared(params.versions), params.root, now, now)
         self._put(registration)
         self.silent.pop(serial, None)
         self.changed.add(serial)
@@ -309,7 +326,8 @@ class Registrations:
         if params.queue is not None:
             changes["queue"] = params.queue
         if params.objects is not None:
-            changes.update(objects=params.objects, versions=params.versions, root=params.root)
+            changes.update(objects=shared(params.objects), versions=shared(params.versions),
+                           root=params.root)
         registration = replace(current, **changes)
         self._put(registration)
         self.changed.add(serial)

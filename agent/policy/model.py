@@ -171,6 +171,9 @@ class Lwm2mSection(StrictSection):
     # Sensors arrive with a bootstrap credential and get their operational one by LwM2M
     # Bootstrap from the gateway (agent/broker/bootstrap.py).
     bootstrap: bool = False
+    # A sensor in queue mode listens this long after its last Register or Update (CoAP's
+    # MAX_TRANSMIT_WAIT); later, the gateway's requests wait for its next Update.
+    queue_awake: Annotated[int, Field(ge=1, le=3600)] = 93
     # Downlink operations (Read, Write, Execute, Discover, Observe): none unless granted.
     grants: list[Lwm2mGrant] = Field(default_factory=list)
 

@@ -54,7 +54,7 @@ def check_attributes(attributes: dict[str, Any]) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Sensor:
     serial: int
     id: str

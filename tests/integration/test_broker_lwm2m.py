@@ -11,6 +11,7 @@ after the profile's number of missed lifetimes, is deprovisioned (revoked, refus
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -30,6 +31,7 @@ POLICY = DEMO_POLICY + """
 min_lifetime = 1
 max_lifetime = 3600
 deprovision_after = 2
+queue_awake = 3
 """
 
 
@@ -377,3 +379,30 @@ def test_an_oscore_sensor_bootstraps_into_a_fresh_context(broker_stack_factory, 
     # The spent key no longer decrypts: 4.00, as RFC 8613 (8.2) answers that; counted.
     assert old.request("POST", "/rd", LINKS, LINK_FORMAT, ("ep=f-2",)).code == "4.00"
     assert stack.totals().get("refused.auth-failed", 0) == refused + 1
+
+
+def test_a_sleeping_sensor_is_reached_at_its_next_update(broker_stack_factory, tmp_path):
+    """LwM2M queue mode: after `queue_awake` without an Update the sensor is taken to
+    sleep; an operation says so, or with --wait goes out at the sensor's next Update."""
+    stack = broker_stack_factory(policy=MANAGED_POLICY)
+    broker = stack.broker
+    m1 = stack.add("m-1", "--profile", "meter")
+    sensor = oscore_client(tmp_path / "m-1", m1["credential"], broker.oscore_port)
+    stack.sensors.append(sensor)
+    assert sensor.register("m-1", queue=True) == "2.01 Created"
+    assert broker.ctl_json("show", "m-1")[1]["lwm2m"]["queue"] is True
+    assert broker.ctl_json("read", "m-1", "/3/0")[0] == 0  # just heard: it listens
+    time.sleep(3.5)
+    code, refused = broker.ctl_json("read", "m-1", "/3/0")
+    assert code == 2 and "sleeps (queue mode)" in refused["error"]["message"], refused
+
+    results: list[tuple[int, dict]] = []
+    waiting = threading.Thread(target=lambda: results.append(
+        broker.ctl_json("read", "m-1", "/3303/0/5700", "--wait", "30")))
+    waiting.start()
+    time.sleep(1.0)
+    assert not results  # still waiting for the sensor
+    assert sensor.update() == "2.04 Changed"
+    waiting.join(30)
+    [(code, read)] = results
+    assert code == 0 and read["values"][0]["value"] == 21.5

@@ -40,3 +40,4 @@ def test_survivors_are_frozen_and_a_full_collection_reclaims_frozen_cycles() -> 
     assert status["full_collections"] == 1
     assert status["last_freed"] >= 1  # the frozen cycle, among others
     assert gc.get_freeze_count() == 0  # a stopped collector leaves nothing frozen
+
