@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiocoap
-from aiocoap import Message
+from aiocoap import Code, Message
 from aiocoap.oscore import DecodeError, NotAProtectedMessage, ProtectionInvalid
 from aiocoap.transports.oscore import OSCOREAddress
 
@@ -27,6 +27,7 @@ from agent.errors import Lwm2mError, Lwm2mNotFound
 from agent.sensors.model import Sensor
 
 TIMEOUT = 10.0
+BLOCK_EXPONENT = 5  # 512-byte blocks: within a sensor's 1,280-byte IPv6 MTU under OSCORE
 
 
 class Listener(Protocol):
@@ -80,6 +81,23 @@ class Downlink:
                              f"{self.timeout:g} s (asleep, out of reach, or gone)") from None
         except aiocoap.error.Error as e:
             raise Lwm2mError(f"sensor {sensor.name}: {type(e).__name__}: {e}") from None
+
+    async def request_blockwise(self, sensor: Sensor, message: Message,
+                                size_exponent: int = BLOCK_EXPONENT) -> Message:
+        """A request with a large payload (a firmware package) in Block1 pieces (RFC 7959),
+        each sent and protected on its own: inside OSCORE, block-wise is the inner
+        message's, so aiocoap's own block-wise (outer) would not do. The last answer."""
+        size = 16 << size_exponent
+        payload, count = message.payload, max(1, -(-len(message.payload) // size))
+        response = None
+        for number in range(count):
+            piece = message.copy(payload=payload[number * size:(number + 1) * size])
+            piece.opt.block1 = (number, number < count - 1, size_exponent)
+            response = await self.request(sensor, piece)
+            if number < count - 1 and response.code != Code.CONTINUE:
+                return response  # refused midway: the sensor's answer says why
+        assert response is not None
+        return response
 
     @staticmethod
     async def _send(context: aiocoap.Context, route: Route, message: Message) -> Message:

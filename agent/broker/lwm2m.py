@@ -37,7 +37,7 @@ from agent.broker.policy import PolicyHolder
 from agent.broker.registry import SensorRegistry
 from agent.broker.traffic import Traffic
 from agent.errors import DevidError, Lwm2mError, Lwm2mForbidden, Lwm2mNotFound
-from agent.lwm2m.content import decode, encode_text, parse_path
+from agent.lwm2m.content import OPAQUE, decode, encode_text, parse_path
 from agent.lwm2m.linkformat import parse_links
 from agent.lwm2m.registration import (
     Deprovision,
@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 TICK = 1.0
 LINK_FORMAT = 40
 OPERATIONS = ("read", "write", "execute", "discover")
+BLOCKWISE_FROM = 512  # payloads above this go in Block1 pieces (a firmware package)
 MAX_WAIT = 110  # seconds an operation may wait for a sleeping sensor (devidctl waits 120)
 
 
@@ -154,20 +155,35 @@ class Lwm2mServer:
         if not isinstance(ref, str) or operation not in OPERATIONS:
             raise Lwm2mError(f"expected a sensor and one of {', '.join(OPERATIONS)}")
         path_text = params.get("path")
-        path = parse_path(path_text if isinstance(path_text, str) else "")
         sensor = await asyncio.to_thread(self._registry.store.get, ref)
         audit = {"sensor": sensor.id, "name": sensor.name, "operation": operation,
                  "path": path_text, "caller": "operator"}
+        value = params.get("value")
+        if value is not None and not isinstance(value, str):
+            raise Lwm2mError("value: expected text")
         try:
-            message = self._downlink_message(sensor, str(operation), path, params)
-            await self._awake(sensor, params.get("wait", 0))
+            doc = await self.ask(sensor, str(operation), str(path_text or ""), value,
+                                 params.get("wait", 0))
         except Lwm2mError as e:
             await asyncio.to_thread(self._audit.append, "lwm2m-operation", **audit,
                                     refused=e.message)
             raise
-        response = await self.downlink.request(sensor, message)
+        await asyncio.to_thread(self._audit.append, "lwm2m-operation", **audit,
+                                answer=doc["code"])
+        return doc
+
+    async def ask(self, sensor: Sensor, operation: str, path_text: str,
+                  value: str | bytes | None = None, wait: object = 0) -> dict[str, Any]:
+        """One operation on `sensor` as the operator, under its profile's grants: the
+        sensor's answer, decoded. Lwm2mError when it is not allowed or not answered."""
+        path = parse_path(path_text)
+        message = self._downlink_message(sensor, operation, path, value)
+        await self._awake(sensor, wait)
+        if len(message.payload) > BLOCKWISE_FROM:
+            response = await self.downlink.request_blockwise(sensor, message)
+        else:
+            response = await self.downlink.request(sensor, message)
         code = f"{int(response.code) >> 5}.{int(response.code) & 31:02d}"
-        await asyncio.to_thread(self._audit.append, "lwm2m-operation", **audit, answer=code)
         self.totals[f"operation.{operation}"] += 1
         doc: dict[str, Any] = {"sensor": sensor.name, "operation": operation,
                                "path": path_text, "code": code}
@@ -217,33 +233,32 @@ class Lwm2mServer:
             woke.set()
 
     def _downlink_message(self, sensor: Sensor, operation: str, path: tuple[int, ...],
-                          params: dict[str, Any]) -> Message:
+                          value: str | bytes | None) -> Message:
         section = self._section(sensor)
         if self.table.of(sensor.serial) is None:
             raise Lwm2mNotFound(f"sensor {sensor.name} is not registered (LwM2M)")
+        where = "/" + "/".join(map(str, path))
         if section.grant("operator", operation, path) is None:
             raise Lwm2mForbidden(f"profile {sensor.profile} grants the operator no "
-                                 f"{operation} on {params.get('path')} "
-                                 "([[profiles.NAME.lwm2m.grants]])")
+                                 f"{operation} on {where} ([[profiles.NAME.lwm2m.grants]])")
+        uri_path = tuple(map(str, path))
         if operation == "read":
-            return Message(code=Code.GET, uri_path=tuple(map(str, path)))
+            return Message(code=Code.GET, uri_path=uri_path)
         if operation == "discover":
-            message = Message(code=Code.GET, uri_path=tuple(map(str, path)))
+            message = Message(code=Code.GET, uri_path=uri_path)
             message.opt.accept = LINK_FORMAT
             return message
         if len(path) != 3:
             raise Lwm2mError(f"{operation} takes a resource: /OBJECT/INSTANCE/RESOURCE")
-        value = params.get("value", "")
-        if not isinstance(value, str) or (operation == "write" and value == ""):
-            raise Lwm2mError(f"{operation}: the value is text ("
-                             f"{'required' if operation == 'write' else 'optional'})")
         if operation == "write":
-            fmt, payload = encode_text(value)
-            message = Message(code=Code.PUT, uri_path=tuple(map(str, path)), payload=payload)
+            if value is None or value == "":
+                raise Lwm2mError("write: the value is required")
+            fmt, payload = (OPAQUE, value) if isinstance(value, bytes) else encode_text(value)
+            message = Message(code=Code.PUT, uri_path=uri_path, payload=payload)
             message.opt.content_format = fmt
             return message
-        return Message(code=Code.POST, uri_path=tuple(map(str, path)),
-                       payload=value.encode("utf-8"))
+        arguments = value.encode("utf-8") if isinstance(value, str) else value or b""
+        return Message(code=Code.POST, uri_path=uri_path, payload=arguments)
 
     # --- time ----------------------------------------------------------------------------
 
