@@ -188,6 +188,13 @@ _EVENTS = (
            "an LwM2M bootstrap did not finish; the sensor's credential is unchanged and it "
            "may try again",
            "DEVID_REASON says at which step; look at the device if it keeps failing."),
+    EventType("lwm2m-firmware-updated", "97f9c1bd15da4aee95b1c2ecceb2c130", logging.INFO,
+           "a sensor's firmware update finished; it reports the version in the message",
+           "None; `devidctl sensors list --json` shows each sensor's firmware version."),
+    EventType("lwm2m-firmware-failed", "d1c0d05b953c4ebb90140419ef0480d9", logging.WARNING,
+           "a sensor's firmware update failed or did not finish in time",
+           "DEVID_REASON says at which step and what the sensor reported (its Update "
+           "Result); the sensor keeps the firmware it ran."),
 )
 
 EVENTS: dict[str, EventType] = {e.name: e for e in _EVENTS}

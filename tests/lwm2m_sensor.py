@@ -140,6 +140,62 @@ class _BootstrapFinish(coap_resource.Resource):
         return Message(code=Code.CHANGED)
 
 
+class _Value(coap_resource.Resource):
+    """A read-only resource, as text, from a getter."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__()
+        self._value = value
+
+    async def render_get(self, request: Message) -> Message:
+        return Message(payload=str(self._value()).encode(), content_format=TEXT)
+
+
+class Firmware:
+    """/5/0 (Firmware Update) and /3/0/3 (Firmware Version). A package b"FW:VERSION..."
+    updates to VERSION half a second after Update; any other fails (Update Result 8)."""
+
+    def __init__(self) -> None:
+        self.version, self.package, self.uri = "1.0.0", b"", ""
+        self.state, self.result = 0, 0
+
+    def resources(self) -> dict[tuple[str, ...], coap_resource.Resource]:
+        firmware = self
+
+        class Package(coap_resource.Resource):
+            async def render_put(self, request: Message) -> Message:
+                firmware.package, firmware.state, firmware.result = request.payload, 2, 0
+                return Message(code=Code.CHANGED)
+
+        class Uri(coap_resource.Resource):
+            async def render_put(self, request: Message) -> Message:
+                firmware.uri = request.payload.decode()
+                firmware.package, firmware.state, firmware.result = b"FW:" + \
+                    firmware.uri.rsplit("/", 1)[-1].encode(), 2, 0  # "fetched"
+                return Message(code=Code.CHANGED)
+
+        class Update(coap_resource.Resource):
+            async def render_post(self, request: Message) -> Message:
+                if firmware.state != 2:
+                    return Message(code=Code.METHOD_NOT_ALLOWED)
+                firmware.state = 3
+                asyncio.get_running_loop().call_later(0.5, firmware.reboot)
+                return Message(code=Code.CHANGED)
+
+        return {("5", "0", "0"): Package(), ("5", "0", "1"): Uri(),
+                ("5", "0", "2"): Update(), ("5", "0", "3"): _Value(lambda: firmware.state),
+                ("5", "0", "5"): _Value(lambda: firmware.result),
+                ("3", "0", "3"): _Value(lambda: firmware.version)}
+
+    def reboot(self) -> None:
+        if self.package.startswith(b"FW:"):
+            self.version = self.package[3:].split(b"\n", 1)[0].decode()
+            self.result = 1
+        else:
+            self.result = 8
+        self.state = 0
+
+
 class Lwm2mClient:
     """Runs its own event loop in a thread; each call blocks until done. `security`: an
     OSCORE context for both directions, or None for plain CoAP (behind a DTLS relay)."""
@@ -150,6 +206,7 @@ class Lwm2mClient:
         self.application_type = _Text("outdoor")
         self.security_objects, self.server_objects = _Instances(), _Instances()
         self.oscore_objects = _Instances()
+        self.firmware = Firmware()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
@@ -178,6 +235,8 @@ class Lwm2mClient:
             for instance in range(2):
                 site.add_resource([number, str(instance)], _Instance(objects, instance))
         site.add_resource(["bs"], _BootstrapFinish(self._finished))
+        for path, resource in self.firmware.resources().items():
+            site.add_resource(list(path), resource)
         if self._security is None:
             return await aiocoap.Context.create_server_context(
                 site, bind=("127.0.0.1", 0), transports=["udp6"])

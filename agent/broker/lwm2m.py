@@ -70,11 +70,12 @@ class Lwm2mServer:
     def __init__(self, store: Lwm2mStore, policy: PolicyHolder, registry: SensorRegistry,
                  traffic: Traffic, audit: AuditLog, downlink: Downlink | None = None,
                  clock: Callable[[], float] = time.time) -> None:
-        self.store, self._policy, self._registry = store, policy, registry
+        self.store, self._policy, self.registry = store, policy, registry
         self._audit, self.downlink = audit, downlink or Downlink()
         self._traffic, self._clock = traffic, clock
         self.table = Registrations()
         self.table.load(*store.load())
+        self.firmware = store.firmware()  # serial -> its last firmware update
         self.totals: Counter[str] = Counter()
         # Register and De-register are journaled, at most 10 a minute per sensor: a sensor
         # registering in a loop must not flood the journal.
@@ -155,7 +156,7 @@ class Lwm2mServer:
         if not isinstance(ref, str) or operation not in OPERATIONS:
             raise Lwm2mError(f"expected a sensor and one of {', '.join(OPERATIONS)}")
         path_text = params.get("path")
-        sensor = await asyncio.to_thread(self._registry.store.get, ref)
+        sensor = await asyncio.to_thread(self.registry.store.get, ref)
         audit = {"sensor": sensor.id, "name": sensor.name, "operation": operation,
                  "path": path_text, "caller": "operator"}
         value = params.get("value")
@@ -232,15 +233,20 @@ class Lwm2mServer:
         if woke is not None:
             woke.set()
 
-    def _downlink_message(self, sensor: Sensor, operation: str, path: tuple[int, ...],
-                          value: str | bytes | None) -> Message:
-        section = self._section(sensor)
-        if self.table.of(sensor.serial) is None:
-            raise Lwm2mNotFound(f"sensor {sensor.name} is not registered (LwM2M)")
-        where = "/" + "/".join(map(str, path))
-        if section.grant("operator", operation, path) is None:
+    def check_grant(self, sensor: Sensor, operation: str, path: tuple[int, ...]) -> None:
+        """Lwm2mForbidden unless the sensor's profile grants the operator `operation` on
+        `path` (deny by default)."""
+        if self._section(sensor).grant("operator", operation, path) is None:
+            where = "/" + "/".join(map(str, path))
             raise Lwm2mForbidden(f"profile {sensor.profile} grants the operator no "
                                  f"{operation} on {where} ([[profiles.NAME.lwm2m.grants]])")
+
+    def _downlink_message(self, sensor: Sensor, operation: str, path: tuple[int, ...],
+                          value: str | bytes | None) -> Message:
+        if self.table.of(sensor.serial) is None:
+            self._section(sensor)  # a profile without LwM2M says so first
+            raise Lwm2mNotFound(f"sensor {sensor.name} is not registered (LwM2M)")
+        self.check_grant(sensor, operation, path)
         uri_path = tuple(map(str, path))
         if operation == "read":
             return Message(code=Code.GET, uri_path=uri_path)
@@ -284,7 +290,7 @@ class Lwm2mServer:
     def _deprovision_after(self, serial: int) -> int:
         silent = self.table.silent.get(serial)
         try:
-            sensor = self._registry.store.get(silent.sensor_id) if silent else None
+            sensor = self.registry.store.get(silent.sensor_id) if silent else None
         except DevidError:
             return 1  # removed meanwhile: nothing left to keep
         if sensor is None:
@@ -296,12 +302,12 @@ class Lwm2mServer:
         silent = change.silent
         reason = f"LwM2M: no Update for {change.missed} lifetimes of {silent.lifetime} s"
         try:
-            sensor = await asyncio.to_thread(self._registry.store.get, silent.sensor_id)
+            sensor = await asyncio.to_thread(self.registry.store.get, silent.sensor_id)
         except DevidError:
             return  # removed meanwhile
         if sensor.status != "active":
             return  # quarantined or revoked by hand: an operator decides
-        await self._registry.change({"sensor": sensor.id, "change": "revoke",
+        await self.registry.change({"sensor": sensor.id, "change": "revoke",
                                      "reason": reason})
         self.totals["deprovisioned"] += 1
         events.emit(log, "sensor-deprovisioned", "sensor %s deprovisioned: %s; onboard it "
@@ -320,14 +326,38 @@ class Lwm2mServer:
 
     def registration_of(self, sensor: Sensor) -> dict[str, Any] | None:
         registration = self.table.of(sensor.serial)
+        firmware = self.firmware.get(sensor.serial)
+        extra = {"firmware": firmware} if firmware is not None else {}
         if registration is not None:
-            return {"state": "registered", **registration.to_dict()}
+            return {"state": "registered", **registration.to_dict(), **extra}
         silent = self.table.silent.get(sensor.serial)
         if silent is not None:
             return {"state": "offline", "endpoint": silent.endpoint,
                     "last_update": silent.last_update, "lifetime": silent.lifetime,
-                    "missed_lifetimes": silent.missed(self._clock())}
-        return None
+                    "missed_lifetimes": silent.missed(self._clock()), **extra}
+        return {"state": "not registered", **extra} if extra else None
+
+    def firmware_version(self, sensor: Sensor) -> str | None:
+        """The firmware version the sensor reported after its last successful update (a
+        failed one keeps the version it still runs)."""
+        job = self.firmware.get(sensor.serial)
+        return str(job["version"]) if job and job.get("version") is not None else None
+
+    def firmware_started(self, sensor: Sensor, job: dict[str, Any]) -> None:
+        """A firmware job (firmware.py) began: shown as it goes, with the version the
+        sensor runs until it reports a new one."""
+        previous = self.firmware.get(sensor.serial)
+        if previous is not None and previous.get("version") is not None:
+            job["version"] = previous["version"]
+        self.firmware[sensor.serial] = job
+
+    def firmware_done(self, sensor: Sensor, job: dict[str, Any]) -> None:
+        """A firmware job ended: kept in lwm2m.db, and shown from now on."""
+        self.firmware[sensor.serial] = job
+        try:
+            self.store.save_firmware(sensor.serial, job)
+        except Exception as e:  # shown in memory still; the journal says why not kept
+            log.error("cannot save sensor %s's firmware record: %s", sensor.name, e)
 
     def status_section(self) -> dict[str, Any]:
         return {"registered": len(self.table), "offline": len(self.table.silent),

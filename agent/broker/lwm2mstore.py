@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from agent.errors import StateError
 from agent.lwm2m.registration import Registration, Registrations, Silent
@@ -22,6 +23,7 @@ SCHEMA_VERSION = 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS registrations (serial INTEGER PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS silent (serial INTEGER PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS firmware (serial INTEGER PRIMARY KEY, doc TEXT NOT NULL);
 """
 
 
@@ -75,6 +77,21 @@ class Lwm2mStore(Database):
             raise StateError(f"{self.path}: a damaged LwM2M registration ({e})",
                              "move the file aside: the sensors register again on their "
                              "next Update") from None
+
+    def firmware(self) -> dict[int, dict[str, Any]]:
+        """Each sensor's last firmware update (agent/broker/firmware.py)."""
+        out = {}
+        for serial, doc in self._query("SELECT serial, doc FROM firmware"):
+            try:
+                out[int(serial)] = dict(json.loads(str(doc)))  # type: ignore[arg-type]
+            except (ValueError, TypeError):
+                continue  # a damaged record: as if no update was ever run
+        return out
+
+    def save_firmware(self, serial: int, job: dict[str, Any]) -> None:
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO firmware VALUES (?, ?)",
+                       (serial, json.dumps(job, sort_keys=True)))
 
     def save(self, table: Registrations, serials: Iterable[int]) -> None:
         """The current state of each of `serials` (registered, silent or gone)."""

@@ -33,6 +33,7 @@ from agent.broker.config import DEFAULT_CONFIG, BrokerConfig, load_broker_config
 from agent.broker.datakey import fetch_data_key
 from agent.broker.dtls import DtlsListener
 from agent.broker.edhoc import EdhocSessions
+from agent.broker.firmware import FirmwareUpdates
 from agent.broker.gateway import Gateway
 from agent.broker.lwm2m import Lwm2mServer
 from agent.broker.lwm2mstore import Lwm2mStore
@@ -166,6 +167,8 @@ async def run(config: BrokerConfig) -> int:
                             policy, broker.registry, traffic, audit)
         tasks.append(asyncio.create_task(lwm2m.run(stop)))
         broker.registry.details["lwm2m"] = lwm2m.registration_of
+        broker.registry.summaries["firmware_version"] = lwm2m.firmware_version
+        firmware = FirmwareUpdates(lwm2m, audit)
         bootstrap = Lwm2mBootstrap(broker.registry, policy, lwm2m.downlink, traffic, audit)
         gateway = Gateway(identify, policy, upstreams.by_name, traffic, Rates(time.monotonic),
                           spool, local={"rd": lwm2m, "bs": bootstrap})
@@ -185,14 +188,16 @@ async def run(config: BrokerConfig) -> int:
             lambda: [listener.context for listener in listeners], stop)))
         collector = Collector()
         tasks.append(asyncio.create_task(collector.run()))
-        broker.parts += [*listeners, upstreams, spool, traffic, lwm2m, bootstrap, collector]
+        broker.parts += [*listeners, upstreams, spool, traffic, lwm2m, bootstrap, firmware,
+                         collector]
         followers = [contexts.refresh] + [ls.refresh for ls in listeners
                                           if isinstance(ls, DtlsListener | PlainListener)]
         tasks.append(asyncio.create_task(follow_registry(broker.registry, followers)))
         gid = grp.getgrnam(config.control.group).gr_gid if config.control.group else None
         server = ControlServer(config.paths.control_socket,
                                {"status": broker.status, **broker.registry.handlers(),
-                                **broker.policy.handlers(), **lwm2m.handlers()}, gid,
+                                **broker.policy.handlers(), **lwm2m.handlers(),
+                                **firmware.handlers()}, gid,
                                max_request=MAX_REQUEST, program="devid-broker")
         await server.start()
         broker.ready = True

@@ -54,6 +54,8 @@ class SensorRegistry:
         self._before_read = before_read
         # Other parts' view of a sensor for `sensors show` (LwM2M: its registration).
         self.details: dict[str, Callable[[Sensor], Any]] = {}
+        # ... and for `sensors list` (kept short: 10,000 lines): its firmware version.
+        self.summaries: dict[str, Callable[[Sensor], Any]] = {}
 
     def _now(self) -> str:
         return isoformat_utc(time.time())
@@ -119,7 +121,15 @@ class SensorRegistry:
     async def list(self, _params: dict[str, Any]) -> dict[str, Any]:
         await self._fresh()
         sensors = await asyncio.to_thread(self.store.list)
-        return {"sensors": [s.to_dict() for s in sensors], "counts": self.store.counts()}
+        listed = []
+        for sensor in sensors:
+            doc = sensor.to_dict()
+            for key, summarize in self.summaries.items():
+                value = summarize(sensor)
+                if value is not None:
+                    doc[key] = value
+            listed.append(doc)
+        return {"sensors": listed, "counts": self.store.counts()}
 
     async def show(self, params: dict[str, Any]) -> dict[str, Any]:
         await self._fresh()

@@ -419,10 +419,17 @@ def render_sensor(doc: dict[str, Any]) -> str:
                   f"lifetime {lwm2m.get('lifetime')} s, last update "
                   f"{_date(_iso(lwm2m.get('updated_at')))}",
                   f"  objects     {objects or '(none)'}"]
-    elif lwm2m:
+    elif lwm2m and lwm2m.get("state") == "offline":
         lines.append(f"  lwm2m       offline since {_date(_iso(lwm2m.get('last_update')))}: "
                      f"missed {lwm2m.get('missed_lifetimes')} lifetimes of "
                      f"{lwm2m.get('lifetime')} s")
+    firmware = (lwm2m or {}).get("firmware")
+    if firmware:
+        how = {"updated": f"updated to {firmware.get('version')}",
+               "failed": f"update FAILED while {firmware.get('failed_while')}: "
+                         f"{firmware.get('reason')}"}.get(firmware.get("state"),
+                                                         f"update {firmware.get('state')}")
+        lines.append(f"  firmware    {how} (started {_date(firmware.get('started_at'))})")
     credential = doc.get("credential")
     if credential:
         lines.append("  credential  (shown once: the broker keeps it sealed and never shows "

@@ -8,6 +8,7 @@ a file written 0600, never to the terminal.
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
 import io
 import json
@@ -30,10 +31,11 @@ Fail = Callable[[DevidError, bool, int], int]
 EXIT_FAIL, EXIT_NO_DAEMON = 2, 3
 SOCKET_ENV = "DEVIDCTL_BROKER_SOCKET"
 ACTIONS = ("add", "import", "list", "show", "quarantine", "release", "revoke", "rekey",
-           "remove", "read", "write", "execute", "discover")
+           "remove", "read", "write", "execute", "discover", "firmware")
 DOWNLINK = ("read", "write", "execute", "discover")  # LwM2M device management
 BATCH_MAX_LINE = 64 << 20  # 10,000 credentials in one answer
 IMPORT_MAX_BYTES = 24 << 20  # sent whole in one request (the broker takes 32 MiB)
+FIRMWARE_MAX_BYTES = 4 << 20  # what the broker takes pushed; larger packages by --uri
 
 
 def _attribute(text: str) -> tuple[str, str]:
@@ -65,6 +67,8 @@ def add_verbs(verb: Verb) -> None:
     sensors.add_argument("--qr", type=Path, metavar="FILE", help="add/rekey: also write the "
                          "credential as a QR code PNG (0600) for the field installer")
     sensors.add_argument("--reason", help="quarantine/release/revoke: why (audited)")
+    sensors.add_argument("--uri", help="firmware: the sensor fetches the package from "
+                         "this URI (pull) instead of the gateway writing FILE to it (push)")
     sensors.add_argument("--wait", type=float, default=0, metavar="SECONDS",
                          help="read/write/execute/discover: for a sensor asleep in LwM2M "
                          "queue mode, wait up to this long for its next Update (max 110)")
@@ -165,11 +169,30 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         if len(operands) == 2:
             params["value"] = operands[1]
         return "lwm2m-operate", params
+    if action == "firmware":
+        return "lwm2m-firmware", {"sensor": ref, **_firmware_source(args)}
     if args.operands:
         raise SensorError(f"sensors {action}: unexpected {' '.join(args.operands)!r}")
     if action in ("quarantine", "release", "revoke"):
         return "sensors-change", {"sensor": ref, "change": action, "reason": args.reason}
     return f"sensors-{action}", {"sensor": ref}
+
+
+def _firmware_source(args: argparse.Namespace) -> dict[str, str]:
+    """--uri URI (the sensor pulls it), or FILE (the gateway pushes it, base64 over the
+    control socket)."""
+    if (args.uri is None) == (len(args.operands) != 1):
+        raise SensorError("sensors firmware: expected SENSOR FILE, or SENSOR --uri URI")
+    if args.uri is not None:
+        return {"uri": args.uri}
+    path = Path(args.operands[0])
+    try:
+        if path.stat().st_size > FIRMWARE_MAX_BYTES:
+            raise SensorError(f"{path}: larger than {FIRMWARE_MAX_BYTES >> 20} MiB",
+                              "give the sensor a URI to fetch it from (--uri)")
+        return {"package": base64.b64encode(path.read_bytes()).decode("ascii")}
+    except OSError as e:
+        raise SensorError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
 def broker_call(args: argparse.Namespace, method: str, params: dict[str, Any]
@@ -207,6 +230,9 @@ def cmd_sensors(args: argparse.Namespace, fail: Fail) -> int:
         print(json.dumps(doc, indent=2, sort_keys=True))
     elif method == "lwm2m-operate":
         print(render_lwm2m(doc))
+    elif method == "lwm2m-firmware":
+        print(f"{doc['sensor']}: firmware update started ({doc['source']}); follow it with "
+              f"`devidctl sensors show {doc['sensor']}`")
     elif "sensors" in doc:
         print(render_sensors(doc))
     else:

@@ -406,3 +406,70 @@ def test_a_sleeping_sensor_is_reached_at_its_next_update(broker_stack_factory, t
     waiting.join(30)
     [(code, read)] = results
     assert code == 0 and read["values"][0]["value"] == 21.5
+
+
+FIRMWARE_POLICY = POLICY + """
+[[profiles.meter.lwm2m.grants]]
+operations = ["write"]
+paths = ["/5/0/0", "/5/0/1"]
+[[profiles.meter.lwm2m.grants]]
+operations = ["execute"]
+paths = ["/5/0/2"]
+[[profiles.meter.lwm2m.grants]]
+operations = ["read"]
+paths = ["/5/0/3", "/5/0/5", "/3/0/3"]
+"""
+
+
+def _firmware_job(broker, name: str) -> dict:
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:
+        job = broker.ctl_json("show", name)[1].get("lwm2m", {}).get("firmware", {})
+        if job.get("state") in ("updated", "failed"):
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"firmware job of {name} did not end: {job}")
+
+
+def test_firmware_update_pushed_block_wise_and_followed_to_the_new_version(
+        broker_stack_factory, tmp_path):
+    stack = broker_stack_factory(policy=FIRMWARE_POLICY)
+    broker = stack.broker
+    m1 = stack.add("m-1", "--profile", "meter")
+    stack.add("t-1")
+    sensor = oscore_client(tmp_path / "m-1", m1["credential"], broker.oscore_port)
+    stack.sensors.append(sensor)
+    assert sensor.register("m-1") == "2.01 Created"
+    package = tmp_path / "fw.bin"
+    package.write_bytes(b"FW:2.1.7\n" + bytes(range(256)) * 12)  # 3 kB: 7 blocks of 512
+
+    code, started = broker.ctl_json("firmware", "m-1", str(package))
+    assert code == 0 and started["state"] == "starting", started
+    job = _firmware_job(broker, "m-1")
+    assert job["state"] == "updated" and job["version"] == "2.1.7", job
+    assert sensor.firmware.package == package.read_bytes()  # every block arrived
+    listed = {s["name"]: s for s in broker.ctl_json("list")[1]["sensors"]}
+    assert listed["m-1"]["firmware_version"] == "2.1.7"
+    assert "firmware_version" not in listed["t-1"]
+
+    # A package the sensor cannot apply: the job fails with its Update Result; the
+    # version it still runs is kept.
+    package.write_bytes(b"not firmware")
+    assert broker.ctl_json("firmware", "m-1", str(package))[0] == 0
+    job = _firmware_job(broker, "m-1")
+    assert job["state"] == "failed" and "Update Result is 8" in job["reason"], job
+    assert broker.ctl_json("list")[1]["sensors"][0]["firmware_version"] == "2.1.7"
+    shown = broker.ctl("show", "m-1").stdout
+    assert "update FAILED while updating" in shown
+
+    # Pull: the sensor fetches it by URI.
+    code, _ = broker.ctl_json("firmware", "m-1", "--uri", "coaps://fw.example/2.2.0")
+    assert code == 0 and _firmware_job(broker, "m-1")["version"] == "2.2.0"
+    assert sensor.firmware.uri == "coaps://fw.example/2.2.0"
+
+    # Refused before anything is sent: a profile without the grants; not registered.
+    code, refused = broker.ctl_json("firmware", "t-1", str(package))
+    assert code == 2 and "does not allow LwM2M" in refused["error"]["message"]
+    records = [r for r in _audit(broker) if r["event"] == "lwm2m-firmware"]
+    assert [r["outcome"] for r in records] == ["started", "updated", "started", "failed",
+                                               "started", "updated"]
