@@ -65,11 +65,29 @@ class _Reboot(coap_resource.Resource):
         return Message(code=Code.CHANGED)
 
 
-class _Temperature(coap_resource.Resource):
-    """/3303/0/5700: Read as SenML CBOR."""
+class _Temperature(coap_resource.ObservableResource):
+    """/3303/0/5700: Read as SenML CBOR; observable, rising 0.5 degrees every 0.3 s
+    while observed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value = 21.5
+        self._ticking: asyncio.Handle | None = None
+
+    def update_observation_count(self, count: int) -> None:
+        if count and self._ticking is None:
+            self._ticking = asyncio.get_running_loop().call_later(0.3, self._tick)
+        elif not count and self._ticking is not None:
+            self._ticking.cancel()
+            self._ticking = None
+
+    def _tick(self) -> None:
+        self.value += 0.5
+        self.updated_state()
+        self._ticking = asyncio.get_running_loop().call_later(0.3, self._tick)
 
     async def render_get(self, request: Message) -> Message:
-        records = [{-2: "/3303/0/", 0: "5700", 2: 21.5}]
+        records = [{-2: "/3303/0/", 0: "5700", 2: self.value}]
         return Message(payload=cbor2.dumps(records), content_format=SENML_CBOR)
 
 

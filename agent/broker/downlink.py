@@ -13,7 +13,8 @@ broker restart a sensor is reachable again from its next Update.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -63,8 +64,7 @@ class Downlink:
     def forget(self, serial: int) -> None:
         self._routes.pop(serial, None)
 
-    async def request(self, sensor: Sensor, message: Message) -> Message:
-        """The sensor's answer; Lwm2mError when it cannot be reached or does not answer."""
+    def _way(self, sensor: Sensor) -> tuple[aiocoap.Context, Route]:
         route = self._routes.get(sensor.serial)
         if route is None:
             raise Lwm2mNotFound(f"sensor {sensor.name}: no way to it yet (it reaches the "
@@ -74,13 +74,51 @@ class Downlink:
         if context is None:
             raise Lwm2mError(f"sensor {sensor.name}: the {route.listener} listener is not "
                              "running")
+        return context, route
+
+    async def request(self, sensor: Sensor, message: Message) -> Message:
+        """The sensor's answer; Lwm2mError when it cannot be reached or does not answer."""
+        context, route = self._way(sensor)
+        request, inner = _start(context, route, message)
         try:
-            return await asyncio.wait_for(self._send(context, route, message), self.timeout)
+            return inner(await asyncio.wait_for(request.response, self.timeout))
         except TimeoutError:
             raise Lwm2mError(f"sensor {sensor.name} did not answer within "
                              f"{self.timeout:g} s (asleep, out of reach, or gone)") from None
         except aiocoap.error.Error as e:
             raise Lwm2mError(f"sensor {sensor.name}: {type(e).__name__}: {e}") from None
+
+    async def observe(self, sensor: Sensor, message: Message, count: int, seconds: float
+                      ) -> list[Message]:
+        """Observe (RFC 7641): the first answer and the notifications that follow, until
+        `count` in all or `seconds` have passed; then the observation is cancelled."""
+        context, route = self._way(sensor)
+        message.opt.observe = 0
+        request, inner = _start(context, route, message)
+        got: list[Message] = []
+        try:
+            got.append(inner(await asyncio.wait_for(request.response, self.timeout)))
+            if not got[0].code.is_successful() or got[0].opt.observe is None:
+                return got  # refused, or not observable: one answer
+
+            async def follow() -> None:
+                async for notification in request.observation:
+                    got.append(inner(notification))
+                    if len(got) >= count:
+                        return
+
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(follow(), seconds)
+            return got
+        except TimeoutError:
+            raise Lwm2mError(f"sensor {sensor.name} did not answer within "
+                             f"{self.timeout:g} s (asleep, out of reach, or gone)") from None
+        except aiocoap.error.Error as e:
+            if got:
+                return got  # the observation ended (the sensor cancelled it)
+            raise Lwm2mError(f"sensor {sensor.name}: {type(e).__name__}: {e}") from None
+        finally:
+            request.observation.cancel()
 
     async def request_blockwise(self, sensor: Sensor, message: Message,
                                 size_exponent: int = BLOCK_EXPONENT) -> Message:
@@ -99,21 +137,28 @@ class Downlink:
         assert response is not None
         return response
 
-    @staticmethod
-    async def _send(context: aiocoap.Context, route: Route, message: Message) -> Message:
-        if route.listener != "oscore":
-            message.remote = route.remote
-            return await context.request(message, handle_blockwise=True).response
-        security = route.remote.security_context
-        protected, request_id = security.protect(message)
-        protected.remote = route.remote.underlying_address
-        outer = await context.request(protected, handle_blockwise=False).response
+
+def _start(context: aiocoap.Context, route: Route, message: Message
+           ) -> tuple[Any, Callable[[Message], Message]]:
+    """The request on its way, and what makes the sensor's answers plain: nothing, or
+    OSCORE's unprotect with this request's identifiers (each notification carries its
+    own partial IV)."""
+    if route.listener != "oscore":
+        message.remote = route.remote
+        return context.request(message, handle_blockwise=True), lambda answer: answer
+    security = route.remote.security_context
+    protected, request_id = security.protect(message)
+    protected.remote = route.remote.underlying_address
+
+    def inner(outer: Message) -> Message:
         try:
-            inner, _ = security.unprotect(outer, request_id)
+            plain, _ = security.unprotect(outer, request_id)
         except NotAProtectedMessage:
             raise Lwm2mError(f"the sensor answered {outer.code} without OSCORE (it does not "
                              "know this context: rekeyed, or restarted without its state)"
                              ) from None
         except (ProtectionInvalid, DecodeError) as e:
             raise Lwm2mError(f"the sensor's answer does not verify: {e}") from None
-        return inner  # type: ignore[no-any-return]
+        return plain  # type: ignore[no-any-return]
+
+    return context.request(protected, handle_blockwise=False), inner

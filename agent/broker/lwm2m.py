@@ -147,7 +147,7 @@ class Lwm2mServer:
     # --- device management: the gateway's requests to a sensor ---------------------------
 
     def handlers(self) -> dict[str, Any]:
-        return {"lwm2m-operate": self.operate}
+        return {"lwm2m-operate": self.operate, "lwm2m-observe": self.observe}
 
     async def operate(self, params: dict[str, Any]) -> dict[str, Any]:
         """Read, Write, Execute or Discover on a registered sensor, for the operator, as
@@ -184,22 +184,40 @@ class Lwm2mServer:
             response = await self.downlink.request_blockwise(sensor, message)
         else:
             response = await self.downlink.request(sensor, message)
-        code = f"{int(response.code) >> 5}.{int(response.code) & 31:02d}"
         self.totals[f"operation.{operation}"] += 1
-        doc: dict[str, Any] = {"sensor": sensor.name, "operation": operation,
-                               "path": path_text, "code": code}
-        fmt = response.opt.content_format
-        if fmt is not None:
-            doc["content_format"] = int(fmt)
-        if not response.code.is_successful():
-            doc["error"] = response.payload.decode("utf-8", "replace")[:200]
-        elif operation == "read":
-            doc["values"] = [v.to_dict() for v in decode(
-                None if fmt is None else int(fmt), response.payload, path)]
-        elif operation == "discover":
-            doc["links"] = [{"target": link.target, "params": link.params}
-                            for link in parse_links(response.payload)]
-        return doc
+        return {"sensor": sensor.name, "operation": operation, "path": path_text,
+                **_answer_doc(operation, path, response)}
+
+    async def observe(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Observe a resource of a registered sensor for the operator, as its profile
+        grants: the notifications until `count` or `seconds`, decoded; audited."""
+        ref, path_text = params.get("sensor"), params.get("path")
+        count, seconds = params.get("count", 5), params.get("seconds", 30)
+        if not isinstance(ref, str) or not isinstance(path_text, str):
+            raise Lwm2mError("observe: expected a sensor and a path")
+        for name, value, most in (("count", count, 1000), ("seconds", seconds, MAX_WAIT)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or \
+                    not 0 < value <= most:
+                raise Lwm2mError(f"observe: {name} from 1 to {most}")
+        sensor = await asyncio.to_thread(self.registry.store.get, ref)
+        audit = {"sensor": sensor.id, "name": sensor.name, "operation": "observe",
+                 "path": path_text, "caller": "operator"}
+        try:
+            path = parse_path(path_text)
+            message = self._downlink_message(sensor, "observe", path, None)
+            await self._awake(sensor, params.get("wait", 0))
+            answers = await self.downlink.observe(sensor, message, int(count), float(seconds))
+        except Lwm2mError as e:
+            await asyncio.to_thread(self._audit.append, "lwm2m-operation", **audit,
+                                    refused=e.message)
+            raise
+        self.totals["operation.observe"] += 1
+        notifications = [_answer_doc("read", path, answer) for answer in answers]
+        await asyncio.to_thread(self._audit.append, "lwm2m-operation", **audit,
+                                answer=notifications[0]["code"],
+                                notifications=len(notifications))
+        return {"sensor": sensor.name, "operation": "observe", "path": path_text,
+                "code": notifications[0]["code"], "notifications": notifications}
 
     async def _awake(self, sensor: Sensor, wait: object) -> None:
         """Returns when the sensor listens: always, unless it registered in queue mode and
@@ -248,7 +266,7 @@ class Lwm2mServer:
             raise Lwm2mNotFound(f"sensor {sensor.name} is not registered (LwM2M)")
         self.check_grant(sensor, operation, path)
         uri_path = tuple(map(str, path))
-        if operation == "read":
+        if operation in ("read", "observe"):
             return Message(code=Code.GET, uri_path=uri_path)
         if operation == "discover":
             message = Message(code=Code.GET, uri_path=uri_path)
@@ -362,6 +380,25 @@ class Lwm2mServer:
     def status_section(self) -> dict[str, Any]:
         return {"registered": len(self.table), "offline": len(self.table.silent),
                 "totals": dict(sorted(self.totals.items()))}
+
+
+def _answer_doc(operation: str, path: tuple[int, ...], response: Message) -> dict[str, Any]:
+    """A sensor's answer as devidctl shows it: its code, and decoded what it carries."""
+    doc: dict[str, Any] = {"code": f"{int(response.code) >> 5}.{int(response.code) & 31:02d}"}
+    fmt = response.opt.content_format
+    if fmt is not None:
+        doc["content_format"] = int(fmt)
+    if response.opt.observe is not None:
+        doc["observe"] = int(response.opt.observe)
+    if not response.code.is_successful():
+        doc["error"] = response.payload.decode("utf-8", "replace")[:200]
+    elif operation == "read":
+        doc["values"] = [v.to_dict() for v in decode(
+            None if fmt is None else int(fmt), response.payload, path)]
+    elif operation == "discover":
+        doc["links"] = [{"target": link.target, "params": link.params}
+                        for link in parse_links(response.payload)]
+    return doc
 
 
 def lwm2m_section(policy: PolicyHolder, sensor: Sensor) -> Lwm2mSection:

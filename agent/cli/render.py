@@ -451,6 +451,10 @@ def render_lwm2m(doc: dict[str, Any]) -> str:
     lines = [head]
     for value in doc.get("values", []):
         lines.append(f"  {value['path']:<18} {value['value']!s:<24} ({value['as']})")
+    for notification in doc.get("notifications", []):
+        lines.append(f"  [{notification.get('observe', '-')}] {notification['code']}")
+        for value in notification.get("values", []):
+            lines.append(f"    {value['path']:<18} {value['value']!s:<24} ({value['as']})")
     for link in doc.get("links", []):
         params = ";".join(k if v is None else f"{k}={v}" for k, v in link["params"].items())
         lines.append(f"  <{link['target']}>" + (f";{params}" if params else ""))

@@ -31,7 +31,7 @@ Fail = Callable[[DevidError, bool, int], int]
 EXIT_FAIL, EXIT_NO_DAEMON = 2, 3
 SOCKET_ENV = "DEVIDCTL_BROKER_SOCKET"
 ACTIONS = ("add", "import", "list", "show", "quarantine", "release", "revoke", "rekey",
-           "remove", "read", "write", "execute", "discover", "firmware")
+           "remove", "read", "write", "execute", "discover", "observe", "firmware")
 DOWNLINK = ("read", "write", "execute", "discover")  # LwM2M device management
 BATCH_MAX_LINE = 64 << 20  # 10,000 credentials in one answer
 IMPORT_MAX_BYTES = 24 << 20  # sent whole in one request (the broker takes 32 MiB)
@@ -60,13 +60,16 @@ def add_verbs(verb: Verb) -> None:
                          metavar="KEY=VALUE", help="add: an attribute policy can match "
                          "(repeatable): site, zone, kind, ...")
     sensors.add_argument("--count", type=int, help="add: a batch of N sensors named "
-                         "PREFIX0001...; needs --prefix and --out")
+                         "PREFIX0001...; needs --prefix and --out; observe: stop after N "
+                         "notifications (default 5)")
     sensors.add_argument("--prefix", help="add --count: the names' prefix")
     sensors.add_argument("--out", type=Path, metavar="FILE", help="add --count: write the "
                          "credentials there (0600; .csv or .json)")
     sensors.add_argument("--qr", type=Path, metavar="FILE", help="add/rekey: also write the "
                          "credential as a QR code PNG (0600) for the field installer")
     sensors.add_argument("--reason", help="quarantine/release/revoke: why (audited)")
+    sensors.add_argument("--seconds", type=float, default=30.0,
+                         help="observe: stop after this long (default 30, max 110)")
     sensors.add_argument("--uri", help="firmware: the sensor fetches the package from "
                          "this URI (pull) instead of the gateway writing FILE to it (push)")
     sensors.add_argument("--wait", type=float, default=0, metavar="SECONDS",
@@ -169,6 +172,12 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         if len(operands) == 2:
             params["value"] = operands[1]
         return "lwm2m-operate", params
+    if action == "observe":
+        if len(args.operands) != 1:
+            raise SensorError(f"sensors observe: expected {ref} PATH")
+        return "lwm2m-observe", {"sensor": ref, "path": args.operands[0],
+                                 "count": args.count or 5, "seconds": args.seconds,
+                                 "wait": args.wait}
     if action == "firmware":
         return "lwm2m-firmware", {"sensor": ref, **_firmware_source(args)}
     if args.operands:
@@ -228,7 +237,7 @@ def cmd_sensors(args: argparse.Namespace, fail: Fail) -> int:
         return fail(e, args.json, exit_code(e))
     if args.json:
         print(json.dumps(doc, indent=2, sort_keys=True))
-    elif method == "lwm2m-operate":
+    elif method in ("lwm2m-operate", "lwm2m-observe"):
         print(render_lwm2m(doc))
     elif method == "lwm2m-firmware":
         print(f"{doc['sensor']}: firmware update started ({doc['source']}); follow it with "
@@ -237,6 +246,7 @@ def cmd_sensors(args: argparse.Namespace, fail: Fail) -> int:
         print(render_sensors(doc))
     else:
         print(render_sensor(doc))
-    if method == "lwm2m-operate" and not str(doc.get("code", "")).startswith("2."):
+    if method in ("lwm2m-operate", "lwm2m-observe") and \
+            not str(doc.get("code", "")).startswith("2."):
         return EXIT_FAIL  # the sensor refused (its code and reason are printed)
     return 0

@@ -37,7 +37,7 @@ queue_awake = 3
 
 MANAGED_POLICY = POLICY + """
 [[profiles.meter.lwm2m.grants]]
-operations = ["read", "discover"]
+operations = ["read", "discover", "observe"]
 paths = ["/3/0", "/3303/*/**"]
 [[profiles.meter.lwm2m.grants]]
 operations = ["write"]
@@ -175,6 +175,17 @@ def test_lwm2m_node_lib_client_registers_over_dtls_psk(broker_stack_factory):
         code, read = broker.ctl_json("read", "n-1", "/3303/0/5700")
         assert code == 0, read
         assert read["values"] == [{"path": "/3303/0/5700", "value": "21.5", "as": "string"}]
+        # Observe: lwm2m-node-lib notifies when the value is set anew.
+        results: list[tuple[int, dict]] = []
+        observing = threading.Thread(target=lambda: results.append(broker.ctl_json(
+            "observe", "n-1", "/3303/0/5700", "--count", "2", "--seconds", "20")))
+        observing.start()
+        time.sleep(3.0)  # the observation is made
+        assert client.command("set /3303/0 5700 22.5")["error"] is None
+        observing.join(30)
+        [(code, observed)] = results
+        assert code == 0 and [n["values"][0]["value"] for n in observed["notifications"]] \
+            == ["21.5", "22.5"], observed
         code, refused = broker.ctl_json("write", "n-1", "/3303/0/5700", "30")
         assert code == 2 and "grants the operator no write" in refused["error"]["message"]
         updated = client.command("update")
@@ -184,7 +195,8 @@ def test_lwm2m_node_lib_client_registers_over_dtls_psk(broker_stack_factory):
         assert client.command("deregister")["error"] is None
         assert "lwm2m" not in broker.ctl_json("show", "n-1")[1]
         assert stack.status()["lwm2m"]["totals"] == {
-            "deregistered": 1, "operation.read": 1, "registered": 1, "updated": 1}
+            "deregistered": 1, "operation.observe": 1, "operation.read": 1, "registered": 1,
+            "updated": 1}
     finally:
         client.close()
         relay.close()
@@ -221,6 +233,14 @@ def test_the_operator_manages_an_oscore_sensor_as_its_profile_grants(broker_stac
     code, discovered = broker.ctl_json("discover", "m-1", "/3/0")
     assert code == 0 and [link["target"] for link in discovered["links"]] == \
         ["/3/0", "/3/0/0", "/3/0/4", "/3/0/9"]
+    # Observe: the first answer and notifications as the value changes, then cancelled.
+    code, observed = broker.ctl_json("observe", "m-1", "/3303/0/5700", "--count", "3",
+                                     "--seconds", "20")
+    assert code == 0, observed
+    values = [n["values"][0]["value"] for n in observed["notifications"]]
+    assert len(values) == 3 and values == sorted(values) and len(set(values)) == 3, values
+    code, refused = broker.ctl_json("observe", "m-1", "/3/0/9")
+    assert code == 2 and "grants the operator no observe" in refused["error"]["message"]
     text = broker.ctl("read", "m-1", "/3303/0/5750")
     assert text.returncode == 0 and "kitchen" in text.stdout and "(string)" in text.stdout
 

@@ -2,7 +2,8 @@
 //   node lwm2m_client.js HOST PORT ENDPOINT LIFETIME
 // registers with the server at HOST:PORT with Device (/3/0) and Temperature (/3303/0),
 // prints one JSON line per event on stdout, and takes commands on stdin, one per line:
-// "update", "deregister". It exits after de-registering or when stdin closes.
+// "update", "set OBJECT-URI RESOURCE VALUE", "deregister". It exits after
+// de-registering or when stdin closes.
 'use strict';
 
 var lwm2m = require('lwm2m-node-lib').client;
@@ -49,6 +50,12 @@ readline.createInterface({input: process.stdin}).on('line', function (line) {
     var command = line.trim();
     if (command === 'update') {
         lwm2m.update(device, done('updated'));
+    } else if (command.indexOf('set ') === 0) {
+        // "set /3303/0 5700 22.0": a new value; observers are notified of it
+        var words = command.split(' ');
+        lwm2m.registry.setResource(words[1], words[2], words[3], function (error) {
+            say({event: 'set', error: error ? String(error) : null});
+        });
     } else if (command === 'deregister') {
         lwm2m.unregister(device, function (error) {
             say({event: 'deregistered', error: error ? String(error) : null});
