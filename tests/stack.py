@@ -421,6 +421,37 @@ content_formats = [0, 60, 112]
 """
 
 
+# The demo's LwM2M sensors: they may register, and the operator may read the Device object.
+DEMO_LWM2M = """
+[profiles.meter]
+[profiles.meter.lwm2m]
+[[profiles.meter.lwm2m.grants]]
+operations = ["read", "observe"]
+paths = ["/3/0", "/3303/0/5700"]
+"""
+
+
+def _demo_lwm2m(directory: Path, broker: BrokerProcess) -> None:
+    from lwm2m_sensor import oscore_client
+
+    _banner("devidctl sensors add m-1 --profile meter: an LwM2M sensor")
+    _, added = broker.ctl_json("add", "m-1", "--profile", "meter")
+    client = oscore_client(directory / "sensor-m-1", added["sensors"][0]["credential"],
+                           broker.oscore_port)
+    try:
+        _banner("the sensor (an aiocoap LwM2M client) registers: POST /rd over OSCORE")
+        print(f"m-1 Register -> {client.register('m-1')}")
+        _banner("devidctl sensors read m-1 /3/0 (LwM2M Read, from the gateway to the sensor "
+                "over its own OSCORE context)")
+        print(broker.ctl("read", "m-1", "/3/0").stdout, end="")
+        _banner("devidctl sensors observe m-1 /3303/0/5700 --count 3")
+        print(broker.ctl("observe", "m-1", "/3303/0/5700", "--count", "3").stdout, end="")
+        _banner("devidctl sensors show m-1")
+        print(broker.ctl("show", "m-1").stdout, end="")
+    finally:
+        client.close()
+
+
 def _banner(text: str) -> None:
     print(f"\n=== {text}", flush=True)
 
@@ -494,7 +525,7 @@ def demo(directory: Path, keep: bool) -> int:
         broker = BrokerProcess(directory / "broker", config.parent / "run" / "identity.sock",
                                f'[upstreams.cloud]\nurl = "coaps+tcp://127.0.0.1:'
                                f'{upstream.port}"\nbundle = "{upstream.directory / "ca.pem"}"\n')
-        broker.policy.write_text(DEMO_POLICY)
+        broker.policy.write_text(DEMO_POLICY + DEMO_LWM2M)
         broker.start().wait_serving()
         print(f"OSCORE on udp 127.0.0.1:{broker.oscore_port}, DTLS-PSK on udp "
               f"127.0.0.1:{broker.dtls_port}")
@@ -539,6 +570,7 @@ def demo(directory: Path, keep: bool) -> int:
         entry = upstream.received()[-1]
         print(f"upstream received {entry['method']} {entry['path']} asserting sensor "
               f"{entry['sensor'][0]}")
+        _demo_lwm2m(directory, broker)
         _banner("devidctl sensors list")
         print(broker.ctl("list").stdout, end="")
         _banner("devidctl status and check, now with devid-broker's part")

@@ -388,8 +388,6 @@ def _answer_doc(operation: str, path: tuple[int, ...], response: Message) -> dic
     fmt = response.opt.content_format
     if fmt is not None:
         doc["content_format"] = int(fmt)
-    if response.opt.observe is not None:
-        doc["observe"] = int(response.opt.observe)
     if not response.code.is_successful():
         doc["error"] = response.payload.decode("utf-8", "replace")[:200]
     elif operation == "read":

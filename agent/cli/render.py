@@ -451,8 +451,9 @@ def render_lwm2m(doc: dict[str, Any]) -> str:
     lines = [head]
     for value in doc.get("values", []):
         lines.append(f"  {value['path']:<18} {value['value']!s:<24} ({value['as']})")
-    for notification in doc.get("notifications", []):
-        lines.append(f"  [{notification.get('observe', '-')}] {notification['code']}")
+    for number, notification in enumerate(doc.get("notifications", [])):
+        lines.append(f"  {'answer' if number == 0 else f'notification {number}'}: "
+                     f"{notification['code']}")
         for value in notification.get("values", []):
             lines.append(f"    {value['path']:<18} {value['value']!s:<24} ({value['as']})")
     for link in doc.get("links", []):
