@@ -268,6 +268,7 @@ class Registrations:
         self._new_location = new_location
         self._by_serial: dict[int, Registration] = {}
         self._by_location: dict[str, Registration] = {}
+        self._by_endpoint: dict[str, int] = {}  # endpoint name -> the serial registered
         self.silent: dict[int, Silent] = {}
         self._deadlines: list[tuple[float, int, str]] = []  # (when, serial, location)
         self.changed: set[int] = set()
@@ -296,9 +297,15 @@ class Registrations:
         if params.endpoint != bound_endpoint:
             raise Lwm2mForbidden(f"Register: endpoint name {params.endpoint!r} is not this "
                                  f"sensor's ({bound_endpoint!r})")
+        holder = self._by_endpoint.get(params.endpoint)
+        if holder is not None and holder != serial:
+            raise Lwm2mForbidden(f"Register: endpoint name {params.endpoint!r} is registered "
+                                 "by another sensor (two sensors bound to one name: give "
+                                 "one an endpoint attribute of its own)")
         old = self._by_serial.get(serial)
         if old is not None:
             del self._by_location[old.location]
+            self._by_endpoint.pop(old.endpoint, None)
         location = self._new_location()
         while location in self._by_location:
             location = self._new_location()
@@ -336,6 +343,7 @@ class Registrations:
     def deregister(self, serial: int, location: str) -> Registration:
         current = self._mine(serial, location, "De-register")
         del self._by_serial[serial], self._by_location[location]
+        self._by_endpoint.pop(current.endpoint, None)
         self.changed.add(serial)
         return current
 
@@ -344,6 +352,7 @@ class Registrations:
         current = self._by_serial.pop(serial, None)
         if current is not None:
             del self._by_location[current.location]
+            self._by_endpoint.pop(current.endpoint, None)
         if current is not None or self.silent.pop(serial, None) is not None:
             self.changed.add(serial)
 
@@ -357,6 +366,7 @@ class Registrations:
     def _put(self, registration: Registration) -> None:
         self._by_serial[registration.serial] = registration
         self._by_location[registration.location] = registration
+        self._by_endpoint[registration.endpoint] = registration.serial
         heapq.heappush(self._deadlines, (registration.expires_at, registration.serial,
                                          registration.location))
 
@@ -373,6 +383,7 @@ class Registrations:
             if current is None or current.location != location or current.expires_at >= now:
                 continue  # superseded by an Update or a new registration
             del self._by_serial[serial], self._by_location[location]
+            self._by_endpoint.pop(current.endpoint, None)
             self.silent[serial] = Silent(serial, current.sensor_id, current.endpoint,
                                          current.updated_at, current.lifetime)
             self.changed.add(serial)

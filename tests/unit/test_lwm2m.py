@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from agent.errors import Lwm2mError, Lwm2mForbidden, Lwm2mNotFound
 from agent.lwm2m.content import SENML_CBOR, SENML_JSON, TEXT, TLV, ContentError, decode
+from agent.lwm2m.gateway import GatewayObject
 from agent.lwm2m.linkformat import MAX_LINKS, LinkFormatError, parse_links
 from agent.lwm2m.registration import (
     DEFAULT_LIFETIME,
@@ -164,6 +165,11 @@ def test_a_sensor_cannot_touch_another_sensors_registration() -> None:
         with pytest.raises(Lwm2mNotFound):
             operation()
     assert table.of(2) is not None and table.of(2).updated_at == 0.0  # type: ignore[union-attr]
+    # One endpoint name, one sensor: another sensor bound to the same name is refused.
+    with pytest.raises(Lwm2mForbidden, match="registered by another sensor"):
+        table.register(3, "urn:s:3", "m-2", parse_register(["ep=m-2"], b""), now=1.0)
+    table.deregister(2, table.of(2).location)  # type: ignore[union-attr]
+    assert table.register(3, "urn:s:3", "m-2", parse_register(["ep=m-2"], b""), 2.0).serial == 3
 
 
 def test_lifetime_expiry_then_deprovisioning_after_missed_lifetimes() -> None:
@@ -244,3 +250,28 @@ def test_content_fuzz_only_ever_refuses_cleanly(payload: bytes, fmt: int) -> Non
     with contextlib.suppress(Lwm2mError):
         for value in decode(fmt, payload, (3, 0, 1)):
             assert value.path.startswith("/")
+
+
+# --- the Gateway object (/25) -----------------------------------------------------------
+
+
+def test_gateway_object_shows_each_registered_sensor_under_its_prefix() -> None:
+    table = Registrations(_locations())  # type: ignore[arg-type]
+    table.register(7, "urn:devid:sensor:x:7", "m-7",
+                   parse_register(["ep=m-7"], b"</3/0>,</3303/0>,</3303/1>,</5>"), 0.0)
+    table.register(9, "urn:devid:sensor:x:9", "urn:dev:9",
+                   parse_register(["ep=urn:dev:9"], b"</3/0>"), 0.0)
+    gateway = GatewayObject(table.all())
+    assert [(g.instance, g.prefix) for g in gateway.instances] == [(7, "m-7"), (9, "_9")]
+    assert gateway.instances[0].resources() == {
+        0: "urn:devid:sensor:x:7", 1: "m-7",
+        3: "</m-7/3/0>,</m-7/5>,</m-7/3303/0>,</m-7/3303/1>"}
+    payload = gateway.registration_payload([(1, 0), (3, 0)])
+    assert payload == (b'</>;rt="oma.lwm2m";ct=11543,</1/0>,</3/0>,</25>;ver=2.0,'
+                       b"</25/7>,</25/9>")
+    assert [link.target for link in parse_links(payload)][-2:] == ["/25/7", "/25/9"]
+    assert gateway.route(("m-7", "3303", "1", "5700")) == (7, (3303, 1, 5700))
+    assert gateway.route(("_9", "3")) == (9, (3,))
+    for path in (("m-8", "3"), ("m-7",), ("m-7", "03"), ("m-7", "x"),
+                 ("m-7", "1", "2", "3", "4", "5"), ("m-7", "70000")):
+        assert gateway.route(path) is None, path
