@@ -49,10 +49,14 @@ class KeyedBuckets:
 
     def take(self, key: object) -> bool:
         """True if `key` still has room (and a token was taken)."""
+        return self.wait(key) is None
+
+    def wait(self, key: object) -> float | None:
+        """None if `key` had room (a token was taken); else the seconds until it has."""
         bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) >= self.max_keys:
                 del self._buckets[next(iter(self._buckets))]
             bucket = self._buckets[key] = TokenBucket(self.burst, self.interval,
                                                       self._monotonic)
-        return bucket.take() is None
+        return bucket.take()

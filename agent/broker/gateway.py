@@ -19,6 +19,7 @@ import asyncio
 import datetime
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
@@ -32,6 +33,7 @@ from agent.broker.upstream import Forward, Reply, Upstream
 from agent.errors import UpstreamError, UpstreamTimeout
 from agent.policy.decide import Message as PolicyMessage
 from agent.policy.decide import Rates, decide
+from agent.ratelimit import KeyedBuckets
 from agent.sensors.model import Sensor
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ class LocalService(Protocol):
 
     async def respond(self, sensor: Sensor, request: Message) -> Message: ...
 TOO_MANY_REQUESTS = Code(0x9D)  # 4.29, RFC 8516
+LOCAL_BURST, LOCAL_INTERVAL = 60, 1.0  # LwM2M requests per sensor: 60 at once, then 1/s
 
 
 def remote_text(remote: Any) -> str:
@@ -67,11 +70,16 @@ class Gateway(coap_resource.Resource):
                  spool: Spool | None = None,
                  now: Callable[[], datetime.datetime] =
                  lambda: datetime.datetime.now(datetime.UTC),
-                 local: Mapping[str, LocalService] | None = None) -> None:
+                 local: Mapping[str, LocalService] | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self._identify, self._policy, self._upstreams = identify, policy, upstreams
         self._traffic, self._rates, self._spool, self._now = traffic, rates, spool, now
         self._local = dict(local or {})  # first path segment -> the service answering it
+        # What a sensor asks of the gateway itself (LwM2M Register/Update, Bootstrap) is
+        # not under a policy rule's rate: this keeps a sensor in a loop from costing much.
+        self._local_rate = KeyedBuckets(LOCAL_BURST, LOCAL_INTERVAL, monotonic,
+                                        max_keys=65536)
 
     def _sensor(self, request: Message) -> Sensor | None:
         for identify in self._identify:
@@ -121,6 +129,12 @@ class Gateway(coap_resource.Resource):
             return answer(Code.PROXYING_NOT_SUPPORTED, "the gateway is not a forward proxy")
         local = self._local.get(request.opt.uri_path[0]) if request.opt.uri_path else None
         if local is not None:
+            delay = self._local_rate.wait(sensor.serial)
+            if delay is not None:
+                self._traffic.refused("denied", "too many LwM2M requests",
+                                      remote_text(request.remote), sensor, f"{method} {path}")
+                return answer(TOO_MANY_REQUESTS, "too many LwM2M requests; try again later",
+                              math.ceil(delay))
             return await local.respond(sensor, request)
         content_format = _number(request.opt.content_format)
         decision = decide(self._policy.policy, sensor,

@@ -130,3 +130,31 @@ def test_upstream_failures_are_5_02_and_timeouts_5_04(tmp_path):
     gateway, traffic = _gateway(tmp_path / "t", Recorder("hang", timeout=0.05))
     assert _render(gateway, _request()).code == Code.GATEWAY_TIMEOUT
     assert traffic.totals["upstream_failed"] == 1
+
+
+class _Local:
+    def __init__(self) -> None:
+        self.asked = 0
+
+    async def respond(self, sensor: Sensor, request: Message) -> Message:
+        self.asked += 1
+        return Message(code=Code.CHANGED)
+
+
+def test_what_the_gateway_answers_itself_is_rate_limited_per_sensor(tmp_path: Path) -> None:
+    store = SensorStore(tmp_path / "sensors.db", _cipher())
+    holder = PolicyHolder(tmp_path / "policy.toml", store)
+    traffic = Traffic(store, AuditLog(tmp_path / "audit.log"))
+    now = [0.0]
+    local = _Local()
+    gateway = Gateway([lambda remote: remote.sensor], holder, {}, traffic, Rates(lambda: 0.0),
+                      local={"rd": local}, monotonic=lambda: now[0])
+    codes = [_render(gateway, _request("/rd/x")).code for _ in range(61)]
+    assert codes[:60] == [Code.CHANGED] * 60 and local.asked == 60
+    assert codes[60] == Code(0x9D) and traffic.totals["refused.denied"] == 1
+    limited = _render(gateway, _request("/rd/x"))
+    assert limited.opt.max_age == 1 and b"too many LwM2M requests" in limited.payload
+    other = Sensor(2, "urn:devid:sensor:02", "t-2", "temperature", "oscore", "active", b"\x02")
+    assert _render(gateway, _request("/rd/x", sensor=other)).code == Code.CHANGED
+    now[0] += 1.0  # one more a second
+    assert _render(gateway, _request("/rd/x")).code == Code.CHANGED
