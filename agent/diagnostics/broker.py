@@ -1,9 +1,9 @@
 """`devidctl check` lines for devid-broker, judged from its status document. Pure.
 
 devidctl asks the broker's control socket when the broker is on this gateway
-(its socket exists). The answer becomes three lines: the broker and its
-listeners, the policy, and the upstreams (with the gateway's credentials and
-the spool). A socket that exists but does not answer means the broker is
+(its socket exists). The answer becomes four lines: the broker and its
+listeners, the policy, the upstreams (with the gateway's credentials and the
+spool), and its LwM2M sensors. A socket that exists but does not answer means the broker is
 down or stuck: that is a failure.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 from agent.diagnostics.checks import CheckResult, Level
 
-BROKER_CHECKS = ("broker", "broker-policy", "broker-upstreams")
+BROKER_CHECKS = ("broker", "broker-policy", "broker-upstreams", "broker-lwm2m")
 LISTENERS = ("oscore", "dtls", "plain")  # their status sections, in this order
 
 
@@ -91,10 +91,32 @@ def _check_upstreams(doc: dict[str, Any]) -> CheckResult:
                        f"{credentials.get('serial')}")
 
 
+def _check_lwm2m(doc: dict[str, Any]) -> CheckResult:
+    lwm2m = doc.get("lwm2m") or {}
+    bootstrap = doc.get("lwm2m_bootstrap") or {}
+    firmware = doc.get("firmware") or {}
+    registered, offline = int(lwm2m.get("registered") or 0), int(lwm2m.get("offline") or 0)
+    summary = f"{registered} LwM2M sensor(s) registered"
+    problems = []
+    if offline:
+        problems.append(f"{offline} offline (no Update within their lifetime)")
+    if bootstrap.get("failed"):
+        problems.append(f"{bootstrap['failed']} bootstrap(s) failed")
+    if firmware.get("failed"):
+        problems.append(f"{firmware['failed']} firmware update(s) failed")
+    if problems:
+        return CheckResult("broker-lwm2m", Level.WARN, f"{summary}; {'; '.join(problems)} "
+                           "since devid-broker started", "`devidctl sensors show NAME` says "
+                           "which and why; `journalctl -u devid-broker` has the events")
+    return CheckResult("broker-lwm2m", Level.PASS, f"{summary}; "
+                       f"{int(bootstrap.get('finished') or 0)} bootstrapped, "
+                       f"{int(firmware.get('updated') or 0)} firmware update(s) since start")
+
+
 def check_broker(doc: dict[str, Any] | None, unreachable: str | None = None
                  ) -> list[CheckResult]:
     if doc is None:
         return [CheckResult("broker", Level.FAIL, f"devid-broker does not answer: "
                             f"{unreachable or 'no status'}",
                             "`systemctl status devid-broker`; `journalctl -u devid-broker`")]
-    return [_check_process(doc), _check_policy(doc), _check_upstreams(doc)]
+    return [_check_process(doc), _check_policy(doc), _check_upstreams(doc), _check_lwm2m(doc)]

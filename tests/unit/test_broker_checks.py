@@ -21,6 +21,9 @@ HEALTHY = {
     "gateway_credentials": {"serial": "abc", "withdrawn": None, "error": None},
     "spool": {"messages": 0},
     "traffic": {"totals": {"forwarded": 4, "refused.denied": 1}},
+    "lwm2m": {"registered": 2, "offline": 0, "totals": {}},
+    "lwm2m_bootstrap": {"requested": 1, "finished": 1, "failed": 0, "running": 0},
+    "firmware": {"started": 0, "updated": 0, "failed": 0, "running": 0},
 }
 
 
@@ -36,9 +39,17 @@ def _with(**changes):
     return doc
 
 
-def test_a_healthy_broker_passes_its_three_checks():
+def test_a_healthy_broker_passes_its_four_checks():
     assert _levels(HEALTHY) == {"broker": Level.PASS, "broker-policy": Level.PASS,
-                                "broker-upstreams": Level.PASS}
+                                "broker-upstreams": Level.PASS, "broker-lwm2m": Level.PASS}
+
+
+def test_lwm2m_trouble_is_a_warning_that_says_what():
+    for changes, said in (({"lwm2m__offline": 3}, "3 offline"),
+                          ({"lwm2m_bootstrap__failed": 1}, "1 bootstrap(s) failed"),
+                          ({"firmware__failed": 2}, "2 firmware update(s) failed")):
+        [result] = [r for r in check_broker(_with(**changes)) if r.name == "broker-lwm2m"]
+        assert result.level is Level.WARN and said in result.summary, result
 
 
 def test_each_problem_names_its_check():
@@ -65,7 +76,7 @@ def test_merged_into_the_agents_check_document_and_rendered():
                  "results": [{"name": "clock", "level": "pass", "summary": "ok",
                               "checked": True}]}
     merged = with_results(agent_doc, check_broker(_with(policy__insecure_profiles=["x"])))
-    assert merged["state"] == "WARN" and merged["summary"] == "3 passed, 1 warning"
+    assert merged["state"] == "WARN" and merged["summary"] == "4 passed, 1 warning"
     text = render_check(merged)
     assert "WARN  broker-policy    profile(s) x accept plain CoAP" in text
     status = render_status({"state": "OK", "devid_broker": HEALTHY})

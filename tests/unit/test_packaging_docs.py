@@ -50,8 +50,8 @@ def test_check_names_are_the_ones_documented():
     found = set()
     for path in (ROOT / "agent" / "diagnostics").glob("*.py"):
         source = path.read_text()
-        found |= set(re.findall(r'CheckResult\("([a-z-]+)"', source))
-        found |= set(re.findall(r'name = "([a-z-]+)"', source))
+        found |= set(re.findall(r'CheckResult\("([a-z0-9-]+)"', source))
+        found |= set(re.findall(r'name = "([a-z0-9-]+)"', source))
     assert found == set(CHECKS)
 
 
