@@ -81,6 +81,7 @@ class Lwm2mServer:
         # registering in a loop must not flood the journal.
         self._journal = KeyedBuckets(10, 6.0, time.monotonic)
         self._woken: dict[int, asyncio.Event] = {}  # queue-mode sensors waited for
+        self._profiles: dict[int, str] = {}  # serial -> profile, of sensors seen or looked up
 
     # --- requests ------------------------------------------------------------------------
 
@@ -121,6 +122,7 @@ class Lwm2mServer:
         _lifetime_allowed(params, section)
         registration = self.table.register(sensor.serial, sensor.id, endpoint_of(sensor),
                                            params, self._clock())
+        self._profiles[sensor.serial] = sensor.profile
         self.totals["registered"] += 1
         if self._journal.take(sensor.serial):
             events.emit(log, "lwm2m-registered", "sensor %s registered (LwM2M %s, lifetime %d "
@@ -306,18 +308,24 @@ class Lwm2mServer:
         await self.flush()
 
     def _deprovision_after(self, serial: int) -> int:
-        silent = self.table.silent.get(serial)
-        try:
-            sensor = self.registry.store.get(silent.sensor_id) if silent else None
-        except DevidError:
-            return 1  # removed meanwhile: nothing left to keep
-        if sensor is None:
-            return 1
-        profile = self._policy.policy.profiles.get(sensor.profile)
+        """The silent sensor's profile's `deprovision_after`. Asked for each silent sensor
+        every tick: its profile is looked up in the registry once, then remembered."""
+        profile_name = self._profiles.get(serial)
+        if profile_name is None:
+            silent = self.table.silent.get(serial)
+            try:
+                sensor = self.registry.store.get(silent.sensor_id) if silent else None
+            except DevidError:
+                return 1  # removed meanwhile: nothing left to keep
+            if sensor is None:
+                return 1
+            profile_name = self._profiles[serial] = sensor.profile
+        profile = self._policy.policy.profiles.get(profile_name)
         return profile.lwm2m.deprovision_after if profile and profile.lwm2m else 0
 
     async def _deprovision(self, change: Deprovision) -> None:
         silent = change.silent
+        self._profiles.pop(silent.serial, None)
         reason = f"LwM2M: no Update for {change.missed} lifetimes of {silent.lifetime} s"
         try:
             sensor = await asyncio.to_thread(self.registry.store.get, silent.sensor_id)
