@@ -253,6 +253,19 @@ class Lwm2mServer:
         if woke is not None:
             woke.set()
 
+    def refresh(self) -> None:
+        """Follow the registry after a change: the registrations (and the ways to them) of
+        sensors removed or revoked end; such a sensor must be onboarded again."""
+        serials = [registration.serial for registration in self.table.all()]
+        if not serials:
+            return
+        now = self.registry.store.current(serials)
+        for serial in serials:
+            found = now.get(serial)
+            if found is None or found[0].status == "revoked":
+                self.table.forget(serial)
+                self.downlink.forget(serial)
+
     def check_grant(self, sensor: Sensor, operation: str, path: tuple[int, ...]) -> None:
         """Lwm2mForbidden unless the sensor's profile grants the operator `operation` on
         `path` (deny by default)."""
@@ -266,6 +279,10 @@ class Lwm2mServer:
         if self.table.of(sensor.serial) is None:
             self._section(sensor)  # a profile without LwM2M says so first
             raise Lwm2mNotFound(f"sensor {sensor.name} is not registered (LwM2M)")
+        if sensor.status != "active":
+            raise Lwm2mForbidden(f"sensor {sensor.name} is {sensor.status}: the gateway does "
+                                 "not talk to it", "release it first (devidctl sensors "
+                                 "release) if it is to be managed")
         self.check_grant(sensor, operation, path)
         uri_path = tuple(map(str, path))
         if operation in ("read", "observe"):

@@ -190,8 +190,8 @@ async def run(config: BrokerConfig) -> int:
         tasks.append(asyncio.create_task(collector.run()))
         broker.parts += [*listeners, upstreams, spool, traffic, lwm2m, bootstrap, firmware,
                          collector]
-        followers = [contexts.refresh] + [ls.refresh for ls in listeners
-                                          if isinstance(ls, DtlsListener | PlainListener)]
+        followers = [contexts.refresh, lwm2m.refresh] + [
+            ls.refresh for ls in listeners if isinstance(ls, DtlsListener | PlainListener)]
         tasks.append(asyncio.create_task(follow_registry(broker.registry, followers)))
         gid = grp.getgrnam(config.control.group).gr_gid if config.control.group else None
         server = ControlServer(config.paths.control_socket,

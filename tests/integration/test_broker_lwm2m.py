@@ -250,6 +250,12 @@ def test_the_operator_manages_an_oscore_sensor_as_its_profile_grants(broker_stac
         code, refused = broker.ctl_json(*args)
         assert code == 2 and "grants the operator no" in refused["error"]["message"], refused
     assert sensor.executed == [""] and sensor.application_type.value == "kitchen"
+    # Quarantined: the gateway does not talk to it; released: it does again.
+    assert broker.ctl("quarantine", "m-1").returncode == 0
+    code, refused = broker.ctl_json("read", "m-1", "/3/0")
+    assert code == 2 and "is quarantined" in refused["error"]["message"], refused
+    assert broker.ctl("release", "m-1").returncode == 0
+    assert broker.ctl_json("read", "m-1", "/3/0")[0] == 0
     # The sensor's own refusal comes back with its code.
     code, missing = broker.ctl_json("read", "m-1", "/3303/0/5701")
     assert code == 2 and missing["code"] == "4.04"
@@ -260,6 +266,13 @@ def test_the_operator_manages_an_oscore_sensor_as_its_profile_grants(broker_stac
     assert ("write", "/3303/0/5750", "2.04", False) in operations
     assert ("read", "/1/0", None, True) in operations
     assert stack.status()["lwm2m"]["totals"]["operation.read"] >= 3
+    # Revoked: its registration ends with it.
+    assert broker.ctl("revoke", "m-1").returncode == 0
+    deadline = time.monotonic() + 5
+    while "lwm2m" in broker.ctl_json("show", "m-1")[1] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "lwm2m" not in broker.ctl_json("show", "m-1")[1]
+    assert stack.status()["lwm2m"]["registered"] == 0
 
 
 def test_hostile_registrations_get_4xx_and_change_nothing(broker_stack_factory, tmp_path):
