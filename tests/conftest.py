@@ -151,18 +151,21 @@ def broker_stack_factory(gateway_agent: tuple[AgentProcess, RegistrarProcess], t
             tmp_path / "broker", agent.config.parent / "run" / "identity.sock",
             f'[upstreams.cloud]\nurl = "coaps+tcp://127.0.0.1:{upstream.port}"\n'
             f'bundle = "{tmp_path / "upstream-ca.pem"}"\n' + extra, plain, listen, host)
-        broker.policy.write_text(policy)
-        broker.start().wait_serving()
+        # Stopped after the test even if the broker does not come up.
         made.append(BrokerStack(broker, upstream, registrar_ca=registrar.ca,
                                 server_tls=(cert, key)))
+        broker.policy.write_text(policy)
+        broker.start().wait_serving()
         return made[-1]
 
     yield make
     for stack in made:
-        for sensor in stack.sensors:
-            sensor.close()
-        stack.broker.stop()
-        stack.upstream.stop()
+        try:
+            for sensor in stack.sensors:
+                sensor.close()
+        finally:  # a sensor that fails to close must not leave the processes running
+            stack.broker.stop()
+            stack.upstream.stop()
 
 
 @pytest.fixture
