@@ -51,6 +51,14 @@ class Database:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
+    @staticmethod
+    def _create(db: sqlite3.Connection, schema: str) -> None:
+        """`schema`'s statements (CREATE ... IF NOT EXISTS) inside the caller's transaction:
+        sqlite3's executescript would commit it first."""
+        for statement in schema.split(";"):
+            if statement.strip():
+                db.execute(statement)
+
     def _schema_version(self, db: sqlite3.Connection, supported: int, program: str) -> int:
         """The file's schema version; StateError if it is newer than this code knows."""
         version = int(db.execute("PRAGMA user_version").fetchone()[0])

@@ -46,6 +46,7 @@ from coap_upstream import CoapUpstreamProcess  # noqa: E402
 from mqtt_peer import Mosquitto  # noqa: E402
 from mtls import server_identity  # noqa: E402
 from oscore_sensor import MemoryContext  # noqa: E402
+from processes import cpu_seconds, rss_kib  # noqa: E402
 from stack import (  # noqa: E402
     AgentProcess,
     BrokerProcess,
@@ -75,19 +76,6 @@ burst = 100000
 """
 PAYLOAD = cbor2.dumps({"t": 21.5, "h": 40})
 Send = Callable[[], Awaitable[bool]]
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process `pid` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 # --- load -----------------------------------------------------------------------------
@@ -260,11 +248,11 @@ async def measure(paths: dict[str, Send], seconds: float, concurrency: int, rate
             await send()
         pid = server_pids.get(name)
         watched = {"server": pid, "upstream": upstream_pids[name], "loadgen": os.getpid()}
-        cpu0 = {k: _cpu_seconds(p) if p else 0.0 for k, p in watched.items()}
+        cpu0 = {k: cpu_seconds(p) if p else 0.0 for k, p in watched.items()}
         wall0 = time.perf_counter()
         throughput, failed = await closed_loop(send, seconds, concurrency)
         wall = time.perf_counter() - wall0
-        busy = {k: ((_cpu_seconds(p) - cpu0[k]) / wall if p else 0.0)
+        busy = {k: ((cpu_seconds(p) - cpu0[k]) / wall if p else 0.0)
                 for k, p in watched.items()}
         latencies, late_failed = await open_loop(send, min(seconds, 4.0), rate)
         results[name] = {"rps": throughput, "failed": failed + late_failed,
@@ -314,7 +302,7 @@ def _run(tmp: Path, args: argparse.Namespace, agent: AgentProcess,
         broker.start().wait_serving()
         assert broker.proc is not None
         time.sleep(1.0)
-        rss_empty = _rss_kib(broker.proc.pid)
+        rss_empty = rss_kib(broker.proc.pid)
         _, added = broker.ctl_json("add", "t-1", "--profile", "bench")
         oscore = added["sensors"][0]["credential"]
         _, added = broker.ctl_json("add", "d-1", "--profile", "bench", "--transport",
@@ -334,14 +322,14 @@ def _run(tmp: Path, args: argparse.Namespace, agent: AgentProcess,
                                      oscore, psk, proxy.pid or 0,
                                      (upstream.proc.pid, mosquitto.proc.pid)))
 
-        rss_used = _rss_kib(broker.proc.pid)
+        rss_used = rss_kib(broker.proc.pid)
         from agent.control import client
         totals = client.call(broker.socket, "status")["traffic"]["totals"]
         code, batch = broker.ctl_json("add", "--count", "10000", "--prefix", "b-",
                                       "--profile", "bench", "--out", str(tmp / "batch.json"))
         assert code == 0, batch
         time.sleep(1.0)
-        rss_10k = _rss_kib(broker.proc.pid)
+        rss_10k = rss_kib(broker.proc.pid)
     finally:
         if proxy is not None:
             proxy.kill()

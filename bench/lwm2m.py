@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from aiocoap import Code, Message  # noqa: E402
 from coap_loadgen import RawCoap, raw_client  # noqa: E402
 from oscore_sensor import MemoryContext  # noqa: E402
+from processes import cpu_seconds, rss_kib  # noqa: E402
 from stack import BrokerProcess, enrolled_gateway  # noqa: E402
 
 POLICY = """
@@ -44,16 +45,8 @@ max_lifetime = 86400
 LINKS = b'</>;rt="oma.lwm2m";ct=11543,</1/0>,</3/0>,</3303/0>,</3303/1>'
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return rss_kib(pid) / 1024
 
 
 async def _load(client: RawCoap, sensors: list[dict[str, Any]], concurrency: int,
@@ -139,20 +132,19 @@ def _run(tmp: Path, broker: BrokerProcess, args: argparse.Namespace) -> int:
             figures: dict[str, Any] = {}
             # Baseline: half the sensors send one telemetry request each (their first
             # message: the broker opens their OSCORE context), refused 4.03 by the policy.
-            cpu0 = _cpu_seconds(pid)
+            cpu0 = cpu_seconds(pid)
             figures["base"] = await _load(client, sensors[:half], args.concurrency, _telemetry)
-            figures["base_cpu"] = _cpu_seconds(pid) - cpu0
+            figures["base_cpu"] = cpu_seconds(pid) - cpu0
             # Registrations: the other half, first message too, so the same context work.
-            cpu0 = _cpu_seconds(pid)
+            cpu0 = cpu_seconds(pid)
             figures["register"] = await _load(client, sensors[half:], args.concurrency,
                                               _register)
-            figures["register_cpu"] = _cpu_seconds(pid) - cpu0
-            figures["rss_half"] = _rss_mib(pid)
+            figures["register_cpu"] = cpu_seconds(pid) - cpu0
             # Then the first half registers as well: all are registered.
-            cpu0 = _cpu_seconds(pid)
+            cpu0 = cpu_seconds(pid)
             figures["register_warm"] = await _load(client, sensors[:half], args.concurrency,
                                                    _register)
-            figures["register_warm_cpu"] = _cpu_seconds(pid) - cpu0
+            figures["register_warm_cpu"] = cpu_seconds(pid) - cpu0
             return figures
         finally:
             client.close()

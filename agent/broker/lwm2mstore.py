@@ -62,9 +62,7 @@ class Lwm2mStore(Database):
         super().__init__(path, "the broker")
         with self._transaction() as db:
             self._schema_version(db, SCHEMA_VERSION, "devid-broker")
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
+            self._create(db, SCHEMA)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def load(self) -> tuple[list[Registration], list[Silent]]:

@@ -73,9 +73,7 @@ class SpoolStore(Database):
         self.max_messages, self.max_bytes = max_messages, max_bytes
         with self._transaction() as db:
             self._schema_version(db, SCHEMA_VERSION, "devid-broker")
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
+            self._create(db, SCHEMA)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         rows = self._query("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM spool")
         self.count, self.bytes = int(rows[0][0]), int(rows[0][1])  # type: ignore[arg-type]

@@ -60,12 +60,7 @@ class Params:
 
 def parse_register(query: Sequence[str], payload: bytes) -> Params:
     params = _query(query, REGISTER_PARAMS, "Register")
-    endpoint = params.get("ep")
-    if endpoint is None:
-        raise Lwm2mError("Register: the endpoint name (ep) is missing")
-    if len(endpoint) > MAX_ENDPOINT or not _ENDPOINT.match(endpoint):
-        raise Lwm2mError(f"Register: endpoint name {endpoint[:MAX_ENDPOINT]!r} is not 1 to "
-                         f"{MAX_ENDPOINT} letters, digits or ._:~-")
+    endpoint = _endpoint(params, "Register")
     version = params.get("lwm2m", "1.0")
     if version not in VERSIONS:
         raise Lwm2mError(f"Register: LwM2M version {version!r} is not one of "
@@ -79,14 +74,7 @@ def parse_register(query: Sequence[str], payload: bytes) -> Params:
 
 def parse_bootstrap_request(query: Sequence[str]) -> str:
     """The endpoint name of a Bootstrap-Request (POST /bs?ep=NAME[&pct=FORMAT])."""
-    params = _query(query, ("ep", "pct"), "Bootstrap-Request")
-    endpoint = params.get("ep")
-    if endpoint is None:
-        raise Lwm2mError("Bootstrap-Request: the endpoint name (ep) is missing")
-    if len(endpoint) > MAX_ENDPOINT or not _ENDPOINT.match(endpoint):
-        raise Lwm2mError(f"Bootstrap-Request: endpoint name {endpoint[:MAX_ENDPOINT]!r} is "
-                         f"not 1 to {MAX_ENDPOINT} letters, digits or ._:~-")
-    return endpoint
+    return _endpoint(_query(query, ("ep", "pct"), "Bootstrap-Request"), "Bootstrap-Request")
 
 
 def parse_update(query: Sequence[str], payload: bytes) -> Params:
@@ -113,6 +101,16 @@ def _query(query: Sequence[str], known: tuple[str, ...], operation: str) -> dict
             raise Lwm2mError(f"{operation}: parameter {name!r} has no value")
         out[name] = value
     return out
+
+
+def _endpoint(params: dict[str, str], operation: str) -> str:
+    endpoint = params.get("ep")
+    if endpoint is None:
+        raise Lwm2mError(f"{operation}: the endpoint name (ep) is missing")
+    if len(endpoint) > MAX_ENDPOINT or not _ENDPOINT.match(endpoint):
+        raise Lwm2mError(f"{operation}: endpoint name {endpoint[:MAX_ENDPOINT]!r} is not 1 "
+                         f"to {MAX_ENDPOINT} letters, digits or ._:~-")
+    return endpoint
 
 
 def _lifetime(text: str | None, operation: str) -> int | None:

@@ -173,9 +173,7 @@ class Store(Database):
                            "FROM devices")
                 db.execute("DROP TABLE devices")
                 db.execute("ALTER TABLE devices_v2 RENAME TO devices")
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
+            self._create(db, SCHEMA)
             if has_devices and version < 2:
                 for device_id, serial, not_after in db.execute(
                         "SELECT device_id, cert_serial, cert_not_after FROM devices").fetchall():

@@ -136,9 +136,7 @@ class SensorStore(Database):
             for step in range(version, SCHEMA_VERSION) if version else ():
                 for statement in _UPGRADES.get(step, ()):
                     db.execute(statement)
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
+            self._create(db, SCHEMA)
             db.execute("INSERT OR IGNORE INTO registry (key, value) VALUES ('registry_id', ?)",
                        (uuid.uuid4().hex,))
             db.execute("INSERT OR IGNORE INTO registry (key, value) VALUES ('key_id', ?)",
