@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import re
 import struct
+from pathlib import Path
 
 import cbor2
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.errors import Lwm2mError, Lwm2mForbidden, Lwm2mNotFound
-from agent.lwm2m.content import SENML_CBOR, SENML_JSON, TEXT, TLV, ContentError, decode
+from agent.broker.firmware import FirmwareUpdates
+from agent.broker.lwm2m import Lwm2mServer
+from agent.broker.lwm2mstore import Lwm2mStore
+from agent.errors import ConfigError, Lwm2mError, Lwm2mForbidden, Lwm2mNotFound
+from agent.lwm2m.content import (
+    SENML_CBOR,
+    SENML_JSON,
+    TEXT,
+    TLV,
+    ContentError,
+    decode,
+    parse_path,
+)
 from agent.lwm2m.gateway import GatewayObject
 from agent.lwm2m.linkformat import MAX_LINKS, LinkFormatError, parse_links
 from agent.lwm2m.registration import (
@@ -20,9 +34,11 @@ from agent.lwm2m.registration import (
     Deprovision,
     Expired,
     Registrations,
+    parse_bootstrap_request,
     parse_register,
     parse_update,
 )
+from agent.policy.model import parse_policy
 
 LESHAN_STYLE = b'</>;rt="oma.lwm2m";ct=11543,</1/0>,</3/0>,</3303/0>;ver=1.1,</3303/1>,</5>'
 
@@ -275,3 +291,81 @@ def test_gateway_object_shows_each_registered_sensor_under_its_prefix() -> None:
     for path in (("m-8", "3"), ("m-7",), ("m-7", "03"), ("m-7", "x"),
                  ("m-7", "1", "2", "3", "4", "5"), ("m-7", "70000")):
         assert gateway.route(path) is None, path
+
+
+# --- garbage at the other new inputs: paths, grants, bootstrap, firmware, observe -------
+
+
+@pytest.mark.parametrize("text", ["", "/", "3/0", "/3/x", "/03", "/3//0", "/65535",
+                                  "/1/2/3/4/5", "/3/0/", "/-1"])
+def test_a_bad_lwm2m_path_is_refused_naming_it(text: str) -> None:
+    with pytest.raises(Lwm2mError, match="expected /OBJECT"):
+        parse_path(text)
+
+
+@pytest.mark.parametrize(("toml", "what"), [
+    ('[[profiles.m.lwm2m.grants]]\noperations = ["read"]\npaths = ["/3/x"]\n', "'/3/x'"),
+    ('[[profiles.m.lwm2m.grants]]\noperations = ["steal"]\npaths = ["/3"]\n', "operations"),
+    ('[[profiles.m.lwm2m.grants]]\noperations = ["read"]\npaths = []\n', "paths"),
+    ('[[profiles.m.lwm2m.grants]]\nwho = ["anyone"]\noperations = ["read"]\n'
+     'paths = ["/3"]\n', "who"),
+    ("[profiles.m.lwm2m]\nmin_lifetime = 100\nmax_lifetime = 10\n", "above max_lifetime"),
+    ("[profiles.m.lwm2m]\nqueue_awake = 0\n", "queue_awake"),
+    ("[profiles.m.lwm2m]\nbootstrap = 1\n", "bootstrap"),
+])
+def test_bad_lwm2m_policy_is_refused_naming_the_key(toml: str, what: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_policy(toml, Path("policy.toml"))
+    assert what in caught.value.message and "m.lwm2m" in caught.value.message
+
+
+@pytest.mark.parametrize(("query", "what"), [
+    ([], "endpoint name (ep) is missing"), (["ep=a b"], "is not 1 to 64"),
+    (["ep=x", "ep=y"], "given twice"), (["ep=x", "lt=60"], "unknown parameter 'lt'")])
+def test_a_bad_bootstrap_request_is_refused(query: list[str], what: str) -> None:
+    with pytest.raises(Lwm2mError) as caught:
+        parse_bootstrap_request(query)
+    assert what in caught.value.message and "Bootstrap-Request" in caught.value.message
+
+
+@pytest.mark.parametrize(("params", "what"), [
+    ({}, "either a package or a URI"),
+    ({"sensor": "m-1"}, "either a package or a URI"),
+    ({"sensor": "m-1", "uri": "coap://x", "package": "AA=="}, "either a package or a URI"),
+    ({"sensor": "m-1", "uri": ""}, "1 to 255 characters"),
+    ({"sensor": "m-1", "uri": 7}, "1 to 255 characters"),
+    ({"sensor": "m-1", "package": "not base64!"}, "not base64"),
+    ({"sensor": "m-1", "package": ""}, "a package of 1 byte"),
+])
+def test_a_bad_firmware_request_is_refused_before_anything_happens(
+        params: dict[str, object], what: str) -> None:
+    class Untouched:  # the checks come first: nothing of the LwM2M server is used
+        def __getattr__(self, name: str) -> object:
+            raise AssertionError(f"used {name}")
+
+    updates = FirmwareUpdates(Untouched(), Untouched())  # type: ignore[arg-type]
+    with pytest.raises(Lwm2mError, match=re.escape(what)):
+        asyncio.run(updates.start(params))
+    assert updates.totals == {"started": 0, "updated": 0, "failed": 0}
+
+
+@pytest.mark.parametrize(("params", "what"), [
+    ({"path": "/3/0"}, "a sensor and a path"),
+    ({"sensor": "m-1", "path": "/3/0", "count": 0}, "count from 1 to 1000"),
+    ({"sensor": "m-1", "path": "/3/0", "count": True}, "count from 1 to 1000"),
+    ({"sensor": "m-1", "path": "/3/0", "seconds": 1e9}, "seconds from 1 to 110"),
+    ({"sensor": "m-1", "path": "/3/0", "seconds": "soon"}, "seconds from 1 to 110"),
+    ({"sensor": "m-1", "operation": "steal", "path": "/3/0"}, "one of read, write"),
+])
+def test_bad_device_management_requests_are_refused_before_anything_happens(
+        tmp_path: Path, params: dict[str, object], what: str) -> None:
+    class Untouched:
+        def __getattr__(self, name: str) -> object:
+            raise AssertionError(f"used {name}")
+
+    server = Lwm2mServer(Lwm2mStore(tmp_path / "lwm2m.db"), Untouched(), Untouched(),  # type: ignore[arg-type]
+                         Untouched(), Untouched())  # type: ignore[arg-type]
+    handler = server.operate if "operation" in params else server.observe
+    with pytest.raises(Lwm2mError, match=re.escape(what)):
+        asyncio.run(handler(params))
+    assert server.totals == {}
