@@ -99,7 +99,7 @@ class Lwm2mServer:
                 self.table.deregister(sensor.serial, path[1])
                 self.totals["deregistered"] += 1
                 if self._journal.take(sensor.serial):
-                        events.emit(log, "lwm2m-deregistered", "sensor %s de-registered (LwM2M)",
+                    events.emit(log, "lwm2m-deregistered", "sensor %s de-registered (LwM2M)",
                                 sensor.name, sensor=sensor.id)
                 return Message(code=Code.DELETED)
             return answer(Code.METHOD_NOT_ALLOWED, "LwM2M registration: POST /rd, POST or "
