@@ -250,3 +250,17 @@ class Lwm2mNotFound(Lwm2mError):
 
     code = "lwm2m-not-found"
     coap_code = 0x84  # 4.04
+
+
+class Lwm2mNotAllowed(Lwm2mError):
+    """An operation the gateway does not relay (Create, Delete, composite) or serve."""
+
+    code = "lwm2m-not-allowed"
+    coap_code = 0x85  # 4.05
+
+
+class Lwm2mNotAcceptable(Lwm2mError):
+    """A Content-Format asked for that the gateway's own objects do not speak."""
+
+    code = "lwm2m-not-acceptable"
+    coap_code = 0x86  # 4.06

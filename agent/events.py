@@ -195,6 +195,16 @@ _EVENTS = (
            "a sensor's firmware update failed or did not finish in time",
            "DEVID_REASON says at which step and what the sensor reported (its Update "
            "Result); the sensor keeps the firmware it ran."),
+    EventType("lwm2m-upstream-registered", "a9018e9431814392941eb164b1a40212", logging.INFO,
+           "the gateway registered with its upstream LwM2M server as an LwM2M Gateway "
+           "(/25)",
+           "None; the server manages the gateway's sensors by their prefixes from now on."),
+    EventType("lwm2m-upstream-failed", "1c57cedb33144cdab459ca7950c57390", logging.WARNING,
+           "the gateway lost or could not make its session or registration with the "
+           "upstream LwM2M server; it retries with backoff",
+           "DEVID_REASON says why: the server's address, its certificate against "
+           "[lwm2m_upstream] bundle, or the server refusing the gateway's certificate. "
+           "`devidctl broker status` shows the state."),
 )
 
 EVENTS: dict[str, EventType] = {e.name: e for e in _EVENTS}

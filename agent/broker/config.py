@@ -23,6 +23,9 @@
     bundle = "/etc/devid-broker/cloud-ca.pem"   # optional: else the agent's trust bundle
     timeout = "10s"
 
+    [lwm2m_upstream]                # the fleet's LwM2M server: the gateway as /25
+    url = "coaps://lwm2m.example.net:5684"
+
 Errors name the file, section and key, as the agent's do.
 """
 
@@ -120,6 +123,28 @@ class UpstreamSection(StrictSection):
     client_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,40}$")] = "devid-broker"
 
 
+def _lwm2m_url(url: str) -> str:
+    from agent.broker.lwm2mupstream import parse_lwm2m_url
+    from agent.errors import ConfigError
+
+    try:
+        parse_lwm2m_url(url)
+    except ConfigError as e:
+        raise ValueError(e.message) from None
+    return url
+
+
+class Lwm2mUpstreamSection(StrictSection):
+    # The fleet's LwM2M server the gateway registers with as an LwM2M Gateway (/25),
+    # over DTLS with its own certificate.
+    url: Annotated[str, AfterValidator(_lwm2m_url)]
+    bundle: Path | None = None  # PEM CAs the server is verified against
+    # The gateway's endpoint name; empty: its device ID (from its certificate).
+    endpoint: Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{0,128}$")] = ""
+    lifetime: Annotated[int, Field(ge=30, le=86400)] = 300
+    timeout: Duration = 10.0
+
+
 class SpoolSection(StrictSection):
     # Store and forward for rules with `spool = true` (docs/broker.md, "Spool").
     max_messages: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
@@ -137,12 +162,14 @@ class BrokerConfig(StrictSection):
     upstreams: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")],
                     UpstreamSection] = Field(default_factory=dict)
     spool: SpoolSection = Field(default_factory=SpoolSection)
+    lwm2m_upstream: Lwm2mUpstreamSection | None = None
     log: LogSection = Field(default_factory=LogSection)
     source: Path | None = Field(default=None, exclude=True)
 
 
 _PATH_KEYS = (("paths", "state_dir"), ("paths", "control_socket"), ("identity", "socket"),
-              ("policy", "file"), ("upstreams", "*", "bundle"))
+              ("policy", "file"), ("upstreams", "*", "bundle"),
+              ("lwm2m_upstream", "bundle"))
 
 
 def parse_broker_config(text: str, source: Path) -> BrokerConfig:

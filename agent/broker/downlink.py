@@ -92,31 +92,45 @@ class Downlink:
                       ) -> list[Message]:
         """Observe (RFC 7641): the first answer and the notifications that follow, until
         `count` in all or `seconds` have passed; then the observation is cancelled."""
+        got: list[Message] = []
+
+        def take(answer: Message) -> bool:
+            got.append(answer)
+            return len(got) < count
+
+        await self.follow(sensor, message, take, seconds)
+        return got
+
+    async def follow(self, sensor: Sensor, message: Message,
+                     take: Callable[[Message], bool], seconds: float | None = None) -> None:
+        """Observe `message`'s resource: `take` gets the first answer, then each
+        notification, until it returns False, the observation ends, or `seconds` pass
+        after the first answer (None: until cancelled). The observation is cancelled on
+        the way out. Lwm2mError when the first answer does not come."""
         context, route = self._way(sensor)
         message.opt.observe = 0
         request, inner = _start(context, route, message)
-        got: list[Message] = []
+        answered = False
         try:
-            got.append(inner(await asyncio.wait_for(request.response, self.timeout)))
-            if not got[0].code.is_successful() or got[0].opt.observe is None:
-                return got  # refused, or not observable: one answer
+            first = inner(await asyncio.wait_for(request.response, self.timeout))
+            answered = True
+            if not take(first) or not first.code.is_successful() or first.opt.observe is None:
+                return  # enough, refused, or not observable: one answer
 
-            async def follow() -> None:
+            async def notifications() -> None:
                 async for notification in request.observation:
-                    got.append(inner(notification))
-                    if len(got) >= count:
+                    if not take(inner(notification)):
                         return
 
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(follow(), seconds)
-            return got
+                await asyncio.wait_for(notifications(), seconds)
         except TimeoutError:
             raise Lwm2mError(f"sensor {sensor.name} did not answer within "
                              f"{self.timeout:g} s (asleep, out of reach, or gone)") from None
         except aiocoap.error.Error as e:
-            if got:
-                return got  # the observation ended (the sensor cancelled it)
-            raise Lwm2mError(f"sensor {sensor.name}: {type(e).__name__}: {e}") from None
+            if not answered:
+                raise Lwm2mError(f"sensor {sensor.name}: {type(e).__name__}: {e}") from None
+            # else the observation ended (the sensor cancelled it)
         finally:
             request.observation.cancel()
 

@@ -38,6 +38,7 @@ from agent.broker.registry import SensorRegistry
 from agent.broker.traffic import Traffic
 from agent.errors import DevidError, Lwm2mError, Lwm2mForbidden, Lwm2mNotFound
 from agent.lwm2m.content import OPAQUE, decode, encode_text, parse_path
+from agent.lwm2m.gateway import prefix_of
 from agent.lwm2m.linkformat import parse_links
 from agent.lwm2m.registration import (
     Deprovision,
@@ -266,16 +267,18 @@ class Lwm2mServer:
                 self.table.forget(serial)
                 self.downlink.forget(serial)
 
-    def check_grant(self, sensor: Sensor, operation: str, path: tuple[int, ...]) -> None:
-        """Lwm2mForbidden unless the sensor's profile grants the operator `operation` on
-        `path` (deny by default)."""
-        if self._section(sensor).grant("operator", operation, path) is None:
+    def check_grant(self, sensor: Sensor, operation: str, path: tuple[int, ...],
+                    who: str = "operator") -> None:
+        """Lwm2mForbidden unless the sensor's profile grants `who` (the operator or the
+        upstream server) `operation` on `path` (deny by default)."""
+        if self._section(sensor).grant(who, operation, path) is None:
             where = "/" + "/".join(map(str, path))
-            raise Lwm2mForbidden(f"profile {sensor.profile} grants the operator no "
+            raise Lwm2mForbidden(f"profile {sensor.profile} grants the {who} no "
                                  f"{operation} on {where} ([[profiles.NAME.lwm2m.grants]])")
 
-    def _downlink_message(self, sensor: Sensor, operation: str, path: tuple[int, ...],
-                          value: str | bytes | None) -> Message:
+    def permit(self, sensor: Sensor, operation: str, path: tuple[int, ...], who: str) -> None:
+        """Lwm2mError unless the gateway may now ask `sensor` for `operation` on `path` on
+        `who`'s behalf: it is registered, active, and its profile grants it."""
         if self.table.of(sensor.serial) is None:
             self._section(sensor)  # a profile without LwM2M says so first
             raise Lwm2mNotFound(f"sensor {sensor.name} is not registered (LwM2M)")
@@ -283,7 +286,11 @@ class Lwm2mServer:
             raise Lwm2mForbidden(f"sensor {sensor.name} is {sensor.status}: the gateway does "
                                  "not talk to it", "release it first (devidctl sensors "
                                  "release) if it is to be managed")
-        self.check_grant(sensor, operation, path)
+        self.check_grant(sensor, operation, path, who)
+
+    def _downlink_message(self, sensor: Sensor, operation: str, path: tuple[int, ...],
+                          value: str | bytes | None) -> Message:
+        self.permit(sensor, operation, path, "operator")
         uri_path = tuple(map(str, path))
         if operation in ("read", "observe"):
             return Message(code=Code.GET, uri_path=uri_path)
@@ -372,7 +379,10 @@ class Lwm2mServer:
         firmware = self.firmware.get(sensor.serial)
         extra = {"firmware": firmware} if firmware is not None else {}
         if registration is not None:
-            return {"state": "registered", **registration.to_dict(), **extra}
+            # How the upstream LwM2M server knows it: /25/INSTANCE, /PREFIX/...
+            gateway = {"instance": registration.serial, "prefix": prefix_of(registration)}
+            return {"state": "registered", **registration.to_dict(), "gateway": gateway,
+                    **extra}
         silent = self.table.silent.get(sensor.serial)
         if silent is not None:
             return {"state": "offline", "endpoint": silent.endpoint,
@@ -407,9 +417,14 @@ class Lwm2mServer:
                 "totals": dict(sorted(self.totals.items()))}
 
 
+def code_text(code: Code) -> str:
+    """A CoAP code as devidctl and the audit log show it: "2.05"."""
+    return f"{int(code) >> 5}.{int(code) & 31:02d}"
+
+
 def _answer_doc(operation: str, path: tuple[int, ...], response: Message) -> dict[str, Any]:
     """A sensor's answer as devidctl shows it: its code, and decoded what it carries."""
-    doc: dict[str, Any] = {"code": f"{int(response.code) >> 5}.{int(response.code) & 31:02d}"}
+    doc: dict[str, Any] = {"code": code_text(response.code)}
     fmt = response.opt.content_format
     if fmt is not None:
         doc["content_format"] = int(fmt)

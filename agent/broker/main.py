@@ -37,6 +37,7 @@ from agent.broker.firmware import FirmwareUpdates
 from agent.broker.gateway import Gateway
 from agent.broker.lwm2m import Lwm2mServer
 from agent.broker.lwm2mstore import Lwm2mStore
+from agent.broker.lwm2mupstream import make_lwm2m_upstream
 from agent.broker.oscore import OscoreListener, SensorContexts
 from agent.broker.plain import PlainIdentities, PlainListener
 from agent.broker.policy import PolicyHolder
@@ -59,6 +60,7 @@ EXIT_CONFIG, EXIT_STARTUP = 78, 1
 REGISTRY_FILE = "sensors.db"
 SPOOL_FILE = "spool.db"
 LWM2M_FILE = "lwm2m.db"
+FINISH_TIMEOUT = 3.0
 MAX_REQUEST = 32 << 20  # `sensors import` sends the file: 100,000 sensors fit
 
 
@@ -115,6 +117,7 @@ async def run(config: BrokerConfig) -> int:
     watchdog = asyncio.create_task(supervisor.run(stop))
     server: ControlServer | None = None
     tasks: list[asyncio.Task[None]] = []
+    finishing: list[asyncio.Task[None]] = []  # tasks that end by themselves at stop
     listeners: list[OscoreListener | DtlsListener | PlainListener] = []
     upstreams: Upstreams | None = None
     traffic: Traffic | None = None
@@ -190,6 +193,11 @@ async def run(config: BrokerConfig) -> int:
         tasks.append(asyncio.create_task(collector.run()))
         broker.parts += [*listeners, upstreams, spool, traffic, lwm2m, bootstrap, firmware,
                          collector]
+        lwm2m_upstream = make_lwm2m_upstream(config, upstreams.credentials, lwm2m, audit)
+        if lwm2m_upstream is not None:
+            # It de-registers from its server at stop: given a moment for that below.
+            finishing.append(asyncio.create_task(lwm2m_upstream.run(stop)))
+            broker.parts.append(lwm2m_upstream)
         followers = [contexts.refresh, lwm2m.refresh] + [
             ls.refresh for ls in listeners if isinstance(ls, DtlsListener | PlainListener)]
         tasks.append(asyncio.create_task(follow_registry(broker.registry, followers)))
@@ -208,6 +216,9 @@ async def run(config: BrokerConfig) -> int:
         return 0
     finally:
         stop.set()
+        if finishing:
+            await asyncio.wait(finishing, timeout=FINISH_TIMEOUT)
+            tasks += finishing
         if server is not None:
             await server.close()
         for listener in listeners:

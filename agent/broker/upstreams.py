@@ -1,7 +1,8 @@
 """The configured upstreams ([upstreams.NAME] in broker.toml), made and held together.
 
-They share one watch of the gateway's TLS credentials. A broker with no
-upstream never asks the agent for them, so it needs only the `secrets` grant.
+They share one watch of the gateway's TLS credentials (with the LwM2M
+upstream, lwm2mupstream.py). A broker with no upstream never asks the agent
+for them, so it needs only the `secrets` grant.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ from agent.consumer import IdentityClient
 from agent.errors import ConfigError
 
 
-def _trust(path: Path | None, name: str) -> str | None:
+def read_trust(path: Path | None, section: str) -> str | None:
+    """The PEM text of a `bundle` key, checked; ConfigError naming `section`."""
     if path is None:
         return None
     try:
         text = path.read_text()
     except OSError as e:
-        raise ConfigError(f"[upstreams.{name}] bundle: {path}: {e.strerror or e}") from None
+        raise ConfigError(f"[{section}] bundle: {path}: {e.strerror or e}") from None
     if "-----BEGIN CERTIFICATE-----" not in text:
-        raise ConfigError(f"[upstreams.{name}] bundle: {path}: no PEM certificate in it")
+        raise ConfigError(f"[{section}] bundle: {path}: no PEM certificate in it")
     return text
 
 
@@ -60,12 +62,12 @@ class Upstreams:
 
 
 def make_upstreams(config: BrokerConfig, client: IdentityClient) -> Upstreams:
-    if not config.upstreams:
+    if not config.upstreams and config.lwm2m_upstream is None:
         return Upstreams({}, None)
     credentials = GatewayCredentials(client, config.identity.retry)
     by_name: dict[str, Upstream] = {}
     for name, section in config.upstreams.items():
-        trust = _trust(section.bundle, name)
+        trust = read_trust(section.bundle, f"upstreams.{name}")
         by_name[name] = MqttUpstream(name, section.url, trust, credentials, section.timeout,
                                      section.client_id) \
             if section.url.startswith("mqtts:") else \

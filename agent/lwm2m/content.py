@@ -290,6 +290,35 @@ def encode_tlv(resources: dict[int, Resource]) -> bytes:
     return bytes(out)
 
 
+def encode_tlv_instances(instances: dict[int, dict[int, Resource]]) -> bytes:
+    """Object instances, each with its resources, as TLV (a Read of a whole object)."""
+    out = bytearray()
+    for ident, resources in instances.items():
+        inner = encode_tlv(resources)
+        out += _tlv_header(0, ident, len(inner)) + inner
+    return bytes(out)
+
+
+def encode_senml_json(base: str, resources: dict[str, Resource]) -> bytes:
+    """Resources as SenML JSON (RFC 8428, LwM2M 1.1+): `base` the path they share,
+    names relative to it; strings as vs, numbers as v, booleans as vb."""
+    records: list[dict[str, Any]] = []
+    for name, value in resources.items():
+        record: dict[str, Any] = {"n": name}
+        if isinstance(value, bool):
+            record["vb"] = value
+        elif isinstance(value, int):
+            record["v"] = value
+        elif isinstance(value, bytes):
+            record["vd"] = base64.urlsafe_b64encode(value).rstrip(b"=").decode()
+        else:
+            record["vs"] = value
+        records.append(record)
+    if records:
+        records[0] = {"bn": base, **records[0]}
+    return json.dumps(records, separators=(",", ":")).encode()
+
+
 def _tlv_header(kind: int, ident: int, length: int) -> bytes:
     byte = kind << 6 | (0x20 if ident > 0xFF else 0)
     ident_bytes = ident.to_bytes(2 if ident > 0xFF else 1, "big")

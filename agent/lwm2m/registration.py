@@ -270,6 +270,9 @@ class Registrations:
         self.silent: dict[int, Silent] = {}
         self._deadlines: list[tuple[float, int, str]] = []  # (when, serial, location)
         self.changed: set[int] = set()
+        # Counts changes to who is registered and with which objects (not lifetimes):
+        # what the gateway shows upstream (/25) is rebuilt when it moves.
+        self.generation = 0
 
     def __len__(self) -> int:
         return len(self._by_serial)
@@ -316,6 +319,7 @@ class Registrations:
         self._put(registration)
         self.silent.pop(serial, None)
         self.changed.add(serial)
+        self.generation += 1
         return registration
 
     def update(self, serial: int, location: str, params: Params, now: float) -> Registration:
@@ -333,6 +337,7 @@ class Registrations:
         if params.objects is not None:
             changes.update(objects=shared(params.objects), versions=shared(params.versions),
                            root=params.root)
+            self.generation += params.objects != current.objects
         registration = replace(current, **changes)
         self._put(registration)
         self.changed.add(serial)
@@ -343,6 +348,7 @@ class Registrations:
         del self._by_serial[serial], self._by_location[location]
         self._by_endpoint.pop(current.endpoint, None)
         self.changed.add(serial)
+        self.generation += 1
         return current
 
     def forget(self, serial: int) -> None:
@@ -351,6 +357,7 @@ class Registrations:
         if current is not None:
             del self._by_location[current.location]
             self._by_endpoint.pop(current.endpoint, None)
+            self.generation += 1
         if current is not None or self.silent.pop(serial, None) is not None:
             self.changed.add(serial)
 
@@ -385,6 +392,7 @@ class Registrations:
             self.silent[serial] = Silent(serial, current.sensor_id, current.endpoint,
                                          current.updated_at, current.lifetime)
             self.changed.add(serial)
+            self.generation += 1
             out.append(Expired(current))
         for serial, entry in list(self.silent.items()):
             limit = deprovision_after(serial)
