@@ -73,7 +73,16 @@ def parse_path(text: str) -> tuple[int, ...]:
 def decode(content_format: int | None, payload: bytes, path: tuple[int, ...]) -> list[Value]:
     """The values in a Read's answer to `path`."""
     if content_format in (TLV, TLV_10):
-        return _Tlv(payload, path).values()
+        if len(path) < 3:
+            return _Tlv(payload, path).values()
+        # A resource (or resource instance) comes as its own TLV, ID included (Core
+        # 7.4.3): read from the level above, and it must be the one asked for.
+        values = _Tlv(payload, path[:-1]).values()
+        where = _text_path(path)
+        for value in values:
+            if value.path != where and not value.path.startswith(where + "/"):
+                raise ContentError(f"TLV: {value.path} in the answer to a Read of {where}")
+        return values
     if content_format == SENML_JSON:
         try:
             records = json.loads(payload.decode("utf-8"))

@@ -25,9 +25,16 @@ from agent.lwm2m.content import (
     TLV,
     ContentError,
     decode,
+    encode_tlv,
     parse_path,
 )
-from agent.lwm2m.gateway import GatewayObject
+from agent.lwm2m.gateway import (
+    GatewayObject,
+    discover_objects,
+    operation_of,
+    read_objects,
+    reprefix_senml,
+)
 from agent.lwm2m.linkformat import MAX_LINKS, LinkFormatError, parse_links
 from agent.lwm2m.registration import (
     DEFAULT_LIFETIME,
@@ -293,6 +300,83 @@ def test_gateway_object_shows_each_registered_sensor_under_its_prefix() -> None:
         assert gateway.route(path) is None, path
 
 
+def test_the_gateway_object_moves_only_when_who_is_registered_or_their_objects_change(
+        ) -> None:
+    table = Registrations(lambda: "loc")
+    start = table.generation
+    table.register(7, "urn:s:7", "m-7", parse_register(["ep=m-7"], b"</3/0>"), 0.0)
+    assert table.generation == start + 1
+    table.update(7, "loc", parse_update(["lt=600"], b""), 1.0)
+    assert table.generation == start + 1  # a lifetime is not what /25 shows
+    table.update(7, "loc", parse_update([], b"</3/0>"), 2.0)
+    assert table.generation == start + 1  # the same objects again
+    table.update(7, "loc", parse_update([], b"</3/0>,</3303/0>"), 3.0)
+    assert table.generation == start + 2
+    table.deregister(7, "loc")
+    assert table.generation == start + 3
+
+
+GATEWAY_OBJECTS = {1: {0: {0: 1, 1: 300, 6: False, 7: "U"}},
+                   25: {7: {0: "urn:s:7", 1: "m-7", 3: "</m-7/3/0>"}}}
+
+
+def test_the_gateway_answers_reads_of_its_own_objects_in_the_format_asked() -> None:
+    assert read_objects(GATEWAY_OBJECTS, (25, 7, 1), None) == (0, b"m-7")
+    assert read_objects(GATEWAY_OBJECTS, (1, 0, 6), None) == (0, b"false")
+    fmt, tlv = read_objects(GATEWAY_OBJECTS, (25,), None)
+    assert fmt == 11542
+    values = {v.path: v.value for v in decode(fmt, tlv, (25,))}
+    assert values == {"/25/7/0": "urn:s:7", "/25/7/1": "m-7", "/25/7/3": "</m-7/3/0>"}
+    fmt, senml = read_objects(GATEWAY_OBJECTS, (25, 7), 110)
+    assert {v.path: v.value for v in decode(fmt, senml, (25, 7))} == {
+        "/25/7/0": "urn:s:7", "/25/7/1": "m-7", "/25/7/3": "</m-7/3/0>"}
+    fmt, one = read_objects(GATEWAY_OBJECTS, (1, 0, 1), 11542)
+    assert [v.value for v in decode(fmt, one, (1, 0, 1))] == [300]
+    assert discover_objects(GATEWAY_OBJECTS, (25,)) == \
+        b"</25>;ver=2.0,</25/7>,</25/7/0>,</25/7/1>,</25/7/3>"
+    assert discover_objects(GATEWAY_OBJECTS, (1, 0)) == b"</1/0>,</1/0/0>,</1/0/1>," \
+        b"</1/0/6>,</1/0/7>"
+
+
+@pytest.mark.parametrize(("path", "accept", "error"), [
+    ((25, 8), None, Lwm2mNotFound), ((25, 7, 2), None, Lwm2mNotFound),
+    ((3,), None, Lwm2mNotFound), ((25, 7, 0, 0), None, Lwm2mNotFound),
+    ((25,), 112, Lwm2mError)])
+def test_reads_of_what_the_gateway_does_not_have_are_refused(path, accept, error) -> None:
+    with pytest.raises(error) as raised:
+        read_objects(GATEWAY_OBJECTS, path, accept)
+    assert raised.value.coap_code in (0x84, 0x86)
+
+
+@pytest.mark.parametrize(("method", "path", "accept", "observe", "operation"), [
+    (1, (3303, 0, 5700), None, None, "read"), (1, (3303, 0), 40, None, "discover"),
+    (1, (3303, 0, 5700), None, 0, "observe"), (1, (3303, 0, 5700), None, 1, "read"),
+    (3, (3303, 0, 5750), None, None, "write"), (2, (3, 0, 4), None, None, "execute"),
+    (2, (3303, 0), None, None, "write"), (2, (3303,), None, None, None),
+    (4, (3303, 0), None, None, None), (5, (3303, 0), None, None, None)])
+def test_an_upstream_request_needs_the_grant_of_its_lwm2m_operation(
+        method, path, accept, observe, operation) -> None:
+    assert operation_of(method, path, accept, observe) == operation
+
+
+def test_senml_names_get_the_prefix_outward_and_lose_it_inward() -> None:
+    answer = json.dumps([{"bn": "/3303/0/", "n": "5700", "v": 21.5},
+                         {"n": "5701", "vs": "Cel"}]).encode()
+    outward = reprefix_senml(110, answer, "m-7", outward=True)
+    assert json.loads(outward)[0]["bn"] == "/m-7/3303/0/"
+    assert reprefix_senml(110, outward, "m-7", outward=False) == \
+        json.dumps(json.loads(answer), separators=(",", ":")).encode()
+    names = cbor2.dumps([{0: "/3303/0/5700", 2: 21.5}])
+    assert cbor2.loads(reprefix_senml(112, names, "m-7", outward=True))[0][0] == \
+        "/m-7/3303/0/5700"
+    assert reprefix_senml(0, b"21.5", "m-7", outward=True) == b"21.5"
+    with pytest.raises(Lwm2mError, match="not under /m-7/"):
+        reprefix_senml(110, answer, "m-7", outward=False)  # a Write naming another path
+    for garbage in (b"{", b'{"bn": 1}', b"[1]"):
+        with pytest.raises(Lwm2mError, match="SenML"):
+            reprefix_senml(110, garbage, "m-7", outward=True)
+
+
 # --- garbage at the other new inputs: paths, grants, bootstrap, firmware, observe -------
 
 
@@ -369,3 +453,11 @@ def test_bad_device_management_requests_are_refused_before_anything_happens(
     with pytest.raises(Lwm2mError, match=re.escape(what)):
         asyncio.run(handler(params))
     assert server.totals == {}
+
+
+def test_a_tlv_answer_to_a_resource_read_carries_that_resource_and_no_other() -> None:
+    assert [(v.path, v.value) for v in decode(11542, encode_tlv({5700: "21.5"}),
+                                              (3303, 0, 5700))] == [("/3303/0/5700", "21.5")]
+    with pytest.raises(Lwm2mError, match="TLV: /3303/0/5701 in the answer to a Read of "
+                                         "/3303/0/5700"):
+        decode(11542, encode_tlv({5701: "Cel"}), (3303, 0, 5700))
