@@ -456,8 +456,9 @@ def test_bad_device_management_requests_are_refused_before_anything_happens(
 
 
 def test_a_tlv_answer_to_a_resource_read_carries_that_resource_and_no_other() -> None:
-    assert [(v.path, v.value) for v in decode(11542, encode_tlv({5700: "21.5"}),
-                                              (3303, 0, 5700))] == [("/3303/0/5700", "21.5")]
+    float_tlv = encode_tlv({5700: struct.pack(">d", 21.5)})
+    assert [(v.path, v.value) for v in decode(11542, float_tlv, (3303, 0, 5700))] == \
+        [("/3303/0/5700", 21.5)]
     with pytest.raises(Lwm2mError, match="TLV: /3303/0/5701 in the answer to a Read of "
                                          "/3303/0/5700"):
         decode(11542, encode_tlv({5701: "Cel"}), (3303, 0, 5700))
