@@ -158,6 +158,11 @@ def _broker_lines(broker: dict[str, Any] | None) -> list[str]:
                      f"{(lwm2m.get('totals') or {}).get('deprovisioned', 0)} deprovisioned; "
                      f"{bootstrap.get('finished', 0)} bootstrapped, "
                      f"{bootstrap.get('failed', 0)} bootstraps failed")
+    gateway = broker.get("lwm2m_upstream")
+    if isinstance(gateway, dict):
+        lines.append(f"             lwm2m-up {gateway.get('url')}: {gateway.get('state')}"
+                     + (f" as {gateway.get('endpoint')}, {gateway.get('sensors', 0)} sensors "
+                        f"under /25" if gateway.get("state") == "registered" else ""))
     for name, upstream in (broker.get("upstreams") or {}).items():
         error = upstream.get("last_error")
         lines.append(f"             {name:7s} {upstream.get('url')}: "
@@ -419,6 +424,10 @@ def render_sensor(doc: dict[str, Any]) -> str:
                   f"lifetime {lwm2m.get('lifetime')} s, last update "
                   f"{_date(_iso(lwm2m.get('updated_at')))}",
                   f"  objects     {objects or '(none)'}"]
+        gateway = lwm2m.get("gateway") or {}
+        if gateway:
+            lines.append(f"  upstream    /25/{gateway.get('instance')}, prefix "
+                         f"/{gateway.get('prefix')}")
     elif lwm2m and lwm2m.get("state") == "offline":
         lines.append(f"  lwm2m       offline since {_date(_iso(lwm2m.get('last_update')))}: "
                      f"missed {lwm2m.get('missed_lifetimes')} lifetimes of "

@@ -104,10 +104,19 @@ def _check_lwm2m(doc: dict[str, Any]) -> CheckResult:
         problems.append(f"{bootstrap['failed']} bootstrap(s) failed")
     if firmware.get("failed"):
         problems.append(f"{firmware['failed']} firmware update(s) failed")
+    upstream = doc.get("lwm2m_upstream")
+    if isinstance(upstream, dict):
+        if upstream.get("state") == "registered":
+            summary += f"; registered upstream at {upstream.get('url')} as " \
+                       f"{upstream.get('endpoint')}"
+        else:
+            problems.append(f"not registered with the LwM2M server {upstream.get('url')} "
+                            f"({upstream.get('state')})")
     if problems:
         return CheckResult("broker-lwm2m", Level.WARN, f"{summary}; {'; '.join(problems)} "
                            "since devid-broker started", "`devidctl sensors show NAME` says "
-                           "which and why; `journalctl -u devid-broker` has the events")
+                           "which and why; `journalctl -u devid-broker` has the events "
+                           "(lwm2m-upstream-failed: why the server was not reached)")
     return CheckResult("broker-lwm2m", Level.PASS, f"{summary}; "
                        f"{int(bootstrap.get('finished') or 0)} bootstrapped, "
                        f"{int(firmware.get('updated') or 0)} firmware update(s) since start")

@@ -82,3 +82,19 @@ def test_merged_into_the_agents_check_document_and_rendered():
     status = render_status({"state": "OK", "devid_broker": HEALTHY})
     assert "broker     OK: 2 sensors active" in status and "cloud   coaps+tcp://up:5684: ok" \
         in status
+
+
+def test_the_lwm2m_upstream_registration_is_checked_and_shown():
+    registered = copy.deepcopy(HEALTHY)
+    registered["lwm2m_upstream"] = {"url": "coaps://lwm2m:5684", "endpoint": "gw-1",
+                                    "state": "registered", "sensors": 2}
+    [result] = [r for r in check_broker(registered) if r.name == "broker-lwm2m"]
+    assert result.level is Level.PASS and "registered upstream at coaps://lwm2m:5684 as " \
+        "gw-1" in result.summary
+    status = render_status({"state": "OK", "devid_broker": registered})
+    assert "lwm2m-up coaps://lwm2m:5684: registered as gw-1, 2 sensors under /25" in status
+    failing = copy.deepcopy(registered)
+    failing["lwm2m_upstream"]["state"] = "retrying: no DTLS handshake within 10 s"
+    [result] = [r for r in check_broker(failing) if r.name == "broker-lwm2m"]
+    assert result.level is Level.WARN and "not registered with the LwM2M server " \
+        "coaps://lwm2m:5684 (retrying: no DTLS handshake" in result.summary
