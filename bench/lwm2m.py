@@ -2,7 +2,7 @@
 """What LwM2M registration costs devid-broker: registrations per second, the time to
 register 10,000 sensors, and the memory they take, measured in one run.
 
-    .venv/bin/python bench/lwm2m.py [--sensors 10000] [--concurrency 32]
+    .venv/bin/python bench/lwm2m.py [--sensors 10000] [--concurrency 32] [--reads 300]
 
 One swtpm, a registrar and an enrolled agent give the gateway its identity. The broker
 gets a batch of OSCORE sensors (`devidctl sensors add --count`); then each registers
@@ -13,6 +13,15 @@ with the sensors onboarded and after all registered, and its CPU per registratio
 Baseline in the same run: the same load of plain OSCORE telemetry requests answered
 4.03 by the policy (authenticated, refused, nothing forwarded), i.e. what any
 authenticated request costs before LwM2M does anything.
+
+Then, with a second broker registered as an LwM2M Gateway with an upstream server
+(this script, behind the tests' DTLS front that checks the gateway's certificate),
+`--reads` Reads one after the other of an OSCORE sensor's /3303/0/5700, three ways:
+(direct) the server reads the sensor itself, over OSCORE with the sensor's key, as it
+could without a gateway; (gateway's own) the server reads /25/N/1, which the gateway
+answers itself: the server-gateway leg alone; (through) the server reads
+/PREFIX/3303/0/5700 and the gateway relays it to the sensor. Printed: median and p99
+of each, and what the gateway adds over the direct Read.
 """
 
 from __future__ import annotations
@@ -31,11 +40,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+import aiocoap  # noqa: E402
 from aiocoap import Code, Message  # noqa: E402
+from aiocoap import resource as coap_resource  # noqa: E402
 from coap_loadgen import RawCoap, raw_client  # noqa: E402
 from oscore_sensor import MemoryContext  # noqa: E402
 from processes import cpu_seconds, rss_kib  # noqa: E402
-from stack import BrokerProcess, enrolled_gateway  # noqa: E402
+from stack import BrokerProcess, enrolled_gateway, free_udp_port  # noqa: E402
 
 POLICY = """
 [profiles.meter]
@@ -93,23 +104,30 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sensors", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--reads", type=int, default=300,
+                        help="Reads of each kind for the upstream latency (0: skip)")
     parser.add_argument("--settle", type=float, default=0.0,
                         help="seconds to wait after the load for CoAP's deduplication "
                              "memory (247 s) to expire before the last RSS (0: skip)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="devid-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        with enrolled_gateway(tmp) as (agent, _registrar):
-            broker = BrokerProcess(tmp / "broker", agent.config.parent / "run" / "identity.sock")
-            broker.policy.write_text(POLICY)
-            broker.start().wait_serving()
-            try:
-                return _run(tmp, broker, args)
-            finally:
-                broker.stop()
+        with enrolled_gateway(tmp) as (agent, registrar):
+            socket = agent.config.parent / "run" / "identity.sock"
+            if args.sensors:
+                broker = BrokerProcess(tmp / "broker", socket)
+                broker.policy.write_text(POLICY)
+                broker.start().wait_serving()
+                try:
+                    _run(tmp, broker, args)
+                finally:
+                    broker.stop()
+            if args.reads:
+                _upstream_reads(tmp, socket, registrar.ca.read_text(), args.reads)
+            return 0
 
 
-def _run(tmp: Path, broker: BrokerProcess, args: argparse.Namespace) -> int:
+def _run(tmp: Path, broker: BrokerProcess, args: argparse.Namespace) -> None:
     assert broker.proc is not None
     pid = broker.proc.pid
     time.sleep(1.0)
@@ -166,7 +184,6 @@ def _run(tmp: Path, broker: BrokerProcess, args: argparse.Namespace) -> int:
         settled = _rss_mib(pid)
     _report(args, figures, half, len(sensors) - half, rss_idle, rss_onboarded,
             rss_registered, settled, status)
-    return 0
 
 
 def _line(name: str, n: int, result: tuple[float, list[float], dict[str, int]],
@@ -210,8 +227,120 @@ def _report(args: argparse.Namespace, f: dict[str, Any], half: int, rest: int,
         print(f"broker RSS once deduplication expired: {settled:.1f} MiB: "
               f"+{settled - rss_idle:.1f} MiB over the idle broker for {half + rest} "
               "registered sensors (target: under 40)")
-    print("not measured yet: an upstream Read through the gateway against a direct Read "
-          "(the LwM2M Gateway object upstream is still to be built)")
+
+
+# --- an upstream Read through the gateway against a direct one ---------------------------
+
+
+class _Registrations(coap_resource.Resource):
+    """The upstream server's /rd, as far as the gateway needs it: where it registered from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.remote: Any = None
+        self.registered = asyncio.Event()
+
+    async def render_post(self, request: Message) -> Message:
+        self.remote = request.remote
+        self.registered.set()
+        if request.opt.uri_path:  # an Update
+            return Message(code=Code.CHANGED)
+        answer = Message(code=Code.CREATED)
+        answer.opt.location_path = ("rd", "1")
+        return answer
+
+
+def _upstream_reads(tmp: Path, identity: Path, client_ca: str, reads: int) -> None:
+    from lwm2m_peer import DtlsCertRelay
+    from lwm2m_sensor import oscore_client
+    from mtls import server_identity
+
+    cert, key, ca_pem = server_identity(tmp / "lwm2m-tls")
+    (tmp / "lwm2m-ca.pem").write_text(ca_pem)
+    server_port = free_udp_port()
+    relay = DtlsCertRelay(server_port, cert, key, client_ca)
+    broker = BrokerProcess(tmp / "gateway", identity,
+                           f'[lwm2m_upstream]\nurl = "coaps://127.0.0.1:{relay.port}"\n'
+                           f'bundle = "{tmp / "lwm2m-ca.pem"}"\nendpoint = "gw"\n')
+    broker.policy.write_text(POLICY + '[[profiles.meter.lwm2m.grants]]\nwho = ["upstream"]\n'
+                             'operations = ["read"]\npaths = ["/3303/0/5700"]\n')
+    broker.start().wait_serving()
+    sensor = None
+    try:
+        code, added = broker.ctl_json("add", "s-1", "--profile", "meter")
+        assert code == 0, added
+        credential = added["sensors"][0]["credential"]
+        sensor = oscore_client(tmp / "s-1", credential, broker.oscore_port)
+        assert sensor.register("s-1") == "2.01 Created"
+        instance = broker.ctl_json("show", "s-1")[1]["lwm2m"]["gateway"]["instance"]
+        figures = asyncio.run(_read_three_ways(server_port, sensor.port, credential, instance,
+                                               reads))
+    finally:
+        if sensor is not None:
+            sensor.close()
+        broker.stop()
+        relay.close()
+    print()
+    print(f"upstream Reads of /3303/0/5700, {reads} of each, one after the other")
+    print(f"{'read':58s} {'p50 ms':>7s} {'p99 ms':>7s}")
+    for name, latencies in figures.items():
+        ordered = sorted(latencies)
+        p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+        print(f"{name:58s} {statistics.median(latencies):7.2f} {p99:7.2f}")
+    direct, through = (statistics.median(figures[k]) for k in (_DIRECT, _THROUGH))
+    own = statistics.median(figures[_OWN])
+    print(f"added by the gateway over a direct Read: {through - direct:+.2f} ms (median; "
+          f"ratio {through / direct:.2f}); of it the server-gateway leg (DTLS and the "
+          f"tests' relay): {own:.2f} ms")
+
+
+_DIRECT = "(direct) the server reads the sensor over OSCORE"
+_OWN = "(gateway's own) the server reads /25/N/1 over DTLS"
+_THROUGH = "(through) the server reads /s-1/3303/0/5700 via the gateway"
+
+
+async def _read_three_ways(server_port: int, sensor_port: int, credential: dict[str, str],
+                           instance: int, reads: int) -> dict[str, list[float]]:
+    rd = _Registrations()
+    site = coap_resource.Site()
+    site.add_resource(["rd"], rd)
+    site.add_resource(["rd", "1"], rd)
+    server = await aiocoap.Context.create_server_context(
+        site, bind=("127.0.0.1", server_port), transports=["udp6"])
+    try:
+        await asyncio.wait_for(rd.registered.wait(), 30)
+        figures: dict[str, list[float]] = {}
+        for name, path in ((_OWN, f"25/{instance}/1"), (_THROUGH, "s-1/3303/0/5700")):
+            figures[name] = []
+            for _ in range(reads):
+                request = Message(code=Code.GET, uri_path=tuple(path.split("/")))
+                request.remote = rd.remote
+                t0 = time.perf_counter()
+                answer = await asyncio.wait_for(server.request(request).response, 10)
+                figures[name].append((time.perf_counter() - t0) * 1000)
+                assert answer.code == Code.CONTENT, (answer, answer.payload)
+    finally:
+        await server.shutdown()
+    # Last: the server's own context with the sensor, its sequence numbers well above the
+    # gateway's (the sensor's replay window then refuses the gateway's lower ones).
+    security = MemoryContext(bytes.fromhex(credential["master_secret"]),
+                             bytes.fromhex(credential["master_salt"]),
+                             bytes.fromhex(credential["recipient_id"]),
+                             bytes.fromhex(credential["sender_id"]))
+    security.sender_sequence_number = 1 << 20
+    client = await raw_client(sensor_port)
+    try:
+        figures[_DIRECT] = []
+        for _ in range(reads):
+            t0 = time.perf_counter()
+            answer = await client.exchange(Message(code=Code.GET,
+                                                   uri_path=("3303", "0", "5700")),
+                                           security, timeout=10.0)
+            figures[_DIRECT].append((time.perf_counter() - t0) * 1000)
+            assert answer.code == Code.CONTENT, answer
+    finally:
+        client.close()
+    return {k: figures[k] for k in (_DIRECT, _OWN, _THROUGH)}
 
 
 if __name__ == "__main__":

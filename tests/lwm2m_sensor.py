@@ -266,6 +266,16 @@ class Lwm2mClient:
         context.client_credentials[self.gateway + "/*"] = self._security
         return context
 
+    @property
+    def port(self) -> int:
+        """The UDP port it serves on (where a server's requests reach it)."""
+        for interface in self._context.request_interfaces:
+            transport = getattr(getattr(getattr(interface, "token_interface", None),
+                                        "message_interface", None), "transport", None)
+            if transport is not None:
+                return int(transport.get_extra_info("socket").getsockname()[1])
+        raise RuntimeError("no UDP transport")
+
     def bootstrap(self, endpoint: str, timeout: float = 20.0) -> str:
         """Bootstrap-Request; then waits for the gateway's Bootstrap-Finish (TimeoutError
         if it does not come). The request's code."""
