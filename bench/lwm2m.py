@@ -40,9 +40,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-import aiocoap  # noqa: E402
 from aiocoap import Code, Message  # noqa: E402
-from aiocoap import resource as coap_resource  # noqa: E402
 from coap_loadgen import RawCoap, raw_client  # noqa: E402
 from oscore_sensor import MemoryContext  # noqa: E402
 from processes import cpu_seconds, rss_kib  # noqa: E402
@@ -232,24 +230,6 @@ def _report(args: argparse.Namespace, f: dict[str, Any], half: int, rest: int,
 # --- an upstream Read through the gateway against a direct one ---------------------------
 
 
-class _Registrations(coap_resource.Resource):
-    """The upstream server's /rd, as far as the gateway needs it: where it registered from."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.remote: Any = None
-        self.registered = asyncio.Event()
-
-    async def render_post(self, request: Message) -> Message:
-        self.remote = request.remote
-        self.registered.set()
-        if request.opt.uri_path:  # an Update
-            return Message(code=Code.CHANGED)
-        answer = Message(code=Code.CREATED)
-        answer.opt.location_path = ("rd", "1")
-        return answer
-
-
 def _upstream_reads(tmp: Path, identity: Path, client_ca: str, reads: int) -> None:
     from lwm2m_peer import DtlsCertRelay
     from lwm2m_sensor import oscore_client
@@ -301,12 +281,9 @@ _THROUGH = "(through) the server reads /s-1/3303/0/5700 via the gateway"
 
 async def _read_three_ways(server_port: int, sensor_port: int, credential: dict[str, str],
                            instance: int, reads: int) -> dict[str, list[float]]:
-    rd = _Registrations()
-    site = coap_resource.Site()
-    site.add_resource(["rd"], rd)
-    site.add_resource(["rd", "1"], rd)
-    server = await aiocoap.Context.create_server_context(
-        site, bind=("127.0.0.1", server_port), transports=["udp6"])
+    from lwm2m_peer import aiocoap_lwm2m_server
+
+    server, rd = await aiocoap_lwm2m_server(server_port)
     try:
         await asyncio.wait_for(rd.registered.wait(), 30)
         figures: dict[str, list[float]] = {}

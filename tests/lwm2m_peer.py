@@ -11,6 +11,8 @@ LwM2M semantics are all the Node library's own."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import queue
 import select
@@ -20,7 +22,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import aiocoap
 from aiocoap import Code, Message
+from aiocoap import resource as coap_resource
 
 PEERS = Path(__file__).resolve().parent / "peers"
 
@@ -163,7 +167,7 @@ class DtlsCertRelay:
     is recorded: (client address, certificate serial, subject)."""
 
     def __init__(self, server_port: int, cert: Path, key: Path, client_ca: str,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", port: int = 0) -> None:
         from cryptography import x509
         from cryptography.hazmat.primitives.serialization import Encoding
         from mbedtls import pk, tls
@@ -179,7 +183,7 @@ class DtlsCertRelay:
         self._tls, self._context = tls, tls.ServerContext(conf)
         self._server = ("127.0.0.1", server_port)
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._sock.bind((host, 0))
+        self._sock.bind((host, port))
         self.port = int(self._sock.getsockname()[1])
         self._buffers: dict[tuple[str, int], Any] = {}
         self._subject_of: dict[tuple[str, int], str] = {}
@@ -289,8 +293,67 @@ class DtlsCertRelay:
         self._flush(buffer, address)
 
     def close(self) -> None:
+        """Stops, telling each client so (close_notify), as a server going down does."""
         self._stop.set()
         self._thread.join(2)
+        for address, buffer in self._buffers.items():
+            if buffer._handshake_state is self._tls.HandshakeStep.HANDSHAKE_OVER:
+                with contextlib.suppress(Exception):
+                    buffer.shutdown()
+                    self._flush(buffer, address)
         self._sock.close()
         for plain in self._plain.values():
             plain.close()
+
+
+class RegistrationsResource(coap_resource.Resource):
+    """An upstream LwM2M server's /rd made of aiocoap, as far as a gateway needs it: takes
+    Register (2.01, /rd/1) and Updates (2.04; 4.04 before a Register), keeps where they
+    came from and the last object list (aiocoap assembles a Block1 payload), and counts
+    them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.remote: Any = None
+        self.payload = b""
+        self.registers = self.updates = 0
+        self.registered = asyncio.Event()
+        self.changed = asyncio.Event()
+
+    def heard(self, request: Message) -> None:
+        self.remote = request.remote
+        if request.payload:
+            self.payload = request.payload
+        self.changed.set()
+
+    async def render_post(self, request: Message) -> Message:
+        self.heard(request)
+        self.registers += 1
+        self.registered.set()
+        answer = Message(code=Code.CREATED)
+        answer.opt.location_path = ("rd", "1")
+        return answer
+
+
+class _Update(coap_resource.Resource):
+    def __init__(self, rd: RegistrationsResource) -> None:
+        super().__init__()
+        self._rd = rd
+
+    async def render_post(self, request: Message) -> Message:
+        if not self._rd.registers:  # this server (restarted?) knows no registration
+            return Message(code=Code.NOT_FOUND)
+        self._rd.heard(request)
+        self._rd.updates += 1
+        return Message(code=Code.CHANGED)
+
+
+async def aiocoap_lwm2m_server(port: int) -> tuple[aiocoap.Context, RegistrationsResource]:
+    """A plain-CoAP server on 127.0.0.1:`port` with /rd (put a DtlsCertRelay in front)."""
+    rd = RegistrationsResource()
+    site = coap_resource.Site()
+    site.add_resource(["rd"], rd)
+    site.add_resource(["rd", "1"], _Update(rd))
+    context = await aiocoap.Context.create_server_context(
+        site, bind=("127.0.0.1", port), transports=["udp6"])
+    return context, rd

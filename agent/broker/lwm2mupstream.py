@@ -35,6 +35,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from aiocoap import NON, Code, Message, interfaces
+from aiocoap import resource as coap_resource
 
 from agent import __version__, events
 from agent.audit import AuditLog
@@ -459,11 +460,13 @@ class Notifications:
             self.follower.cancel()
 
 
-class _Site(interfaces.Resource):
+class _Site(coap_resource.Resource):
     """Everything the server asks the gateway, to Lwm2mUpstream.respond; an Observe on a
-    sensor's resource is answered with its notifications as they come."""
+    sensor's resource is answered with its notifications as they come. Block-wise both
+    ways is aiocoap's (a Write of many blocks, a Read of /25 with many sensors)."""
 
     def __init__(self, upstream: Lwm2mUpstream) -> None:
+        super().__init__()
         self._upstream = upstream
 
     async def needs_blockwise_assembly(self, request: Message) -> bool:
@@ -474,8 +477,9 @@ class _Site(interfaces.Resource):
 
     async def render_to_pipe(self, pipe: Any) -> None:
         request = pipe.request
-        if request.opt.observe != 0 or request.code != Code.GET:
-            pipe.add_response(await self._upstream.respond(request), is_last=True)
+        if request.opt.observe != 0 or request.code != Code.GET or \
+                request.opt.block2 is not None:
+            await self._render_to_pipe(pipe)  # one answer, block-wise as it needs
             return
         notifications = Notifications()
         try:

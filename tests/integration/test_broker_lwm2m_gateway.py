@@ -12,13 +12,25 @@ does not name the address is refused."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
 import pytest
-from lwm2m_peer import DtlsCertRelay, DtlsRelay, NodeLwm2mClient, NodeLwm2mServer
+from aiocoap import Code, Message
+from coap_loadgen import raw_client
+from lwm2m_peer import (
+    DtlsCertRelay,
+    DtlsRelay,
+    NodeLwm2mClient,
+    NodeLwm2mServer,
+    aiocoap_lwm2m_server,
+)
 from mtls import server_identity
+from oscore_sensor import MemoryContext
 from stack import DEMO_POLICY, free_udp_port
+
+from agent.lwm2m.content import decode
 
 POLICY = DEMO_POLICY + """
 [profiles.meter]
@@ -159,5 +171,85 @@ def test_a_server_whose_certificate_does_not_name_its_address_is_refused(
             stack.status()["lwm2m_upstream"]), "the refusal")
         assert "does not name 127.0.0.2" in upstream["error"], upstream
         assert upstream["state"].startswith("retrying")
+    finally:
+        relay.close()
+
+
+def test_many_sensors_go_up_block_wise_and_a_restarted_server_gets_a_new_register(
+        broker_stack_factory, gateway_agent, tmp_path):
+    """150 sensors: the Register's object list and a Read of /25 no longer fit one
+    datagram (Block1 up, Block2 down, with aiocoap's server on the other side: the Node
+    library's CoAP does not do Block1). Then the server goes down (close_notify) and
+    comes back knowing nothing: the gateway makes a new session and registers again."""
+    _, registrar = gateway_agent
+    cert, key, ca_pem = server_identity(tmp_path / "lwm2m-tls")
+    (tmp_path / "lwm2m-ca.pem").write_text(ca_pem)
+    server_port = free_udp_port()
+    relay = DtlsCertRelay(server_port, cert, key, registrar.ca.read_text())
+    relay_port = relay.port
+    stack = broker_stack_factory(_upstream_toml(relay_port, tmp_path / "lwm2m-ca.pem"),
+                                 policy=POLICY)
+    broker = stack.broker
+    batch = tmp_path / "batch.json"
+    code, added = broker.ctl_json("add", "--count", "150", "--prefix", "m-", "--profile",
+                                  "meter", "--out", str(batch))
+    assert code == 0, added
+    sensors = json.loads(batch.read_text())
+    sensors = sensors["sensors"] if isinstance(sensors, dict) else sensors
+
+    async def scenario() -> None:
+        server, rd = await aiocoap_lwm2m_server(server_port)
+        try:
+            await asyncio.wait_for(rd.registered.wait(), 30)
+            client = await raw_client(broker.oscore_port)
+            try:
+                for sensor in sensors:
+                    register = Message(code=Code.POST, uri_path=("rd",),
+                                       payload=b"</3/0>,</3303/0>")
+                    register.opt.content_format = 40
+                    register.opt.uri_query = (f"ep={sensor['name']}", "lt=600")
+                    answer = await client.exchange(
+                        register, MemoryContext.of(sensor["credential"]), timeout=10)
+                    assert answer.code == Code.CREATED, answer
+            finally:
+                client.close()
+            for _ in range(100):  # the Update with all of them (at most one a second)
+                if rd.payload.count(b"</25/") == 150:
+                    break
+                rd.changed.clear()
+                await asyncio.wait_for(rd.changed.wait(), 10)
+            assert len(rd.payload) > 1024 and rd.payload.startswith(b'</>;rt="oma.lwm2m"')
+            request = Message(code=Code.GET, uri_path=("25",))
+            request.remote = rd.remote
+            answer = await asyncio.wait_for(server.request(request).response, 20)
+            assert answer.code == Code.CONTENT and len(answer.payload) > 1024
+            values = decode(int(answer.opt.content_format), answer.payload, (25,))
+            prefixes = {v.value for v in values if v.path.endswith("/1")}
+            assert prefixes == {s["name"] for s in sensors}
+            assert rd.registers == 1
+        finally:
+            await server.shutdown()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        relay.close()  # the server goes down; the gateway hears close_notify
+    _wait(lambda: stack.status()["lwm2m_upstream"]["state"] != "registered",
+          "the gateway noticed")
+    relay = DtlsCertRelay(server_port, cert, key, registrar.ca.read_text(), port=relay_port)
+
+    async def restarted() -> None:
+        server, rd = await aiocoap_lwm2m_server(server_port)
+        try:
+            await asyncio.wait_for(rd.registered.wait(), 60)
+            assert rd.payload.count(b"</25/") == 150
+        finally:
+            await server.shutdown()
+
+    try:
+        asyncio.run(restarted())
+        upstream = _wait(lambda: (lambda u: u if u["state"] == "registered" else None)(
+            stack.status()["lwm2m_upstream"]), "registered again")
+        assert upstream["totals"]["registered"] == 2 and upstream["handshakes"] == 2
     finally:
         relay.close()
