@@ -139,7 +139,9 @@ class Lwm2mServer:
                 request: Message) -> Message:
         if request.payload:
             _link_format(request)
-        params = parse_update(request.opt.uri_query, request.payload)
+        current = self.table.at(location)
+        params = parse_update(request.opt.uri_query, request.payload,
+                              current.version if current is not None else "1.1")
         _lifetime_allowed(params, section)
         self.table.update(sensor.serial, location, params, self._clock())
         self.downlink.remember(sensor, request.remote)

@@ -77,12 +77,19 @@ def parse_bootstrap_request(query: Sequence[str]) -> str:
     return _endpoint(_query(query, ("ep", "pct"), "Bootstrap-Request"), "Bootstrap-Request")
 
 
-def parse_update(query: Sequence[str], payload: bytes) -> Params:
+def parse_update(query: Sequence[str], payload: bytes, registered: str = "1.1") -> Params:
+    """An Update's parameters, read by the rules of the `registered` LwM2M version (1.0
+    says queue mode in the binding, b=UQ; 1.1 on in the Q parameter)."""
     params = _query(query, UPDATE_PARAMS, "Update")
-    binding = _binding(params["b"], "1.1") if "b" in params else None
+    binding = _binding(params["b"], registered) if "b" in params else None
+    queue: bool | None = None
+    if "Q" in params:
+        queue = _queue(params, binding or "", registered)
+    elif binding is not None and registered == "1.0":
+        queue = "Q" in binding
     objects, versions, root = _objects(payload, "Update") if payload else (None, {}, "/")
     return Params(None, _lifetime(params.get("lt"), "Update"), params.get("lwm2m"), binding,
-                  True if "Q" in params else None, objects, versions, root)
+                  queue, objects, versions, root)
 
 
 def _query(query: Sequence[str], known: tuple[str, ...], operation: str) -> dict[str, str]:
@@ -279,6 +286,10 @@ class Registrations:
 
     def of(self, serial: int) -> Registration | None:
         return self._by_serial.get(serial)
+
+    def at(self, location: str) -> Registration | None:
+        """The registration at /rd/LOCATION, whoever's it is."""
+        return self._by_location.get(location)
 
     def all(self) -> Iterable[Registration]:
         return self._by_serial.values()

@@ -155,6 +155,18 @@ def test_update_changes_only_what_it_names() -> None:
         table.update(1, reg.location, parse_update(["lwm2m=1.0"], b""), 2.0)
 
 
+def test_an_update_is_read_by_the_rules_of_the_registered_version() -> None:
+    # 1.0: queue mode is in the binding; 1.1 on: in the Q parameter.
+    assert parse_update(["b=UQ"], b"", "1.0").queue is True
+    assert parse_update(["b=U"], b"", "1.0").queue is False
+    with pytest.raises(Lwm2mError, match=r"Q parameter: LwM2M 1\.0"):
+        parse_update(["Q"], b"", "1.0")
+    with pytest.raises(Lwm2mError, match="binding \\(b\\) with Q"):
+        parse_update(["b=UQ"], b"", "1.1")
+    assert parse_update(["Q"], b"", "1.1").queue is True
+    assert parse_update(["b=U"], b"", "1.1").queue is None  # unchanged
+
+
 def _locations() -> object:
     counter = iter(range(1000))
     return lambda: f"l{next(counter)}"
