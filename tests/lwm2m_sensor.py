@@ -66,8 +66,8 @@ class _Reboot(coap_resource.Resource):
 
 
 class _Temperature(coap_resource.ObservableResource):
-    """/3303/0/5700: Read as SenML CBOR; observable, rising 0.5 degrees every 0.3 s
-    while observed."""
+    """/3303/0/5700: Read as SenML CBOR (as text when asked for text/plain); observable,
+    rising 0.5 degrees every 0.3 s while observed."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -87,6 +87,8 @@ class _Temperature(coap_resource.ObservableResource):
         self._ticking = asyncio.get_running_loop().call_later(0.3, self._tick)
 
     async def render_get(self, request: Message) -> Message:
+        if request.opt.accept == 0:  # text/plain asked for: one value as text
+            return Message(payload=str(self.value).encode(), content_format=0)
         records = [{-2: "/3303/0/", 0: "5700", 2: self.value}]
         return Message(payload=cbor2.dumps(records), content_format=SENML_CBOR)
 

@@ -428,10 +428,37 @@ DEMO_LWM2M = """
 [[profiles.meter.lwm2m.grants]]
 operations = ["read", "observe"]
 paths = ["/3/0", "/3303/0/5700"]
+[[profiles.meter.lwm2m.grants]]
+who = ["upstream"]
+operations = ["read"]
+paths = ["/3303/0/5700"]
 """
 
 
-def _demo_lwm2m(directory: Path, broker: BrokerProcess) -> None:
+class DemoLwm2mServer:
+    """The fleet's LwM2M server of the demo: lwm2m-node-lib's, behind a DTLS front that
+    requires the gateway's certificate (the front runs in the demo's own process)."""
+
+    def __init__(self, directory: Path, client_ca: Path) -> None:
+        from lwm2m_peer import DtlsCertRelay, NodeLwm2mServer
+
+        cert, key, ca_pem = server_identity(directory / "tls")
+        self.ca = directory / "ca.pem"
+        self.ca.write_text(ca_pem)
+        self.server = NodeLwm2mServer(free_udp_port())
+        self.front = DtlsCertRelay(self.server.port, cert, key, client_ca.read_text())
+
+    def toml(self) -> str:
+        return (f'[lwm2m_upstream]\nurl = "coaps://127.0.0.1:{self.front.port}"\n'
+                f'bundle = "{self.ca}"\nendpoint = "demo-gateway"\n')
+
+    def stop(self) -> None:
+        self.front.close()
+        self.server.close()
+
+
+def _demo_lwm2m(directory: Path, broker: BrokerProcess,
+                lwm2m_server: DemoLwm2mServer | None = None) -> None:
     from lwm2m_sensor import oscore_client
 
     _banner("devidctl sensors add m-1 --profile meter: an LwM2M sensor")
@@ -448,6 +475,20 @@ def _demo_lwm2m(directory: Path, broker: BrokerProcess) -> None:
         print(broker.ctl("observe", "m-1", "/3303/0/5700", "--count", "3").stdout, end="")
         _banner("devidctl sensors show m-1")
         print(broker.ctl("show", "m-1").stdout, end="")
+        if lwm2m_server is not None:
+            server = lwm2m_server.server
+            _banner("the fleet's LwM2M server (lwm2m-node-lib) reads m-1 through the "
+                    "gateway: /m-1/3303/0/5700, routed by the LwM2M Gateway object (/25)")
+            registered = server.wait_for("registration")
+            print(f"the gateway registered as {registered['endpoint']} (LwM2M "
+                  f"{registered['version']}) over DTLS with its certificate")
+            update = server.wait_for("update")
+            print(f"its Update when m-1 came: {update['payload']}")
+            read = server.request("read demo-gateway /m-1/3303/0/5700")
+            print(f"server Read /m-1/3303/0/5700 -> {read['value'] or read['error']}")
+            read = server.request("read demo-gateway /m-1/3/0/0")
+            print(f"server Read /m-1/3/0/0 -> {read['value'] or read['error']} (the "
+                  "profile grants the upstream /3303/0/5700 only)")
     finally:
         client.close()
 
@@ -501,6 +542,7 @@ def demo(directory: Path, keep: bool) -> int:
     agent = AgentProcess(config).start()
     broker: BrokerProcess | None = None
     upstream: CoapUpstreamProcess | None = None
+    lwm2m_server: DemoLwm2mServer | None = None
     status = check = 2
     try:
         _banner("waiting for attestation-backed enrollment")
@@ -522,9 +564,14 @@ def demo(directory: Path, keep: bool) -> int:
         print(f"coaps+tcp://127.0.0.1:{upstream.port}, recording to {upstream.record}")
         _banner("devid-broker: its data key and the gateway's TLS credentials from the "
                 "identity API, its sensor registry, OSCORE and DTLS-PSK listeners")
+        _banner("the fleet's LwM2M server (lwm2m-node-lib) behind a DTLS front that "
+                "requires the registrar CA's client certificates")
+        lwm2m_server = DemoLwm2mServer(directory / "lwm2m-server", registrar.ca)
+        print(f"coaps://127.0.0.1:{lwm2m_server.front.port}")
         broker = BrokerProcess(directory / "broker", config.parent / "run" / "identity.sock",
                                f'[upstreams.cloud]\nurl = "coaps+tcp://127.0.0.1:'
-                               f'{upstream.port}"\nbundle = "{upstream.directory / "ca.pem"}"\n')
+                               f'{upstream.port}"\nbundle = "{upstream.directory / "ca.pem"}"\n'
+                               + lwm2m_server.toml())
         broker.policy.write_text(DEMO_POLICY + DEMO_LWM2M)
         broker.start().wait_serving()
         print(f"OSCORE on udp 127.0.0.1:{broker.oscore_port}, DTLS-PSK on udp "
@@ -570,7 +617,7 @@ def demo(directory: Path, keep: bool) -> int:
         entry = upstream.received()[-1]
         print(f"upstream received {entry['method']} {entry['path']} asserting sensor "
               f"{entry['sensor'][0]}")
-        _demo_lwm2m(directory, broker)
+        _demo_lwm2m(directory, broker, lwm2m_server)
         _banner("devidctl sensors list")
         print(broker.ctl("list").stdout, end="")
         _banner("devidctl status and check, now with devid-broker's part")
@@ -592,11 +639,17 @@ def demo(directory: Path, keep: bool) -> int:
                     "stop with make demo-down")
             pids = [p.proc.pid for p in (agent, registrar, broker, upstream) if p and p.proc]
             (directory / "pids").write_text("".join(f"{pid}\n" for pid in pids))
+            if lwm2m_server is not None:  # its DTLS front lives in this process
+                print("the LwM2M server ends with the demo: the broker will say it is "
+                      "unreachable (devidctl check: broker-lwm2m)")
+                lwm2m_server.stop()
         else:
             _banner("stopping the broker, the agent, the registrar and swtpm (DEMO_KEEP=1 "
                     "keeps them)")
             if broker is not None:
-                broker.stop()
+                broker.stop()  # it de-registers from the LwM2M server first
+            if lwm2m_server is not None:
+                lwm2m_server.stop()
             if upstream is not None:
                 upstream.stop()
             agent.stop()

@@ -39,6 +39,9 @@ var config = {
     port: port, udpWindow: 100, logLevel: 'FATAL', serverProtocol: 'udp4',
     ipProtocol: 'udp4', defaultType: 'Device', formats: [], writeFormat: 'text/plain',
     writeAcceptFormat: 'text/plain', types: [], lifetimeCheckInterval: 1000,
+    // Reads ask for text: node-coap 0.22 under the library throws on a Content-Format it
+    // does not know (SenML, 110 and 112, among them) and the process dies.
+    defaultAcceptFormat: 'text/plain',
     deviceRegistry: {type: 'memory'}
 };
 
@@ -65,7 +68,11 @@ lwm2m.start(config, function (error, info) {
     say({event: 'listening', port: port});
 });
 
-readline.createInterface({input: process.stdin}).on('line', function (line) {
+var commands = readline.createInterface({input: process.stdin});
+commands.on('close', function () {
+    process.exit(0);
+});
+commands.on('line', function (line) {
     var words = line.trim().split(' ');
     var command = words[0];
     if (command === 'list') {

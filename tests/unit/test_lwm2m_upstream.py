@@ -19,8 +19,8 @@ from agent.errors import ConfigError, Lwm2mForbidden
 from agent.lwm2m.registration import Registrations, parse_register
 from agent.sensors.model import Sensor
 
-SENSOR = Sensor(serial=7, id="urn:devid:sensor:t:7", name="m-7", profile="meter", transport="oscore",
-                status="active", kid=b"\x07")
+SENSOR = Sensor(serial=7, id="urn:devid:sensor:t:7", name="m-7", profile="meter",
+                transport="oscore", status="active", kid=b"\x07")
 
 
 class FakeLwm2m:
