@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from aiocoap import NON, Code, Message, interfaces
+from aiocoap import CON, NON, Code, Message, interfaces
 from aiocoap import resource as coap_resource
 
 from agent import __version__, events
@@ -72,6 +72,7 @@ SERVER_ID = 1  # the short server ID of the one server (/1/0/0)
 OWN = ((1, 0), (3, 0))  # the gateway's own object instances besides /25
 UPDATE_EVERY = 1.0  # at most one Update a second for sensors coming and going
 RENEW_AT = 0.75  # an Update when this share of the lifetime has passed
+CONFIRM_EVERY = 60.0  # seconds between confirmable notifications of a relayed observation
 
 
 def parse_lwm2m_url(url: str) -> tuple[str, int]:
@@ -493,18 +494,25 @@ class _Site(coap_resource.Resource):
             sequence = 1
             first.opt.observe = sequence
             pipe.add_response(first, is_last=False)
-            # Until the server cancels (this task is cancelled with its interest), or the
-            # sensor ends the observation (an error answer, the last).
+            confirmed = time.monotonic()
+            # Until the server cancels (this task is cancelled with its interest: a new
+            # request on the token, Observe=1 included, or a confirmable notification
+            # rejected or not acknowledged), or the sensor ends the observation (an
+            # error answer, the last).
             while True:
                 notification = await notifications.queue.get()
                 sequence = (sequence + 1) % (1 << 24)
                 last = not notification.code.is_successful()
                 if not last:
                     notification.opt.observe = sequence
-                    # Non-confirmable (RFC 7641 4.5 allows it): a confirmable one not
-                    # acknowledged would hold the gateway's next Update back behind it
-                    # (NSTART = 1 toward the server).
-                    notification.mtype = NON
+                    # Non-confirmable (RFC 7641 4.5 allows it): a confirmable one not yet
+                    # acknowledged would hold the gateway's next Update back (NSTART = 1
+                    # toward the server). One a minute is confirmable, so that a server
+                    # that lost interest (and says so with a Reset) ends the relay.
+                    if time.monotonic() - confirmed >= CONFIRM_EVERY:
+                        notification.mtype, confirmed = CON, time.monotonic()
+                    else:
+                        notification.mtype = NON
                 pipe.add_response(notification, is_last=last)
                 if last:
                     return

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.broker.config import BrokerConfig, parse_broker_config
+from agent.broker.config import BrokerConfig, Lwm2mUpstreamSection, parse_broker_config
 from agent.errors import ConfigError
 from tests.unit.test_config import commented_defaults
 
@@ -17,8 +17,10 @@ SHIPPED = Path(__file__).resolve().parents[2] / "docs" / "broker.toml"
 def test_the_shipped_file_lists_every_key_with_its_default(tmp_path):
     shown = commented_defaults(SHIPPED.read_text())
     for name, field in BrokerConfig.model_fields.items():
-        if name not in ("source", "upstreams"):  # upstreams: named sections, an example
+        if name not in ("source", "upstreams", "lwm2m_upstream"):  # those: examples
             assert set(shown[name]) == set(field.annotation.model_fields), name
+    for key in Lwm2mUpstreamSection.model_fields:  # the example names every key
+        assert f"#   {key} = " in SHIPPED.read_text(), key
     body = "".join(f"[{s}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()
                                       if (s, k) != ("control", "group"))
                    for s, keys in shown.items())
@@ -44,6 +46,12 @@ def test_the_shipped_file_lists_every_key_with_its_default(tmp_path):
     ("[upstreams.cloud]\nurl = 'coaps+tcp://x'\nbundle = 3\n", "cloud.bundle"),
     ("[upstreams.cloud]\nurl = 'coaps+tcp://x'\ntimeout = 'x'\n", "expected a duration"),
     ("[upstreams.cloud]\n", "cloud.url: Field required"),
+    ("[lwm2m_upstream]\nurl = 'coap://x'\n", "[lwm2m_upstream] url: 'coap://x': expected "
+     "coaps://HOST[:PORT]"),
+    ("[lwm2m_upstream]\nurl = 'coaps://x/rd'\n", "only a host and a port"),
+    ("[lwm2m_upstream]\nurl = 'coaps://x'\nlifetime = 5\n", "[lwm2m_upstream] lifetime"),
+    ("[lwm2m_upstream]\nurl = 'coaps://x'\nendpoint = 'a b'\n", "[lwm2m_upstream] endpoint"),
+    ("[lwm2m_upstream]\n", "[lwm2m_upstream] url: Field required"),
 ])
 def test_bad_broker_configuration_names_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
