@@ -32,7 +32,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from agent.tomlconfig import StrictSection, parse_toml_model
+from agent.tomlconfig import Duration, DurationOrZero, StrictSection, parse_toml_model
 
 METHODS = ("GET", "POST", "PUT", "DELETE", "FETCH", "PATCH", "iPATCH")
 _SEGMENT = re.compile(r"^[A-Za-z0-9._~-]+$")
@@ -189,11 +189,39 @@ class Lwm2mSection(StrictSection):
         return self
 
 
+class WatchSection(StrictSection):
+    """How the broker watches a profile's sensors (agent/watch/): what it learns, when a
+    change is a finding, and what a finding does. Every profile is watched; by default
+    findings only alert."""
+
+    # Findings start once a sensor was seen this long and sent `min_messages`.
+    learning: Duration = 86400.0
+    min_messages: Annotated[int, Field(ge=5, le=100_000)] = 20
+    on_anomaly: Literal["alert", "quarantine"] = "alert"
+    # Evidence summed over consecutive unusual intervals (or payload sizes), in robust
+    # deviations beyond 4 each, before it is a finding; one wild one can be enough.
+    interval_score: Annotated[float, Field(ge=2, le=1000)] = 8.0
+    size_score: Annotated[float, Field(ge=2, le=1000)] = 8.0
+    # Unusual intervals faster than this many times the learned rate are a burst.
+    burst: Annotated[int, Field(ge=2, le=10_000)] = 5
+    # In 10 minutes (decaying): failed authentications naming the sensor, and denials.
+    auth_failures: Annotated[int, Field(ge=1, le=100_000)] = 5
+    denials: Annotated[int, Field(ge=1, le=100_000)] = 10
+    # Activity in an hour of the day (UTC) never seen while learning (a day at least).
+    hours: bool = True
+    # Silent: offline after this many learned intervals (or `max_silence`, if shorter),
+    # then deprovisioned (credential revoked) after `deprovision_after` more; 0: never.
+    silent_after: Annotated[float, Field(ge=2, le=100_000)] = 10.0
+    max_silence: DurationOrZero = 0.0
+    deprovision_after: DurationOrZero = 0.0
+
+
 class Profile(StrictSection):
     description: str = ""
     # Plain CoAP, without OSCORE or DTLS: only where a profile says so (never by default).
     insecure: bool = False
     lwm2m: Lwm2mSection | None = None
+    watch: WatchSection = Field(default_factory=WatchSection)
     rules: list[Rule] = Field(default_factory=list)
 
     @field_validator("rules")
