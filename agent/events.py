@@ -195,6 +195,15 @@ _EVENTS = (
            "a sensor's firmware update failed or did not finish in time",
            "DEVID_REASON says at which step and what the sensor reported (its Update "
            "Result); the sensor keeps the firmware it ran."),
+    EventType("sensor-anomaly", "394a2ac6ba7743f0826bd949c8a304a6", logging.WARNING,
+           "a sensor's behaviour broke its learned baseline (a finding of the watch)",
+           "DEVID_FINDING says which kind, DEVID_EVIDENCE what was seen and DEVID_BASELINE "
+           "what was expected; DEVID_ACTION whether it was quarantined. Look at the device; "
+           "`devidctl sensors release NAME --reason ...` if it is fine."),
+    EventType("sensor-silent", "17c84a5c2eff4f39a8c41beba817ebf5", logging.WARNING,
+           "a sensor sent nothing for many of its learned intervals",
+           "Look at the device (power, radio). With [profiles.NAME.watch] deprovision_after, "
+           "its credential is revoked if it stays silent that much longer."),
     EventType("lwm2m-upstream-registered", "a9018e9431814392941eb164b1a40212", logging.INFO,
            "the gateway registered with its upstream LwM2M server as an LwM2M Gateway "
            "(/25)",

@@ -135,6 +135,8 @@ class Gateway(coap_resource.Resource):
                                       remote_text(request.remote), sensor, f"{method} {path}")
                 return answer(TOO_MANY_REQUESTS, "too many LwM2M requests; try again later",
                               math.ceil(delay))
+            self._traffic.behaved(sensor, f"{method} /{request.opt.uri_path[0]}",
+                                  len(request.payload), remote_text(request.remote))
             return await local.respond(sensor, request)
         content_format = _number(request.opt.content_format)
         decision = decide(self._policy.policy, sensor,
@@ -147,6 +149,8 @@ class Gateway(coap_resource.Resource):
                 return answer(TOO_MANY_REQUESTS, decision.reason,
                                math.ceil(decision.retry_after))
             return answer(Code.FORBIDDEN, decision.reason)
+        self._traffic.behaved(sensor, f"{method} {decision.rule}", len(request.payload),
+                              remote_text(request.remote))
         upstream = self._upstream(decision.to)
         if upstream is None:
             reason = f"rule {decision.rule}: upstream {decision.to or '(default)'} is not " \

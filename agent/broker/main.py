@@ -45,6 +45,7 @@ from agent.broker.registry import SensorRegistry
 from agent.broker.spool import Spool, SpoolStore
 from agent.broker.traffic import Traffic
 from agent.broker.upstreams import Upstreams, make_upstreams
+from agent.broker.watching import Watching
 from agent.consumer import IdentityClient
 from agent.control.server import ControlServer
 from agent.errors import ConfigError, DevidError
@@ -171,6 +172,10 @@ async def run(config: BrokerConfig) -> int:
         tasks.append(asyncio.create_task(lwm2m.run(stop)))
         broker.registry.details["lwm2m"] = lwm2m.registration_of
         broker.registry.summaries["firmware_version"] = lwm2m.firmware_version
+        watching = Watching(broker.registry, policy, audit)
+        traffic.observers.append(watching)
+        tasks.append(asyncio.create_task(watching.run(stop)))
+        broker.registry.details["watch"] = watching.details_of
         firmware = FirmwareUpdates(lwm2m, audit)
         bootstrap = Lwm2mBootstrap(broker.registry, policy, lwm2m.downlink, traffic, audit)
         gateway = Gateway(identify, policy, upstreams.by_name, traffic, Rates(time.monotonic),
@@ -192,13 +197,13 @@ async def run(config: BrokerConfig) -> int:
         collector = Collector()
         tasks.append(asyncio.create_task(collector.run()))
         broker.parts += [*listeners, upstreams, spool, traffic, lwm2m, bootstrap, firmware,
-                         collector]
+                         watching, collector]
         lwm2m_upstream = make_lwm2m_upstream(config, upstreams.credentials, lwm2m, audit)
         if lwm2m_upstream is not None:
             # It de-registers from its server at stop: given a moment for that below.
             finishing.append(asyncio.create_task(lwm2m_upstream.run(stop)))
             broker.parts.append(lwm2m_upstream)
-        followers = [contexts.refresh, lwm2m.refresh] + [
+        followers = [contexts.refresh, lwm2m.refresh, watching.refresh] + [
             ls.refresh for ls in listeners if isinstance(ls, DtlsListener | PlainListener)]
         tasks.append(asyncio.create_task(follow_registry(broker.registry, followers)))
         gid = grp.getgrnam(config.control.group).gr_gid if config.control.group else None

@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from agent import events
 from agent.audit import AuditLog
@@ -34,6 +34,14 @@ AUTH_REFUSALS = ("unknown-credential", "disabled", "auth-failed", "replay")
 _JOURNAL_BURST, _JOURNAL_INTERVAL = 10, 6.0  # per sensor or address: 10 a minute
 _AUDIT_QUEUE = 1000
 FLUSH_INTERVAL = 2.0
+
+
+class Observer(Protocol):
+    """Sees each message the gateway took and each refusal naming a sensor (the watch)."""
+
+    def message(self, sensor: Sensor, action: str, size: int, remote: str) -> None: ...
+
+    def refusal(self, sensor: Sensor, kind: str) -> None: ...
 
 
 @dataclass
@@ -59,6 +67,7 @@ class Traffic:
         self._audit_queue: asyncio.Queue[tuple[str, dict[str, Any]]] = \
             asyncio.Queue(_AUDIT_QUEUE)
         self.flush_error: str | None = None
+        self.observers: list[Observer] = []
 
     def _delta(self, sensor: Sensor) -> _Delta:
         delta = self._deltas.get(sensor.serial)
@@ -77,6 +86,12 @@ class Traffic:
         delta.messages += 1
         delta.last_seen = self._clock()
         self.totals["authenticated"] += 1
+
+    def behaved(self, sensor: Sensor, action: str, size: int, remote: str) -> None:
+        """An authenticated message the gateway took (the policy allowed it, or a local
+        LwM2M service): for the observers (the watch), as `action` (METHOD and rule)."""
+        for observer in self.observers:
+            observer.message(sensor, action, size, remote)
 
     def forwarded(self, sensor: Sensor, upstream: str) -> None:
         self.totals["forwarded"] += 1
@@ -102,6 +117,8 @@ class Traffic:
         ("denied")."""
         self.totals[f"refused.{kind}"] += 1
         if sensor is not None:
+            for observer in self.observers:
+                observer.refusal(sensor, kind)
             delta = self._delta(sensor)
             if kind == "denied":
                 delta.denials += 1

@@ -439,6 +439,17 @@ def render_sensor(doc: dict[str, Any]) -> str:
                          f"{firmware.get('reason')}"}.get(firmware.get("state"),
                                                          f"update {firmware.get('state')}")
         lines.append(f"  firmware    {how} (started {_date(firmware.get('started_at'))})")
+    watch = doc.get("watch")
+    if watch:
+        if "messages" in watch:
+            state = "learned" if watch.get("learned") else "learning"
+            lines.append(f"  watch       {state} from {watch.get('messages')} messages: one "
+                         f"every {watch.get('interval_s')} s, "
+                         f"{watch.get('payload_bytes')} bytes")
+        for finding in watch.get("findings") or []:
+            lines.append(f"    finding   {_date(_iso(finding.get('at')))} "
+                         f"{finding.get('kind')} (score {finding.get('score')}): "
+                         f"{finding.get('evidence')}; expected {finding.get('baseline')}")
     credential = doc.get("credential")
     if credential:
         lines.append("  credential  (shown once: the broker keeps it sealed and never shows "

@@ -203,3 +203,21 @@ def test_a_baseline_stays_small() -> None:
     size = sys.getsizeof(baseline) + sys.getsizeof(baseline.actions) + sum(
         sys.getsizeof(getattr(baseline, slot)) for slot in Baseline.__slots__)
     assert size < 1024, size
+
+
+def test_sensors_show_prints_what_the_watch_learned_and_found() -> None:
+    from agent.cli.render import render_sensor
+
+    text = render_sensor({
+        "name": "t-1", "status": "quarantined", "id": "urn:devid:sensor:x",
+        "status_reason": "watch: interval (score 12.0): 0.1 s since the last message; "
+                         "expected one every 0.4 s (±5 %)", "profile": "temperature",
+        "transport": "oscore", "kid": "01",
+        "watch": {"messages": 12, "learned": True, "interval_s": 0.4, "payload_bytes": 11.0,
+                  "findings": [{"kind": "interval", "score": 12.0, "at": START,
+                                "evidence": "0.1 s since the last message",
+                                "baseline": "one every 0.4 s (±5 %)"}]}})
+    assert "t-1  quarantined (watch: interval (score 12.0)" in text
+    assert "watch       learned from 12 messages: one every 0.4 s, 11.0 bytes" in text
+    assert "finding   2023-11-14 00:00:00 interval (score 12.0): 0.1 s since the last " \
+        "message; expected one every 0.4 s (±5 %)" in text
