@@ -59,10 +59,11 @@ def _hash(text: str) -> int:
 
 class Baseline:
     __slots__ = ("actions", "addr", "addr_prev", "auth", "auth_at", "denied", "denied_at",
-                 "first", "hours", "i_dev", "i_mean", "i_sum", "last", "n", "s_dev",
-                 "s_mean", "s_sum", "switch_at")
+                 "first", "hours", "i_dev", "i_mean", "i_sum", "last", "n", "profile",
+                 "s_dev", "s_mean", "s_sum", "switch_at")
 
-    def __init__(self, now: float) -> None:
+    def __init__(self, now: float, profile: str = "") -> None:
+        self.profile = profile  # whose settings apply (the profile names are shared)
         self.n = 0
         self.first = self.last = now
         self.i_mean = self.i_dev = self.i_sum = 0.0

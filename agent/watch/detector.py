@@ -31,7 +31,6 @@ class Detector:
     def __init__(self, settings: Callable[[str], WatchSection]) -> None:
         self._settings = settings  # a profile's watch settings, by profile name
         self.baselines: dict[int, Baseline] = {}
-        self._profiles: dict[int, str] = {}
         self._reported: dict[int, dict[str, float]] = {}  # serial -> kind -> when
         self.silent: dict[int, float] = {}  # serial -> when it was found silent
 
@@ -42,18 +41,19 @@ class Detector:
                 address: str) -> Finding | None:
         baseline = self.baselines.get(serial)
         if baseline is None:
-            baseline = self.baselines[serial] = Baseline(now)
-        if self._profiles.get(serial) != profile:
-            self._profiles[serial] = profile
-        self.silent.pop(serial, None)
+            baseline = self.baselines[serial] = Baseline(now, profile)
+        elif baseline.profile != profile:
+            baseline.profile = profile
+        if self.silent:
+            self.silent.pop(serial, None)
         found = baseline.message(now, size, action, address, self._settings(profile))
         return self._once(serial, found)
 
     def refused(self, serial: int, profile: str, now: float, auth: bool) -> Finding | None:
         baseline = self.baselines.get(serial)
         if baseline is None:
-            baseline = self.baselines[serial] = Baseline(now)
-        self._profiles[serial] = profile
+            baseline = self.baselines[serial] = Baseline(now, profile)
+        baseline.profile = profile
         return self._once(serial, baseline.refused(now, auth, self._settings(profile)))
 
     def _once(self, serial: int, found: Finding | None) -> Finding | None:
@@ -72,7 +72,7 @@ class Detector:
         newly: list[tuple[int, Finding]] = []
         retire: list[Deprovision] = []
         for serial, baseline in self.baselines.items():
-            settings = self._settings(self._profiles.get(serial, ""))
+            settings = self._settings(baseline.profile)
             since = self.silent.get(serial)
             if since is not None:
                 if settings.deprovision_after and now - since >= settings.deprovision_after:
@@ -105,6 +105,5 @@ class Detector:
     def forget(self, serial: int) -> None:
         """The sensor is gone (removed, revoked) or starts over (released, rekeyed)."""
         self.baselines.pop(serial, None)
-        self._profiles.pop(serial, None)
         self._reported.pop(serial, None)
         self.silent.pop(serial, None)
