@@ -26,6 +26,9 @@
     [lwm2m_upstream]                # the fleet's LwM2M server: the gateway as /25
     url = "coaps://lwm2m.example.net:5684"
 
+    [siem]                          # every event also to the SIEM (RFC 5425)
+    url = "tls://siem.example.net:6514"
+
 Errors name the file, section and key, as the agent's do.
 """
 
@@ -34,7 +37,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field
 
@@ -145,6 +148,29 @@ class Lwm2mUpstreamSection(StrictSection):
     timeout: Duration = 10.0
 
 
+def _siem_url(url: str) -> str:
+    from agent.errors import ConfigError
+    from agent.siem.forwarder import parse_siem_url
+
+    try:
+        parse_siem_url(url)
+    except ConfigError as e:
+        raise ValueError(e.message) from None
+    return url
+
+
+class SiemSection(StrictSection):
+    # Every journaled event also to a SIEM collector over TLS, with the gateway's
+    # certificate: RFC 5424 syslog framed as RFC 5425 says, or JSON lines.
+    url: Annotated[str, AfterValidator(_siem_url)]
+    framing: Literal["syslog", "json"] = "syslog"
+    bundle: Path | None = None  # PEM CAs the collector is verified against
+    # Events kept while the collector is away; past this the oldest are dropped (counted).
+    queue: Annotated[int, Field(ge=10, le=10_000_000)] = 10000
+    # The structured data's SD-ID: a private enterprise number of your own, if you have one.
+    sd_id: Annotated[str, Field(pattern=r"^[!#-<>-\\^-~]{1,32}$")] = "devid@32473"
+
+
 class SpoolSection(StrictSection):
     # Store and forward for rules with `spool = true` (docs/broker.md, "Spool").
     max_messages: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
@@ -163,13 +189,14 @@ class BrokerConfig(StrictSection):
                     UpstreamSection] = Field(default_factory=dict)
     spool: SpoolSection = Field(default_factory=SpoolSection)
     lwm2m_upstream: Lwm2mUpstreamSection | None = None
+    siem: SiemSection | None = None
     log: LogSection = Field(default_factory=LogSection)
     source: Path | None = Field(default=None, exclude=True)
 
 
 _PATH_KEYS = (("paths", "state_dir"), ("paths", "control_socket"), ("identity", "socket"),
               ("policy", "file"), ("upstreams", "*", "bundle"),
-              ("lwm2m_upstream", "bundle"))
+              ("lwm2m_upstream", "bundle"), ("siem", "bundle"))
 
 
 def parse_broker_config(text: str, source: Path) -> BrokerConfig:

@@ -33,6 +33,7 @@ from agent.broker.config import DEFAULT_CONFIG, BrokerConfig, load_broker_config
 from agent.broker.datakey import fetch_data_key
 from agent.broker.dtls import DtlsListener
 from agent.broker.edhoc import EdhocSessions
+from agent.broker.eventsout import events_handler, make_siem
 from agent.broker.firmware import FirmwareUpdates
 from agent.broker.gateway import Gateway
 from agent.broker.lwm2m import Lwm2mServer
@@ -53,6 +54,7 @@ from agent.fsutil import ensure_private_dir
 from agent.policy.decide import Rates
 from agent.sensors.atrest import RecordCipher
 from agent.sensors.store import SensorStore
+from agent.siem.forwarder import EventTap
 from agent.supervision.notify import SystemdNotifier, watchdog_interval
 from agent.supervision.supervisor import Supervisor
 
@@ -105,6 +107,8 @@ async def run(config: BrokerConfig) -> int:
     state_dir = config.paths.state_dir
     ensure_private_dir(state_dir)
     broker = Broker(config)
+    tap = EventTap()  # every event from here on: `devidctl events`, and the SIEM
+    tap.attach(logging.getLogger("agent"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -154,6 +158,11 @@ async def run(config: BrokerConfig) -> int:
         if upstreams.credentials is not None:
             tasks.append(asyncio.create_task(upstreams.credentials.run(stop)))
             broker.parts.append(upstreams.credentials)
+        siem = make_siem(config, upstreams.credentials)
+        if siem is not None:
+            tap.sender = siem
+            tasks.append(asyncio.create_task(siem.run(stop)))
+            broker.parts.append(siem)
         await upstreams.start()
         contexts = SensorContexts(store, traffic, EdhocSessions(
             store, traffic, config.listen.edhoc_lifetime) if config.listen.oscore else None)
@@ -208,7 +217,8 @@ async def run(config: BrokerConfig) -> int:
         tasks.append(asyncio.create_task(follow_registry(broker.registry, followers)))
         gid = grp.getgrnam(config.control.group).gr_gid if config.control.group else None
         server = ControlServer(config.paths.control_socket,
-                               {"status": broker.status, **broker.registry.handlers(),
+                               {"status": broker.status, "events": events_handler(tap),
+                                **broker.registry.handlers(),
                                 **broker.policy.handlers(), **lwm2m.handlers(),
                                 **firmware.handlers()}, gid,
                                max_request=MAX_REQUEST, program="devid-broker")
@@ -244,6 +254,7 @@ async def run(config: BrokerConfig) -> int:
         if broker.registry is not None:
             broker.registry.store.close()
             events.emit(log, "broker-stopped", "devid-broker stopped")
+        tap.detach(logging.getLogger("agent"))
 
 
 async def follow_registry(registry: SensorRegistry, followers: list[Callable[[], None]]

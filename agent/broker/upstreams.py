@@ -62,7 +62,7 @@ class Upstreams:
 
 
 def make_upstreams(config: BrokerConfig, client: IdentityClient) -> Upstreams:
-    if not config.upstreams and config.lwm2m_upstream is None:
+    if not config.upstreams and config.lwm2m_upstream is None and config.siem is None:
         return Upstreams({}, None)
     credentials = GatewayCredentials(client, config.identity.retry)
     by_name: dict[str, Upstream] = {}
