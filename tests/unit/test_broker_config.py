@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.broker.config import BrokerConfig, Lwm2mUpstreamSection, parse_broker_config
+from agent.broker.config import (
+    BrokerConfig,
+    Lwm2mUpstreamSection,
+    SiemSection,
+    parse_broker_config,
+)
 from agent.errors import ConfigError
 from tests.unit.test_config import commented_defaults
 
@@ -17,10 +22,11 @@ SHIPPED = Path(__file__).resolve().parents[2] / "docs" / "broker.toml"
 def test_the_shipped_file_lists_every_key_with_its_default(tmp_path):
     shown = commented_defaults(SHIPPED.read_text())
     for name, field in BrokerConfig.model_fields.items():
-        if name not in ("source", "upstreams", "lwm2m_upstream"):  # those: examples
+        if name not in ("source", "upstreams", "lwm2m_upstream", "siem"):  # examples
             assert set(shown[name]) == set(field.annotation.model_fields), name
-    for key in Lwm2mUpstreamSection.model_fields:  # the example names every key
-        assert f"#   {key} = " in SHIPPED.read_text(), key
+    for section in (Lwm2mUpstreamSection, SiemSection):  # each example names every key
+        for key in section.model_fields:
+            assert f"#   {key} = " in SHIPPED.read_text(), key
     body = "".join(f"[{s}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()
                                       if (s, k) != ("control", "group"))
                    for s, keys in shown.items())
@@ -52,6 +58,10 @@ def test_the_shipped_file_lists_every_key_with_its_default(tmp_path):
     ("[lwm2m_upstream]\nurl = 'coaps://x'\nlifetime = 5\n", "[lwm2m_upstream] lifetime"),
     ("[lwm2m_upstream]\nurl = 'coaps://x'\nendpoint = 'a b'\n", "[lwm2m_upstream] endpoint"),
     ("[lwm2m_upstream]\n", "[lwm2m_upstream] url: Field required"),
+    ("[siem]\nurl = 'udp://x:514'\n", "[siem] url: 'udp://x:514': expected tls://"),
+    ("[siem]\nurl = 'tls://x'\nframing = 'cef'\n", "[siem] framing"),
+    ("[siem]\nurl = 'tls://x'\nqueue = 0\n", "[siem] queue"),
+    ("[siem]\nurl = 'tls://x'\nsd_id = 'a b'\n", "[siem] sd_id"),
 ])
 def test_bad_broker_configuration_names_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
