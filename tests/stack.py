@@ -329,9 +329,12 @@ class AgentProcess:
         return self.wait_status(f"renewed {generation} times", lambda d: (d.get("rotation") or {})
                                 .get("generation", 0) >= generation, timeout)
 
+    def ctl_command(self) -> list[str]:
+        return [str(BIN / "devidctl"), "--config", str(self.config)]
+
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "devidctl"), "--config", str(self.config), *args],
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run([*self.ctl_command(), *args], capture_output=True, text=True,
+                              timeout=60)
 
     def ctl_json(self, *args: str) -> tuple[int, dict[str, Any]]:
         proc = self.ctl(*args, "--json")

@@ -33,7 +33,7 @@ from agent.broker.config import DEFAULT_CONFIG, BrokerConfig, load_broker_config
 from agent.broker.datakey import fetch_data_key
 from agent.broker.dtls import DtlsListener
 from agent.broker.edhoc import EdhocSessions
-from agent.broker.eventsout import events_handler, make_siem
+from agent.broker.eventsout import make_siem
 from agent.broker.firmware import FirmwareUpdates
 from agent.broker.gateway import Gateway
 from agent.broker.lwm2m import Lwm2mServer
@@ -217,7 +217,7 @@ async def run(config: BrokerConfig) -> int:
         tasks.append(asyncio.create_task(follow_registry(broker.registry, followers)))
         gid = grp.getgrnam(config.control.group).gr_gid if config.control.group else None
         server = ControlServer(config.paths.control_socket,
-                               {"status": broker.status, "events": events_handler(tap),
+                               {"status": broker.status, "events": tap.control,
                                 **broker.registry.handlers(),
                                 **broker.policy.handlers(), **lwm2m.handlers(),
                                 **firmware.handlers()}, gid,

@@ -20,6 +20,7 @@ from agent import __version__
 from agent.access import command_line, explain, os_error_text
 from agent.audit import AGENT_AUDIT_LOG, AuditLog
 from agent.cli import bundle
+from agent.cli.events import cmd_events, event_verbs
 from agent.cli.identity import add_verbs as identity_verbs
 from agent.cli.identity import cmd_consumers, cmd_credentials
 from agent.cli.policy import add_verbs as policy_verbs
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     identity_verbs(verb)
     sensor_verbs(verb)
     policy_verbs(verb)
+    event_verbs(verb)
     support = verb("support-bundle", help="write a tarball for remote diagnosis: "
                              "status, checks, journal, redacted config, versions")
     support.add_argument("-o", "--output", type=Path, metavar="FILE",
@@ -389,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_sensors(args, _fail)
     if args.command == "policy":
         return cmd_policy(args, _fail)
+    if args.command == "events":  # the agent's socket only: agent.toml need not validate
+        return cmd_events(control_socket_of(args.config), args, _fail)
     config_error: ConfigError | None = None
     try:
         # Files only the agent's user may read are the agent's to judge, not ours.

@@ -24,6 +24,7 @@ from agent.identityapi.api import IdentityApi
 from agent.identityapi.consumers import read_unit_of_pid
 from agent.identityapi.service import IdentityApiSubsystem
 from agent.pki.ekchain import load_trust_store
+from agent.siem.forwarder import EventTap
 from agent.supervision.notify import SystemdNotifier, watchdog_interval
 from agent.supervision.supervisor import Supervisor
 
@@ -44,9 +45,11 @@ async def run(config: AgentConfig) -> int:
     service.enrollment.load()
     service.subsystems.append(identity_api(config, service))
     gid = grp.getgrnam(config.control.group).gr_gid if config.control.group else None
+    tap = EventTap()  # the recent events, for `devidctl events`
     handlers = {"status": service.status, "check": service.check,
                 "renew": service.renew, "decommission": service.decommission,
-                "audit": service.audit_log, "certificates": service.certificates}
+                "audit": service.audit_log, "certificates": service.certificates,
+                "events": tap.control}
     for subsystem in service.subsystems:
         handlers.update(subsystem.handlers())
     server = ControlServer(config.paths.control_socket, handlers, gid)
@@ -60,6 +63,7 @@ async def run(config: AgentConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     reloads = Reloader(service, supervisor)
     loop.add_signal_handler(signal.SIGHUP, reloads.request)
+    tap.attach(logging.getLogger("agent"))
     events.emit(log, "started", "devid-agent %s started (config %s)", __version__,
                 config.source, version=__version__)
     tasks = [asyncio.create_task(service.maintain_tpm(stop)),
@@ -81,6 +85,7 @@ async def run(config: AgentConfig) -> int:
         stop.set()
         await asyncio.gather(*tasks)
         await service.close()
+        tap.detach(logging.getLogger("agent"))
     events.emit(log, "stopped", "devid-agent stopped")
     return 0
 

@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from agent.backoff import Backoff
-from agent.errors import ConfigError
+from agent.errors import ConfigError, ControlError
 from agent.events import DEVICE_FIELD, EVENT_FIELD, FIELD_PREFIX
 from agent.siem.format import Event, json_line, octet_counted, syslog_message
 
@@ -101,6 +101,15 @@ class EventTap(logging.Handler):
         return [{"seq": n, "time": e.time, "event": e.name, "message_id": e.message_id,
                  "severity": e.severity, "message": e.message, "fields": e.fields}
                 for n, e in picked]
+
+    async def control(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The control method `events` (`devidctl events`): the recent events after
+        `after`, at most `limit`, and the last number given so far."""
+        after, limit = params.get("after", 0), params.get("limit", 100)
+        for name, value in (("after", after), ("limit", limit)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ControlError(f"events: {name}: expected a whole number from 0")
+        return {"events": self.since(after, min(limit, RECENT)), "last": self.sequence}
 
     def attach(self, logger: logging.Logger) -> None:
         logger.addHandler(self)

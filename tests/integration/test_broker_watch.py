@@ -88,3 +88,38 @@ def test_a_silent_sensor_is_deprovisioned(broker_stack_factory, tmp_path):
     assert _send(sensor, 9) == "4.01"
     totals = stack.status()["watch"]["totals"]
     assert totals["silent"] == 1 and totals["deprovisioned"] == 1
+
+
+def test_devidctl_events_merges_the_agent_and_the_broker_and_follows(
+        broker_stack_factory, gateway_agent, tmp_path):
+    import subprocess
+
+    agent, _ = gateway_agent
+    stack = broker_stack_factory(policy=WATCHED)
+    broker = stack.broker
+    stack.add("t-3")
+    shown = agent.ctl("events", "--broker-socket", str(broker.socket), "--json")
+    assert shown.returncode == 0, shown.stderr
+    docs = [json.loads(line) for line in shown.stdout.splitlines()]
+    sources = {(d["source"], d["event"]) for d in docs}
+    assert ("devid-agent", "enrolled") in sources and ("devid-broker", "sensor-added") in \
+        sources, sources
+    assert [d["time"] for d in docs] == sorted(d["time"] for d in docs)
+    text = agent.ctl("events", "--broker-socket", str(broker.socket), "--limit", "1")
+    assert text.returncode == 0 and len(text.stdout.splitlines()) == 1
+    assert "devid-broker INFO  sensor-added" in text.stdout, text.stdout
+    # --follow prints what comes next.
+    follow = subprocess.Popen(
+        [*agent.ctl_command(), "events", "--follow", "--limit", "1", "--broker-socket",
+         str(broker.socket)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert follow.stdout is not None
+        assert "sensor-added" in follow.stdout.readline()  # the last one so far
+        assert broker.ctl("quarantine", "t-3", "--reason", "tests").returncode == 0
+        line = follow.stdout.readline()
+        assert "sensor-changed" in line and "change=quarantine" in line, line
+    finally:
+        follow.terminate()
+        follow.wait(10)
+    refused = agent.ctl("events", "--limit", "0", "--broker-socket", str(broker.socket))
+    assert refused.returncode == 64 and "expected 1 to 1000" in refused.stderr
