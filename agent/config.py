@@ -45,6 +45,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 
 from agent.access import explain
 from agent.errors import ConfigError
+from agent.siem.settings import SiemSection
 from agent.tomlconfig import (
     Duration,
     StrictSection,
@@ -293,6 +294,7 @@ class AgentConfig(StrictSection):
     rotation: RotationSection = Field(default_factory=RotationSection)
     identity_api: IdentityApiSection = Field(default_factory=IdentityApiSection)
     consumers: list[ConsumerSection] = Field(default_factory=list)
+    siem: SiemSection | None = None
     source: Path | None = Field(default=None, exclude=True)
 
     @field_validator("consumers")
@@ -314,7 +316,7 @@ class AgentConfig(StrictSection):
 
 _PATH_KEYS = (("paths", "state_dir"), ("paths", "control_socket"), ("trust", "ek_roots"),
               ("enrollment", "ca"), ("enrollment", "token_file"), ("identity_api", "socket"),
-              ("identity_api", "sink_root"))
+              ("identity_api", "sink_root"), ("siem", "bundle"))
 
 
 def named_files(config: AgentConfig) -> list[tuple[str, Path]]:

@@ -37,12 +37,13 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import AfterValidator, Field
 
 from agent.config import ControlSection, LogSection
 from agent.identityapi.protocol import SECRET_NAME
+from agent.siem.settings import SiemSection
 from agent.tomlconfig import Duration, StrictSection, parse_toml_model, read_config_text
 
 DEFAULT_CONFIG = Path("/etc/devid-broker/broker.toml")
@@ -146,29 +147,6 @@ class Lwm2mUpstreamSection(StrictSection):
     endpoint: Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{0,128}$")] = ""
     lifetime: Annotated[int, Field(ge=30, le=86400)] = 300
     timeout: Duration = 10.0
-
-
-def _siem_url(url: str) -> str:
-    from agent.errors import ConfigError
-    from agent.siem.forwarder import parse_siem_url
-
-    try:
-        parse_siem_url(url)
-    except ConfigError as e:
-        raise ValueError(e.message) from None
-    return url
-
-
-class SiemSection(StrictSection):
-    # Every journaled event also to a SIEM collector over TLS, with the gateway's
-    # certificate: RFC 5424 syslog framed as RFC 5425 says, or JSON lines.
-    url: Annotated[str, AfterValidator(_siem_url)]
-    framing: Literal["syslog", "json"] = "syslog"
-    bundle: Path | None = None  # PEM CAs the collector is verified against
-    # Events kept while the collector is away; past this the oldest are dropped (counted).
-    queue: Annotated[int, Field(ge=10, le=10_000_000)] = 10000
-    # The structured data's SD-ID: a private enterprise number of your own, if you have one.
-    sd_id: Annotated[str, Field(pattern=r"^[!#-<>-\\^-~]{1,32}$")] = "devid@32473"
 
 
 class SpoolSection(StrictSection):

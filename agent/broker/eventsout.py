@@ -8,7 +8,7 @@ import ssl
 
 from agent.broker.config import BrokerConfig
 from agent.broker.gatewaycreds import GatewayCredentials
-from agent.broker.upstreams import read_trust
+from agent.pki.bundle import read_trust
 from agent.siem.forwarder import SiemSender
 
 

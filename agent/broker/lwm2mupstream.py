@@ -46,7 +46,6 @@ from agent.broker.dtlsclient import DtlsClient
 from agent.broker.gateway import answer
 from agent.broker.gatewaycreds import GatewayCredentials
 from agent.broker.lwm2m import Lwm2mServer, code_text
-from agent.broker.upstreams import read_trust
 from agent.errors import (
     ConfigError,
     DevidError,
@@ -65,6 +64,7 @@ from agent.lwm2m.gateway import (
     read_objects,
     reprefix_senml,
 )
+from agent.pki.bundle import read_trust
 from agent.sensors.model import Sensor
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,6 @@ for them, so it needs only the `secrets` grant.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from agent.broker.config import BrokerConfig
@@ -17,19 +16,7 @@ from agent.broker.upstream.coap import CoapUpstream, parse_coap_url
 from agent.broker.upstream.mqtt import MqttUpstream, parse_mqtt_url
 from agent.consumer import IdentityClient
 from agent.errors import ConfigError
-
-
-def read_trust(path: Path | None, section: str) -> str | None:
-    """The PEM text of a `bundle` key, checked; ConfigError naming `section`."""
-    if path is None:
-        return None
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"[{section}] bundle: {path}: {e.strerror or e}") from None
-    if "-----BEGIN CERTIFICATE-----" not in text:
-        raise ConfigError(f"[{section}] bundle: {path}: no PEM certificate in it")
-    return text
+from agent.pki.bundle import read_trust
 
 
 def check_url(url: str) -> None:

@@ -124,8 +124,19 @@ def render_status(doc: dict[str, Any], style: Style = PLAIN) -> str:
     lines += _enrollment_lines(doc.get("enrollment") or {}, doc.get("certificate"), now)
     lines += _rotation_lines(doc.get("rotation"), doc.get("tls_certificate"), now)
     lines += _consumer_lines(doc.get("identity_api"))
+    lines += _siem_lines(doc.get("siem"), "  siem      ")
     lines += _broker_lines(doc.get("devid_broker"))
     return "\n".join(lines)
+
+
+def _siem_lines(siem: dict[str, Any] | None, lead: str) -> list[str]:
+    """The SIEM sender's state, in the agent's and in the broker's part."""
+    if not isinstance(siem, dict):
+        return []
+    state = "connected" if siem.get("connected") else \
+        f"NOT CONNECTED ({siem.get('error') or 'connecting'})"
+    return [f"{lead} {siem.get('url')}: {state}; {siem.get('sent', 0)} sent, "
+            f"{siem.get('queued', 0)} queued, {siem.get('dropped', 0)} dropped"]
 
 
 def _broker_lines(broker: dict[str, Any] | None) -> list[str]:
@@ -163,6 +174,7 @@ def _broker_lines(broker: dict[str, Any] | None) -> list[str]:
         lines.append(f"             lwm2m-up {gateway.get('url')}: {gateway.get('state')}"
                      + (f" as {gateway.get('endpoint')}, {gateway.get('sensors', 0)} sensors "
                         f"under /25" if gateway.get("state") == "registered" else ""))
+    lines += _siem_lines(broker.get("siem"), "             siem   ")
     for name, upstream in (broker.get("upstreams") or {}).items():
         error = upstream.get("last_error")
         lines.append(f"             {name:7s} {upstream.get('url')}: "

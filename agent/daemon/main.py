@@ -17,6 +17,7 @@ from agent.aio import first_of
 from agent.config import AgentConfig, key_for_path, load_config
 from agent.control.server import ControlServer
 from agent.daemon.service import AgentService
+from agent.daemon.siemout import SiemSubsystem
 from agent.daemon.subsystem import Subsystem
 from agent.errors import ConfigError, DevidError
 from agent.fsutil import ensure_private_dir, remove_stale_temp_files
@@ -44,8 +45,11 @@ async def run(config: AgentConfig) -> int:
     service = AgentService(config, trust)
     service.enrollment.load()
     service.subsystems.append(identity_api(config, service))
+    tap = EventTap()  # the recent events, for `devidctl events`, and the SIEM's
+    if config.siem is not None:
+        service.subsystems.append(SiemSubsystem(config.siem, tap, service.holder,
+                                                lambda: service.enrollment.pinned))
     gid = grp.getgrnam(config.control.group).gr_gid if config.control.group else None
-    tap = EventTap()  # the recent events, for `devidctl events`
     handlers = {"status": service.status, "check": service.check,
                 "renew": service.renew, "decommission": service.decommission,
                 "audit": service.audit_log, "certificates": service.certificates,

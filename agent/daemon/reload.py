@@ -1,7 +1,8 @@
 """SIGHUP: what a new configuration changes in the running daemon. Pure.
 
-Most sections apply in place. `[paths]`, `[control]` and `[identity_api]` do not: the state
-directory and the sockets are open for the daemon's lifetime, so a
+Most sections apply in place. `[paths]`, `[control]`, `[identity_api]` and `[siem]` do
+not: the state directory, the sockets and the SIEM connection are open for the daemon's
+lifetime, so a
 change there is reported as needing a restart and the running values are
 kept. Removing `[enrollment]` from an enrolled gateway would leave rotation
 with no registrar mid-flight, so it too waits for a restart.
@@ -13,9 +14,9 @@ from dataclasses import dataclass
 
 from agent.config import AgentConfig
 
-RESTART_ONLY = ("paths", "control", "identity_api")
+RESTART_ONLY = ("paths", "control", "identity_api", "siem")
 SECTIONS = ("tpm", "paths", "trust", "control", "log", "enrollment", "rotation",
-            "identity_api", "consumers")
+            "identity_api", "consumers", "siem")
 
 
 @dataclass(frozen=True)

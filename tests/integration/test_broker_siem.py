@@ -108,3 +108,29 @@ def test_a_collector_outage_blocks_nothing_and_the_drops_are_counted(
     # The oldest waiting made room for the newest: what arrived is the last 10, in order.
     assert names == ["broker-started", *away[-10:]], names
     assert stack.status()["siem"]["dropped"] == len(away) - 10
+
+
+def test_the_agents_enrollment_events_reach_rsyslog_too(
+        tpm, registrar_factory, agent_factory, tmp_path):
+    from stack import enrollment_toml, rotation_toml
+
+    registrar = registrar_factory([tpm.vendor_ca])
+    cert, key, ca_pem = server_identity(tmp_path / "siem-tls")
+    (tmp_path / "siem-ca.pem").write_text(ca_pem)
+    collector = Rsyslog(tmp_path / "rsyslog", cert, key, registrar.ca).start()
+    try:
+        agent = agent_factory(tpm, extra=enrollment_toml(registrar, registrar.token())
+                              + rotation_toml()
+                              + _siem_toml(collector.port, tmp_path / "siem-ca.pem"))
+        agent.wait_enrollment("enrolled")
+        lines = _wait(lambda: (lambda p: p if any(line[2] == "enrolled" for line in p)
+                               else None)(collector.parsed()), "enrolled at rsyslog", 30)
+        names = [line[2] for line in lines]
+        # Queued from the start, sent once enrolled: the certificate is what it presents.
+        assert names[0] == "started" and "enrolled" in names, names
+        enrolled = next(line for line in lines if line[2] == "enrolled")
+        assert enrolled[1] == "devid-agent" and 'device_id="urn:' in enrolled[3], enrolled
+        status = agent.ctl_json("status")[1]
+        assert status["siem"]["connected"] and status["siem"]["dropped"] == 0, status
+    finally:
+        collector.stop()

@@ -73,3 +73,16 @@ def test_a_full_queue_drops_the_oldest_and_counts() -> None:
 def test_a_bad_siem_url_is_refused_saying_why(url: str, what: str) -> None:
     with pytest.raises(ConfigError, match=what):
         parse_siem_url(url)
+
+
+def test_status_shows_the_siem_sender_of_the_agent_and_of_the_broker() -> None:
+    from agent.cli.render import render_status
+
+    siem = {"url": "tls://siem:6514", "connected": False, "error": "ConnectionRefusedError",
+            "sent": 7, "queued": 3, "dropped": 1}
+    text = render_status({"state": "OK", "siem": siem,
+                          "devid_broker": {"state": "OK", "headline": "1 sensors active",
+                                           "siem": {**siem, "connected": True}}})
+    assert "siem       tls://siem:6514: NOT CONNECTED (ConnectionRefusedError); 7 sent, " \
+        "3 queued, 1 dropped" in text
+    assert "siem    tls://siem:6514: connected; 7 sent" in text
