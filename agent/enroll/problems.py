@@ -33,6 +33,8 @@ _TYPES = (
     ProblemType("body-too-large", 413, "The request body exceeds the registrar's limit",
                 "enrollment messages are a few kilobytes; check what the client sends"),
     ProblemType("not-found", 404, "No such resource", "check the registrar URL"),
+    ProblemType("method-not-allowed", 405, "The resource does not take this method",
+                "the Allow header lists the methods it takes (docs/openapi.json)"),
     # tokens
     ProblemType("token-required", 401, "This registrar requires an enrollment token",
                 "create one with `devid-registrar token create` and set [enrollment] token"),

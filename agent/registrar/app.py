@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from starlette.applications import Starlette
@@ -36,8 +37,9 @@ CHALLENGE_ID = re.compile(r"^[0-9a-f]{32}$")
 CRL_CONTENT_TYPE = "application/pkix-crl"
 
 
-def problem_response(p: Problem, instance: str | None = None) -> Response:
-    headers = {}
+def problem_response(p: Problem, instance: str | None = None,
+                     extra: Mapping[str, str] | None = None) -> Response:
+    headers = dict(extra or {})
     if p.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(p.retry_after)))
     return JSONResponse(problem_document(p, instance), status_code=p.status, headers=headers,
@@ -135,10 +137,12 @@ def create_app(service: EnrollmentService, lifecycle: LifecycleService,
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        code = "not-found" if exc.status_code in (404, 405) else "malformed-request"
+        code = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code,
+                                                                  "malformed-request")
         p = problem(code, f"{request.method} {request.url.path}: {exc.detail}")
         p.status = exc.status_code
-        return problem_response(p, request.url.path)
+        # RFC 9110 15.5.6: a 405 lists the methods the resource takes (Starlette says).
+        return problem_response(p, request.url.path, exc.headers)
 
     async def crash(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error handling %s %s", request.method, request.url.path,
