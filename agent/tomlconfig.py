@@ -12,9 +12,10 @@ import os
 import re
 import stat
 import tomllib
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
@@ -197,3 +198,30 @@ def _parse_duration_or_zero(value: object) -> float:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 # For settings where "0s" means "off".
 DurationOrZero = Annotated[float, BeforeValidator(_parse_duration_or_zero)]
+
+
+def host_port_url(url: str, scheme: str, default_port: int, what: str) -> tuple[str, int]:
+    """(host, port) of `SCHEME://HOST[:PORT]` and nothing more; ConfigError saying what is
+    wrong. `what` tells what the URL is for, in the message of a wrong scheme."""
+    parts = urlsplit(url)
+    if parts.scheme != scheme or not parts.hostname:
+        raise ConfigError(f"{url!r}: expected {scheme}://HOST[:PORT] ({what})")
+    if parts.path not in ("", "/") or parts.query or parts.username:
+        raise ConfigError(f"{url!r}: only a host and a port")
+    try:
+        port = parts.port or default_port
+    except ValueError:
+        raise ConfigError(f"{url!r}: the port is not a number from 1 to 65535") from None
+    return parts.hostname, port
+
+
+def checked_by(check: Callable[[str], object]) -> Callable[[str], str]:
+    """A pydantic AfterValidator for a string key that `check` parses: its ConfigError
+    becomes the key's error, which the file's error then names with section and key."""
+    def validate(text: str) -> str:
+        try:
+            check(text)
+        except ConfigError as e:
+            raise ValueError(e.message) from None
+        return text
+    return validate

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from broker import closed_loop, raw_sender  # noqa: E402
+from broker import POLICY, closed_loop, raw_sender  # noqa: E402
 from coap_loadgen import raw_client  # noqa: E402
 from coap_upstream import CoapUpstreamProcess  # noqa: E402
 from mtls import server_identity  # noqa: E402
@@ -39,17 +39,6 @@ from stack import BrokerProcess, enrolled_gateway, free_port  # noqa: E402
 from agent.broker.watching import Watching  # noqa: E402
 from agent.policy.model import parse_policy  # noqa: E402
 from agent.sensors.model import Sensor  # noqa: E402
-
-POLICY = """
-[profiles.bench]
-[[profiles.bench.rules]]
-name = "telemetry"
-methods = ["POST"]
-path = "/telemetry"
-upstream = "sensors/{sensor}/telemetry"
-rate = 600000
-burst = 100000
-"""
 
 
 def forwarding_cpu_us(tmp: Path, seconds: float, concurrency: int) -> tuple[float, float]:
@@ -115,7 +104,7 @@ def _watching(fleet: Fleet) -> tuple[Watching, list[float]]:
     for step in range(learning):
         for sensor, address in zip(sensors, addresses, strict=True):
             now[0] += 300.0 * (1 + (sensor.serial * 7919 + step) % 11 / 100) / len(sensors)
-            watching.message(sensor, "POST telemetry", 11, address)
+            watching.message(sensor, "POST coap", 11, address)
     now[0] += 86400.0  # the learning day has passed
     return watching, now
 
@@ -128,7 +117,7 @@ def watch_cpu_us(sensors: int, rounds: int) -> float:
         t0 = time.process_time()
         for sensor, address in zip(*fleet, strict=True):
             now[0] += 300.0 / sensors
-            watching.message(sensor, "POST telemetry", 11, address)
+            watching.message(sensor, "POST coap", 11, address)
         samples.append((time.process_time() - t0) / sensors * 1e6)
     assert watching.totals == {}, watching.totals  # steady sensors: no finding
     return statistics.median(samples)

@@ -1,12 +1,17 @@
-"""The test stack's child processes: stopped the same way everywhere, and their CPU and
-memory as the benchmarks read them."""
+"""The test stack's child processes: stopped the same way everywhere, their CPU and
+memory as the benchmarks read them, and a bounded wait for what they do."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
@@ -33,3 +38,14 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def wait_until(predicate: Callable[[], T | None], what: str, seconds: float = 20.0) -> T:
+    """What `predicate` returns once it is truthy, asked every 0.1 s; AssertionError
+    naming `what` if that does not happen within `seconds` (bounded, as tests must be)."""
+    for _ in range(int(seconds * 10)):
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"not within {seconds} s: {what}")

@@ -44,7 +44,14 @@ from pydantic import AfterValidator, Field
 from agent.config import ControlSection, LogSection
 from agent.identityapi.protocol import SECRET_NAME
 from agent.siem.settings import SiemSection
-from agent.tomlconfig import Duration, StrictSection, parse_toml_model, read_config_text
+from agent.tomlconfig import (
+    Duration,
+    StrictSection,
+    checked_by,
+    host_port_url,
+    parse_toml_model,
+    read_config_text,
+)
 
 DEFAULT_CONFIG = Path("/etc/devid-broker/broker.toml")
 DEFAULT_CONTROL_SOCKET = Path("/run/devid-broker/control.sock")
@@ -108,40 +115,30 @@ class ListenSection(StrictSection):
     edhoc_lifetime: Annotated[Duration, Field(ge=10)] = 3600.0
 
 
-def _upstream_url(url: str) -> str:
+def _check_upstream_url(url: str) -> None:
     from agent.broker.upstreams import check_url  # aiocoap and paho only when configured
-    from agent.errors import ConfigError
 
-    try:
-        check_url(url)
-    except ConfigError as e:
-        raise ValueError(e.message) from None
-    return url
+    check_url(url)
 
 
 class UpstreamSection(StrictSection):
-    url: Annotated[str, AfterValidator(_upstream_url)]
+    url: Annotated[str, AfterValidator(checked_by(_check_upstream_url))]
     bundle: Path | None = None  # PEM CAs the upstream is verified against
     timeout: Duration = 10.0
     # MQTT only: the client ID's prefix (a number is added per connection).
     client_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,40}$")] = "devid-broker"
 
 
-def _lwm2m_url(url: str) -> str:
-    from agent.broker.lwm2mupstream import parse_lwm2m_url
-    from agent.errors import ConfigError
-
-    try:
-        parse_lwm2m_url(url)
-    except ConfigError as e:
-        raise ValueError(e.message) from None
-    return url
+def parse_lwm2m_url(url: str) -> tuple[str, int]:
+    """(host, port) of the LwM2M server's `coaps://HOST[:PORT]`; ConfigError if not."""
+    return host_port_url(url, "coaps", 5684,
+                         "LwM2M over DTLS with the gateway's certificate")
 
 
 class Lwm2mUpstreamSection(StrictSection):
     # The fleet's LwM2M server the gateway registers with as an LwM2M Gateway (/25),
     # over DTLS with its own certificate.
-    url: Annotated[str, AfterValidator(_lwm2m_url)]
+    url: Annotated[str, AfterValidator(checked_by(parse_lwm2m_url))]
     bundle: Path | None = None  # PEM CAs the server is verified against
     # The gateway's endpoint name; empty: its device ID (from its certificate).
     endpoint: Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{0,128}$")] = ""

@@ -81,13 +81,27 @@ class _Keys(Mapping[str, bytes]):
         return 0
 
 
-class DtlsRemote(interfaces.EndpointAddress):
-    """A peer of the DTLS listener: one session, one sensor."""
+class CoapsAddress(interfaces.EndpointAddress):
+    """A unicast peer over DTLS, as aiocoap's message layer sees it: what the DTLS-PSK
+    listener's sensors (DtlsRemote) and the LwM2M upstream server (dtlsclient.py) share.
+    A subclass says its `hostinfo` and `hostinfo_local`."""
 
     scheme = "coaps"
     is_multicast = False
     is_multicast_locally = False
     maximum_block_size_exp = constants.MAX_REGULAR_BLOCK_SIZE_EXP
+
+    @property
+    def uri_base(self) -> str:
+        return f"coaps://{self.hostinfo}"
+
+    @property
+    def uri_base_local(self) -> str:
+        return f"coaps://{self.hostinfo_local}"
+
+
+class DtlsRemote(CoapsAddress):
+    """A peer of the DTLS listener: one session, one sensor."""
 
     def __init__(self, server: DtlsServer, address: tuple[Any, ...]) -> None:
         self._server, self.address = server, address
@@ -101,14 +115,6 @@ class DtlsRemote(interfaces.EndpointAddress):
     @property
     def hostinfo_local(self) -> str:
         return self._server.hostinfo_local
-
-    @property
-    def uri_base(self) -> str:
-        return f"coaps://{self.hostinfo}"
-
-    @property
-    def uri_base_local(self) -> str:
-        return f"coaps://{self.hostinfo_local}"
 
     @property
     def blockwise_key(self) -> tuple[Any, ...]:

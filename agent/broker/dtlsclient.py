@@ -31,7 +31,6 @@ from typing import Any
 from aiocoap import error as coap_error
 from aiocoap import interfaces
 from aiocoap.message import Message
-from aiocoap.numbers import constants
 from aiocoap.util import hostportjoin
 from cryptography import x509 as cx509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -39,6 +38,7 @@ from mbedtls import pk, tls
 from mbedtls import x509 as mx509
 from mbedtls.exceptions import TLSError
 
+from agent.broker.dtls import CoapsAddress
 from agent.errors import UpstreamError
 from agent.identityapi.credentialset import CredentialSet
 
@@ -82,13 +82,8 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
-class ServerRemote(interfaces.EndpointAddress):
+class ServerRemote(CoapsAddress):
     """The upstream server, whichever session currently carries the traffic."""
-
-    scheme = "coaps"
-    is_multicast = False
-    is_multicast_locally = False
-    maximum_block_size_exp = constants.MAX_REGULAR_BLOCK_SIZE_EXP
 
     def __init__(self, client: DtlsClient) -> None:
         self._client = client
@@ -101,14 +96,6 @@ class ServerRemote(interfaces.EndpointAddress):
     def hostinfo_local(self) -> str:
         session = self._client.session
         return session.local if session is not None else ""
-
-    @property
-    def uri_base(self) -> str:
-        return f"coaps://{self.hostinfo}"
-
-    @property
-    def uri_base_local(self) -> str:
-        return f"coaps://{self.hostinfo_local}"
 
     @property
     def blockwise_key(self) -> tuple[Any, ...]:

@@ -32,7 +32,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 from aiocoap import CON, NON, Code, Message, interfaces
 from aiocoap import resource as coap_resource
@@ -41,13 +40,12 @@ from agent import __version__, events
 from agent.audit import AuditLog
 from agent.backoff import Backoff
 from agent.broker.coapserver import ServerContext
-from agent.broker.config import BrokerConfig
+from agent.broker.config import BrokerConfig, parse_lwm2m_url
 from agent.broker.dtlsclient import DtlsClient
 from agent.broker.gateway import answer
 from agent.broker.gatewaycreds import GatewayCredentials
 from agent.broker.lwm2m import Lwm2mServer, code_text
 from agent.errors import (
-    ConfigError,
     DevidError,
     Lwm2mError,
     Lwm2mNotAllowed,
@@ -72,22 +70,8 @@ SERVER_ID = 1  # the short server ID of the one server (/1/0/0)
 OWN = ((1, 0), (3, 0))  # the gateway's own object instances besides /25
 UPDATE_EVERY = 1.0  # at most one Update a second for sensors coming and going
 RENEW_AT = 0.75  # an Update when this share of the lifetime has passed
+DEREGISTER_TIMEOUT = 2.0  # at a stop (the broker gives its parts 3 s)
 CONFIRM_EVERY = 60.0  # seconds between confirmable notifications of a relayed observation
-
-
-def parse_lwm2m_url(url: str) -> tuple[str, int]:
-    """(host, port) of `coaps://HOST[:PORT]`; ConfigError saying what is wrong."""
-    parts = urlsplit(url)
-    if parts.scheme != "coaps" or not parts.hostname:
-        raise ConfigError(f"{url!r}: expected coaps://HOST[:PORT] (LwM2M over DTLS with "
-                          "the gateway's certificate)")
-    if parts.path not in ("", "/") or parts.query or parts.username:
-        raise ConfigError(f"{url!r}: only a host and a port (the server's /rd is its own)")
-    try:
-        port = parts.port or 5684
-    except ValueError:
-        raise ConfigError(f"{url!r}: the port is not a number from 1 to 65535") from None
-    return parts.hostname, port
 
 
 class Lwm2mUpstream:
@@ -231,15 +215,15 @@ class Lwm2mUpstream:
             self._generation = table.generation
         return self._gateway.registration_payload(OWN)
 
-    async def _request(self, message: Message) -> Message:
+    async def _request(self, message: Message, timeout: float | None = None) -> Message:
         assert self._context is not None and self._client is not None
         message.remote = self._client.remote
+        limit = self.timeout if timeout is None else timeout
         try:
-            return await asyncio.wait_for(self._context.request(message).response,
-                                          self.timeout)
+            return await asyncio.wait_for(self._context.request(message).response, limit)
         except TimeoutError:
             raise UpstreamError(f"the LwM2M server {self.url} did not answer within "
-                                f"{self.timeout:g} s") from None
+                                f"{limit:g} s") from None
         except Exception as e:  # aiocoap's errors: the session is gone, a reset
             raise UpstreamError(f"the LwM2M server {self.url}: {type(e).__name__}: {e}"
                                 ) from None
@@ -288,13 +272,10 @@ class Lwm2mUpstream:
     async def _deregister(self) -> None:
         if self.location is None or self._client is None or self._client.session is None:
             return
-        with contextlib.suppress(UpstreamError):
-            timeout, self.timeout = self.timeout, min(self.timeout, 2.0)
-            try:
-                await self._request(Message(code=Code.DELETE,
-                                            uri_path=tuple(self.location.split("/"))))
-            finally:
-                self.timeout = timeout
+        with contextlib.suppress(UpstreamError):  # a stop does not wait long for it
+            await self._request(Message(code=Code.DELETE,
+                                        uri_path=tuple(self.location.split("/"))),
+                                timeout=min(self.timeout, DEREGISTER_TIMEOUT))
         self.location = None
 
     def _failed(self, why: str) -> None:

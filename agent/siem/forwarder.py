@@ -29,31 +29,16 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 from agent.backoff import Backoff
-from agent.errors import ConfigError, ControlError
+from agent.errors import ControlError
 from agent.events import DEVICE_FIELD, EVENT_FIELD, FIELD_PREFIX
 from agent.siem.format import Event, json_line, octet_counted, syslog_message
+from agent.siem.settings import parse_siem_url
 
 log = logging.getLogger(__name__)
 RECENT = 1000
 BATCH = 256
-
-
-def parse_siem_url(url: str) -> tuple[str, int]:
-    """(host, port) of `tls://HOST:PORT`; ConfigError saying what is wrong."""
-    parts = urlsplit(url)
-    if parts.scheme != "tls" or not parts.hostname:
-        raise ConfigError(f"{url!r}: expected tls://HOST[:PORT] (RFC 5425: syslog over "
-                          "TLS, port 6514 by default)")
-    if parts.path not in ("", "/") or parts.query or parts.username:
-        raise ConfigError(f"{url!r}: only a host and a port")
-    try:
-        port = parts.port or 6514
-    except ValueError:
-        raise ConfigError(f"{url!r}: the port is not a number from 1 to 65535") from None
-    return parts.hostname, port
 
 
 def event_of(record: logging.LogRecord) -> Event | None:

@@ -7,24 +7,19 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field
 
-from agent.tomlconfig import StrictSection
+from agent.tomlconfig import StrictSection, checked_by, host_port_url
 
 
-def _siem_url(url: str) -> str:
-    from agent.errors import ConfigError
-    from agent.siem.forwarder import parse_siem_url
-
-    try:
-        parse_siem_url(url)
-    except ConfigError as e:
-        raise ValueError(e.message) from None
-    return url
+def parse_siem_url(url: str) -> tuple[str, int]:
+    """(host, port) of the collector's `tls://HOST[:PORT]`; ConfigError if not."""
+    return host_port_url(url, "tls", 6514, "RFC 5425: syslog over TLS, port 6514 by "
+                                           "default")
 
 
 class SiemSection(StrictSection):
     # Every journaled event also to a SIEM collector over TLS, with the gateway's
     # certificate: RFC 5424 syslog framed as RFC 5425 says, or JSON lines.
-    url: Annotated[str, AfterValidator(_siem_url)]
+    url: Annotated[str, AfterValidator(checked_by(parse_siem_url))]
     framing: Literal["syslog", "json"] = "syslog"
     bundle: Path | None = None  # PEM CAs the collector is verified against
     # Events kept while the collector is away; past this the oldest are dropped (counted).

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import pytest
 from aiocoap import Code, Message
@@ -28,6 +27,7 @@ from lwm2m_peer import (
 )
 from mtls import server_identity
 from oscore_sensor import MemoryContext
+from processes import wait_until
 from stack import DEMO_POLICY, free_udp_port
 
 from agent.lwm2m.content import decode
@@ -47,15 +47,6 @@ paths = ["/3303/*/5700"]
 def _upstream_toml(port: int, bundle: str) -> str:
     return (f'[lwm2m_upstream]\nurl = "coaps://127.0.0.1:{port}"\nbundle = "{bundle}"\n'
             'endpoint = "gw-1"\nlifetime = 60\ntimeout = "5s"\n')
-
-
-def _wait(predicate, what: str, seconds: float = 20.0):
-    for _ in range(int(seconds * 10)):
-        got = predicate()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"not within {seconds} s: {what}")
 
 
 @pytest.mark.parametrize("registrar_settings",
@@ -119,7 +110,7 @@ def test_the_lwm2m_server_manages_a_sensor_through_the_gateway_by_prefix(
         assert renewed.returncode == 0, renewed.stdout + renewed.stderr
         _, status = agent.ctl_json("status")
         new_serial = int(status["tls_certificate"]["serial"], 16)
-        _wait(lambda: any(s == new_serial for _, s, _ in relay.sessions),
+        wait_until(lambda: any(s == new_serial for _, s, _ in relay.sessions),
               "a session with the new certificate")
         assert [s for _, _, s in relay.sessions] == [subject] * len(relay.sessions)
         read = server.request("read gw-1 /n-1/3303/0/5700")
@@ -132,7 +123,7 @@ def test_the_lwm2m_server_manages_a_sensor_through_the_gateway_by_prefix(
 
         # The sensor de-registers: an Update without its instance.
         assert client.command("deregister")["error"] is None
-        update = _wait(lambda: (lambda u: u if f"</25/{serial}>" not in u["payload"] else
+        update = wait_until(lambda: (lambda u: u if f"</25/{serial}>" not in u["payload"] else
                                 None)(server.wait_for("update")), "an Update without it")
         assert "</25>;ver=2.0" in update["payload"]
         # What the server saw carries nothing of the sensor's credential.
@@ -167,7 +158,7 @@ def test_a_server_whose_certificate_does_not_name_its_address_is_refused(
         stack = broker_stack_factory(
             _upstream_toml(relay.port, tmp_path / "lwm2m-ca.pem").replace(
                 "127.0.0.1", "127.0.0.2"), policy=POLICY)
-        upstream = _wait(lambda: (lambda u: u if u["error"] else None)(
+        upstream = wait_until(lambda: (lambda u: u if u["error"] else None)(
             stack.status()["lwm2m_upstream"]), "the refusal")
         assert "does not name 127.0.0.2" in upstream["error"], upstream
         assert upstream["state"].startswith("retrying")
@@ -234,7 +225,7 @@ def test_many_sensors_go_up_block_wise_and_a_restarted_server_gets_a_new_registe
         asyncio.run(scenario())
     finally:
         relay.close()  # the server goes down; the gateway hears close_notify
-    _wait(lambda: stack.status()["lwm2m_upstream"]["state"] != "registered",
+    wait_until(lambda: stack.status()["lwm2m_upstream"]["state"] != "registered",
           "the gateway noticed")
     relay = DtlsCertRelay(server_port, cert, key, registrar.ca.read_text(), port=relay_port)
 
@@ -248,7 +239,7 @@ def test_many_sensors_go_up_block_wise_and_a_restarted_server_gets_a_new_registe
 
     try:
         asyncio.run(restarted())
-        upstream = _wait(lambda: (lambda u: u if u["state"] == "registered" else None)(
+        upstream = wait_until(lambda: (lambda u: u if u["state"] == "registered" else None)(
             stack.status()["lwm2m_upstream"]), "registered again")
         assert upstream["totals"]["registered"] == 2 and upstream["handshakes"] == 2
     finally:

@@ -10,27 +10,18 @@ dropped and counted, and the rest arrive when rsyslog is back."""
 from __future__ import annotations
 
 import json
-import time
 
 import cbor2
 import pytest
 from mtls import server_identity
 from oscore_sensor import OscoreSensor
+from processes import wait_until
 from siem_peer import Rsyslog
 
 
 def _siem_toml(port: int, bundle, framing: str = "syslog", queue: int = 10000) -> str:
     return (f'[siem]\nurl = "tls://127.0.0.1:{port}"\nbundle = "{bundle}"\n'
             f'framing = "{framing}"\nqueue = {queue}\n')
-
-
-def _wait(predicate, what: str, seconds: float = 20.0):
-    for _ in range(int(seconds * 10)):
-        got = predicate()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"not within {seconds} s: {what}")
 
 
 @pytest.fixture
@@ -55,7 +46,7 @@ def test_events_reach_rsyslog_over_tls_in_order_with_their_fields(
     assert broker.ctl("quarantine", "t-1", "--reason", "tests").returncode == 0
     wanted = ["broker-started", "sensor-added", "policy-denied", "sensor-changed"]
     if framing == "syslog":
-        lines = _wait(lambda: (lambda p: p if len(p) >= 4 else None)(rsyslog.parsed()),
+        lines = wait_until(lambda: (lambda p: p if len(p) >= 4 else None)(rsyslog.parsed()),
                       "four events at rsyslog")
         assert [line[2] for line in lines] == wanted, lines
         pri, app, _, sd, msg = lines[3]
@@ -66,7 +57,7 @@ def test_events_reach_rsyslog_over_tls_in_order_with_their_fields(
         denied = lines[2][3]
         assert 'refusal="denied"' in denied and 'reason="' in denied
     else:
-        lines = _wait(lambda: (lambda r: r if len(r) >= 4 else None)(rsyslog.raw()),
+        lines = wait_until(lambda: (lambda r: r if len(r) >= 4 else None)(rsyslog.raw()),
                       "four events at rsyslog")
         docs = [json.loads(line[line.index("{"):]) for line in lines]
         assert [d["event"] for d in docs] == wanted
@@ -81,11 +72,11 @@ def test_a_collector_outage_blocks_nothing_and_the_drops_are_counted(
     stack = broker_stack_factory(_siem_toml(rsyslog.port, tmp_path / "siem-ca.pem",
                                             queue=10))
     broker = stack.broker
-    _wait(lambda: stack.status()["siem"]["sent"] >= 1, "broker-started sent")
+    wait_until(lambda: stack.status()["siem"]["sent"] >= 1, "broker-started sent")
     from agent.control import client
 
     rsyslog.stop()
-    _wait(lambda: not stack.status()["siem"]["connected"], "the outage noticed", 60)
+    wait_until(lambda: not stack.status()["siem"]["connected"], "the outage noticed", 60)
     before = client.call(broker.socket, "events", {})["last"]
     added = stack.add("t-1")
     sensor = OscoreSensor(tmp_path / "t-1", added["credential"], broker.oscore_port)
@@ -102,8 +93,8 @@ def test_a_collector_outage_blocks_nothing_and_the_drops_are_counted(
     status = stack.status()["siem"]
     assert status["queued"] == 10 and status["dropped"] == len(away) - 10, status
     rsyslog.start()  # back, on the same port and files
-    _wait(lambda: stack.status()["siem"]["queued"] == 0, "the queue sent", 90)
-    names = _wait(lambda: (lambda n: n if len(n) >= 11 else None)(
+    wait_until(lambda: stack.status()["siem"]["queued"] == 0, "the queue sent", 90)
+    names = wait_until(lambda: (lambda n: n if len(n) >= 11 else None)(
         [line[2] for line in rsyslog.parsed()]), "the queued events at rsyslog")
     # The oldest waiting made room for the newest: what arrived is the last 10, in order.
     assert names == ["broker-started", *away[-10:]], names
@@ -123,7 +114,7 @@ def test_the_agents_enrollment_events_reach_rsyslog_too(
                               + rotation_toml()
                               + _siem_toml(collector.port, tmp_path / "siem-ca.pem"))
         agent.wait_enrollment("enrolled")
-        lines = _wait(lambda: (lambda p: p if any(line[2] == "enrolled" for line in p)
+        lines = wait_until(lambda: (lambda p: p if any(line[2] == "enrolled" for line in p)
                                else None)(collector.parsed()), "enrolled at rsyslog", 30)
         names = [line[2] for line in lines]
         # Queued from the start, sent once enrolled: the certificate is what it presents.

@@ -14,7 +14,8 @@ from aiocoap import Code, Message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.broker.lwm2mupstream import Lwm2mUpstream, parse_lwm2m_url
+from agent.broker.config import parse_lwm2m_url
+from agent.broker.lwm2mupstream import Lwm2mUpstream
 from agent.errors import ConfigError, Lwm2mForbidden
 from agent.lwm2m.registration import Registrations, parse_register
 from agent.sensors.model import Sensor

@@ -12,7 +12,8 @@ import pytest
 from agent import events
 from agent.errors import ConfigError
 from agent.siem.format import Event, json_line, octet_counted, syslog_message
-from agent.siem.forwarder import EventTap, SiemSender, event_of, parse_siem_url
+from agent.siem.forwarder import EventTap, SiemSender, event_of
+from agent.siem.settings import parse_siem_url
 
 EVENT = Event("sensor-anomaly", "0123456789abcdef0123456789abcdef", logging.WARNING,
               1_700_000_000.25, "sensor t-1: interval (score 12.0)",
