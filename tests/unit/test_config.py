@@ -42,6 +42,10 @@ def test_defaults_are_hardware_paths():
     ("[control]\ngroup = 'no-such-group-xyz'", "[control] group: no such group"),
     ("tpm = 1", "[tpm]: Input should be"),
     ("[tpm\n", "not valid TOML"),
+    ("[siem]\nurl = 'syslog://x'", "[siem] url: 'syslog://x': expected tls://HOST[:PORT]"),
+    ("[siem]\nurl = 'tls://x'\nframing = 'leef'", "[siem] framing: Input should be"),
+    ("[siem]\nurl = 'tls://x'\nqueue = 5", "[siem] queue: Input should be greater"),
+    ("[siem]\nurl = 'tls://x'\nsd_id = 'a]b'", "[siem] sd_id: String should match"),
 ])
 def test_bad_config_names_file_section_and_key(text, message):
     with pytest.raises(ConfigError) as exc:

@@ -124,3 +124,37 @@ def test_anything_the_server_sends_gets_an_answer_and_only_grants_reach_the_sens
 def test_a_bad_lwm2m_upstream_url_is_refused_saying_why(url: str, what: str) -> None:
     with pytest.raises(ConfigError, match=what):
         parse_lwm2m_url(url)
+
+
+def test_garbage_from_the_upstream_server_is_dropped() -> None:
+    """A datagram that is not a DTLS record is discarded, as RFC 6347 4.1.2.7 says,
+    and the handshake goes on waiting (no traceback, no failed session); after it,
+    plaintext that is not CoAP is dropped and the next CoAP message still goes through."""
+    from mbedtls import tls
+
+    from agent.broker.dtlsclient import DtlsClient, Session
+
+    class Layer:
+        def __init__(self) -> None:
+            self.got: list[Message] = []
+
+        def dispatch_message(self, message: Message) -> None:
+            self.got.append(message)
+
+    async def run() -> None:
+        layer = Layer()
+        client = DtlsClient(layer, "127.0.0.1", 5684, 1.0)  # type: ignore[arg-type]
+        buffer = tls.ClientContext(tls.DTLSConfiguration(
+            pre_shared_key=("x", b"k" * 16), validate_certificates=False)).wrap_buffers(None)
+        session = Session(client, buffer, "01")
+        for garbage in (b"\x16\xfe\xfd" + b"\x00" * 40, b"\xff" * 5, b"", b"\x17" * 70000):
+            session.datagram_received(garbage, ("127.0.0.1", 5684))
+        assert not session.done.done() and not session.closed and not session.established
+        session.close()
+        client.deliver(b"\xff\x00 not coap")
+        client.deliver(b"\x40")
+        assert layer.got == []
+        client.deliver(b"\x40\x01\x00\x01\xb225")  # CON GET /25, MID 1
+        assert [m.opt.uri_path for m in layer.got] == [("25",)]
+
+    asyncio.run(run())

@@ -87,3 +87,22 @@ def test_status_shows_the_siem_sender_of_the_agent_and_of_the_broker() -> None:
     assert "siem       tls://siem:6514: NOT CONNECTED (ConnectionRefusedError); 7 sent, " \
         "3 queued, 1 dropped" in text
     assert "siem    tls://siem:6514: connected; 7 sent" in text
+
+
+@pytest.mark.parametrize("params", [{"after": -1}, {"after": "x"}, {"limit": True},
+                                    {"limit": 2.5}])
+def test_bad_events_requests_are_refused_and_change_nothing(params: dict[str, object]) -> None:
+    import asyncio
+
+    from agent.errors import ControlError
+
+    tap = EventTap()
+    logger = logging.getLogger("agent.test_siem_control")
+    tap.attach(logger)
+    try:
+        events.emit(logger, "sensor-silent", "sensor s is silent", sensor="s")
+    finally:
+        tap.detach(logger)
+    with pytest.raises(ControlError, match=r"events: (after|limit): expected a whole number"):
+        asyncio.run(tap.control(params))
+    assert tap.sequence == 1 and len(tap.since(0)) == 1

@@ -221,3 +221,23 @@ def test_sensors_show_prints_what_the_watch_learned_and_found() -> None:
     assert "watch       learned from 12 messages: one every 0.4 s, 11.0 bytes" in text
     assert "finding   2023-11-14 00:00:00 interval (score 12.0): 0.1 s since the last " \
         "message; expected one every 0.4 s (±5 %)" in text
+
+
+@pytest.mark.parametrize(("toml", "what"), [
+    ('[profiles.m.watch]\non_anomaly = "panic"\n', "on_anomaly"),
+    ("[profiles.m.watch]\nburst = 1\n", "burst"),
+    ('[profiles.m.watch]\nlearning = "soon"\n', "learning"),
+    ("[profiles.m.watch]\nmin_messages = 1\n", "min_messages"),
+    ("[profiles.m.watch]\ninterval_score = 0\n", "interval_score"),
+    ('[profiles.m.watch]\nmax_silence = "-1s"\n', "max_silence"),
+    ("[profiles.m.watch]\nlisten = true\n", "unknown key"),
+])
+def test_bad_watch_settings_are_refused_naming_the_key(toml: str, what: str) -> None:
+    from pathlib import Path
+
+    from agent.errors import ConfigError
+    from agent.policy.model import parse_policy
+
+    with pytest.raises(ConfigError) as caught:
+        parse_policy(toml, Path("policy.toml"))
+    assert what in caught.value.message and "m.watch" in caught.value.message
