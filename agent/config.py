@@ -44,6 +44,8 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 
 from agent.access import explain
+from agent.enroll.messages import Platform, PlatformText
+from agent.enroll.platform import platform_of
 from agent.errors import ConfigError
 from agent.siem.settings import SiemSection
 from agent.tomlconfig import (
@@ -280,6 +282,23 @@ class ConsumerSection(StrictSection):
         return shlex.split(self.reload) if self.reload else None
 
 
+class DeviceSection(StrictSection):
+    """What the gateway says about itself (agent/enroll/platform.py): each key set here
+    wins over the firmware's DMI data; the registrar records it as device-asserted."""
+
+    manufacturer: PlatformText | None = None
+    model: PlatformText | None = None
+    serial: PlatformText | None = None
+    version: PlatformText | None = None  # firmware version
+    dmi: bool = True  # fill what is not set from /sys/class/dmi/id
+
+    def platform(self, dmi_dir: Path | None = None) -> Platform | None:
+        configured = self.model_dump(exclude={"dmi"})
+        if dmi_dir is None:
+            return platform_of(configured, self.dmi)
+        return platform_of(configured, self.dmi, dmi_dir)
+
+
 class LogSection(StrictSection):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -290,6 +309,7 @@ class AgentConfig(StrictSection):
     trust: TrustSection = Field(default_factory=TrustSection)
     control: ControlSection = Field(default_factory=ControlSection)
     log: LogSection = Field(default_factory=LogSection)
+    device: DeviceSection = Field(default_factory=DeviceSection)
     enrollment: EnrollmentSection | None = None
     rotation: RotationSection = Field(default_factory=RotationSection)
     identity_api: IdentityApiSection = Field(default_factory=IdentityApiSection)

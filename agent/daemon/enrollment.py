@@ -35,6 +35,7 @@ from agent.diagnostics.enrollment import (
 )
 from agent.enroll.client import enroll
 from agent.enroll.http import RegistrarClient, ThreadedRegistrar
+from agent.enroll.messages import Platform
 from agent.enroll.state import (
     ACTIVE,
     Decommissioned,
@@ -60,8 +61,11 @@ def load_pinned_ca(path: Path) -> list[x509.Certificate]:
 
 class EnrollmentManager:
     def __init__(self, section: EnrollmentSection | None, state_dir: Path, audit: AuditLog,
-                 clock: Clock = utcnow, skew: float = 0.0) -> None:
+                 clock: Clock = utcnow, skew: float = 0.0,
+                 platform: Callable[[], Platform | None] = lambda: None) -> None:
         self.section = section
+        # What the gateway says about itself, read at each attempt (a reload may change it).
+        self.platform = platform
         self.store = EnrollmentStore(state_dir)
         self.decommission_store = DecommissionStore(state_dir)
         self.audit = audit
@@ -162,7 +166,8 @@ class EnrollmentManager:
             result = await enroll(CustodyTpm(custody, run_tpm), ThreadedRegistrar(client),
                                   token, self.pinned, self.skew,
                                   lambda: self.clock() + datetime.timedelta(
-                                      seconds=client.clock_offset or 0.0))
+                                      seconds=client.clock_offset or 0.0),
+                                  await asyncio.to_thread(self.platform))
         finally:
             client.close()
         stored = StoredEnrollment.from_result(result, self.section.url, self.clock(),

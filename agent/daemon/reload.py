@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from agent.config import AgentConfig
 
 RESTART_ONLY = ("paths", "control", "identity_api", "siem")
-SECTIONS = ("tpm", "paths", "trust", "control", "log", "enrollment", "rotation",
+SECTIONS = ("tpm", "paths", "trust", "control", "log", "device", "enrollment", "rotation",
             "identity_api", "consumers", "siem")
 
 

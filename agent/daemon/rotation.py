@@ -392,7 +392,8 @@ class RotationManager:
             result = await renew(
                 CustodyTpm(custody, run_tpm, self.section.seal_pcrs), ThreadedRegistrar(client),
                 stored.device_id, self.enrollment.pinned, registrar_now,
-                self.section.clock_skew, self._progress)
+                self.section.clock_skew, self._progress,
+                await asyncio.to_thread(self.enrollment.platform))
             now = self._clock()
             renewed = stored.renewed(result.identity_chain, result.identity_serial,
                                      StoredTls(result.tls_chain, result.tls_serial,

@@ -81,7 +81,8 @@ class AgentService:
         # Credentials are dated by the registrar: judged by its clock, not a wrong local one.
         self.holder = CredentialHolder(clock=lambda: self.rotation.registrar_now())
         self.enrollment = EnrollmentManager(config.enrollment, state_dir, self.audit,
-                                            skew=config.rotation.clock_skew)
+                                            skew=config.rotation.clock_skew,
+                                            platform=lambda: self.config.device.platform())
         self.rotation = RotationManager(config.rotation, config.enrollment, self.enrollment,
                                         self.holder, self.audit)
         # Parts wired in by the daemon (agent/daemon/subsystem.py): reloaded with the

@@ -23,6 +23,7 @@ from agent.enroll.messages import (
     CompleteRequest,
     Evidence,
     Issued,
+    Platform,
     StartRequest,
 )
 from agent.errors import ProtocolError
@@ -78,7 +79,8 @@ class EnrollmentResult:
 
 async def enroll(tpm: EnrollmentTpm, registrar: Registrar, token: str | None,
                  pinned_ca: Sequence[x509.Certificate], skew: float = 0.0,
-                 now: Callable[[], datetime.datetime] | None = None) -> EnrollmentResult:
+                 now: Callable[[], datetime.datetime] | None = None,
+                 platform: Platform | None = None) -> EnrollmentResult:
     """One attested enrollment. `now` is the registrar's time as the caller estimates it
     (agent.rotation.registrarclock), to judge the issued certificate's validity."""
     ek = await tpm.endorsement()
@@ -96,7 +98,7 @@ async def enroll(tpm: EnrollmentTpm, registrar: Registrar, token: str | None,
 
     issued = await registrar.complete(challenge.challenge_id, CompleteRequest(
         proof=proof, quote=quote.evidence, pcr_values=list(quote.pcr_values), certify=certify,
-        identity_public=identity_public, csr=csr))
+        identity_public=identity_public, csr=csr, platform=platform))
     return check_issued(issued, challenge.device_id, csr, pinned_ca,
                         now() if now is not None else None, skew)
 

@@ -21,6 +21,7 @@ from tpm2_pytss.constants import TPM2_ALG, TPM2_ECC, TPM2_GENERATED, TPM2_ST, TP
 from tpm2_pytss.types import TPM2B_PUBLIC, TPMS_ATTEST, TPMT_PUBLIC, TPMT_SIGNATURE
 
 from agent.codec import unmarshal_exact
+from agent.enroll.messages import Platform
 from agent.enroll.problems import problem
 from agent.errors import Problem
 from agent.tpm.ek import public_matches_certificate
@@ -226,6 +227,15 @@ def device_request_message(purpose: str, device_id: str, challenge_id: str, nonc
                   nonce, *parts):
         out += len(field).to_bytes(4, "big") + field
     return bytes(out)
+
+
+def renewal_message(device_id: str, challenge_id: str, nonce: bytes, attest: bytes,
+                    tls_csr: bytes, platform: Platform | None) -> bytes:
+    """What the identity key signs for a renewal: the quote, the TLS CSR and, when the
+    device sends it, its platform (so that a renewal's firmware version is its own)."""
+    extra = [platform.signed_bytes()] if platform is not None else []
+    return device_request_message("renew", device_id, challenge_id, nonce, attest, tls_csr,
+                                  *extra)
 
 
 def check_request_signature(signature: bytes, message: bytes,

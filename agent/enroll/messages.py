@@ -74,6 +74,28 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+# What a device says about itself (its DMI data or agent.toml), in the spirit of a UDI
+# pair: DI = manufacturer and model, PI = serial number and firmware version. Printable
+# text only; the registrar records it as device-asserted and puts it in the certificate.
+PlatformText = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[\x20-\x7e]+$")]
+
+
+class Platform(_Message):
+    manufacturer: PlatformText | None = None
+    model: PlatformText | None = None
+    serial: PlatformText | None = None
+    version: PlatformText | None = Field(default=None, description="firmware version")
+
+    def signed_bytes(self) -> bytes:
+        """The platform as the identity key signs it in a renewal: fields in a fixed order,
+        each length-prefixed (an absent field is empty)."""
+        out = bytearray()
+        for value in (self.manufacturer, self.model, self.serial, self.version):
+            raw = (value or "").encode("ascii")
+            out += len(raw).to_bytes(2, "big") + raw
+        return bytes(out)
+
+
 class StartRequest(_Message):
     """Round trip 1, agent to registrar: who I am (EK) and which key will attest (AK)."""
 
@@ -121,6 +143,8 @@ class CompleteRequest(_Message):
     certify: Evidence
     identity_public: Binary = Field(description="identity key public area, TPM2B_PUBLIC")
     csr: Binary = Field(description="PKCS#10 request, DER, signed by the identity key")
+    platform: Platform | None = Field(default=None, description="the device's own word on "
+                                      "its make, model, serial and firmware (device-asserted)")
 
 
 class Issued(_Message):
@@ -167,6 +191,8 @@ class RenewRequest(_Message):
     pcr_values: list[Binary] = Field(max_length=24)
     tls_csr: Binary = Field(description="PKCS#10 request for the new TLS key, DER")
     signature: Binary = Field(description="ECDSA-SHA256 by the identity key, DER")
+    platform: Platform | None = Field(default=None, description="as at enrollment, now "
+                                      "(firmware changes); covered by the signature")
 
 
 class Renewed(_Message):

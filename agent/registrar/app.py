@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -26,6 +27,7 @@ from agent.enroll.messages import API_PREFIX, encode
 from agent.enroll.problems import PROBLEM_CONTENT_TYPE, problem, problem_document
 from agent.errors import Problem
 from agent.registrar.admission import InFlightLimit
+from agent.registrar.config import CA_ISSUERS_PATH, CRL_PATH
 from agent.registrar.lifecycle import LifecycleService
 from agent.registrar.sealedchallenge import ID_FORM as SEALED_ID_FORM
 from agent.registrar.sealedchallenge import ID_PATTERN as SEALED_ID
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 
 CHALLENGE_ID = re.compile(r"^[0-9a-f]{32}$")
 CRL_CONTENT_TYPE = "application/pkix-crl"
+CA_CERT_CONTENT_TYPE = "application/pkix-cert"
 
 
 def problem_response(p: Problem, instance: str | None = None,
@@ -132,6 +135,13 @@ def create_app(service: EnrollmentService, lifecycle: LifecycleService,
         return Response(der, media_type=CRL_CONTENT_TYPE,
                         headers={"Cache-Control": "max-age=60"})
 
+    issuing_der = lifecycle.ca.issuing.public_bytes(serialization.Encoding.DER)
+
+    async def ca_issuers(_request: Request) -> Response:
+        # RFC 5280 4.2.2.1: caIssuers over HTTP is a DER certificate (application/pkix-cert).
+        return Response(issuing_der, media_type=CA_CERT_CONTENT_TYPE,
+                        headers={"Cache-Control": "max-age=86400"})
+
     async def health(_request: Request) -> Response:
         return JSONResponse({"status": "ok", "version": __version__})
 
@@ -160,7 +170,8 @@ def create_app(service: EnrollmentService, lifecycle: LifecycleService,
             Route(f"{API_PREFIX}/challenges/{{challenge_id}}/renew", renew, methods=["POST"]),
             Route(f"{API_PREFIX}/challenges/{{challenge_id}}/decommission", decommission,
                   methods=["POST"]),
-            Route(f"{API_PREFIX}/crl", crl, methods=["GET"]),
+            Route(CRL_PATH, crl, methods=["GET"]),
+            Route(CA_ISSUERS_PATH, ca_issuers, methods=["GET"]),
         ],
         exception_handlers={HTTPException: http_error, Exception: crash},
     )

@@ -20,10 +20,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.audit import AuditLog
 from agent.clock import Clock, utcnow
-from agent.enroll.messages import PcrSelection
+from agent.enroll.messages import PcrSelection, Platform
 from agent.errors import Problem
 from agent.pki.ekchain import TrustStore
-from agent.registrar.ca import CertificateAuthority
+from agent.registrar.ca import CertificateAuthority, DeviceProfile, ek_hw_serial
 from agent.registrar.config import RegistrarConfig
 from agent.registrar.store import IssuedCertificate, Store
 
@@ -31,6 +31,11 @@ log = logging.getLogger("agent.registrar")
 
 MAX_AUDIT_DETAIL = 500
 NONCE_BYTES = 32
+
+
+def platform_json(platform: Platform | None) -> str | None:
+    """The device-asserted platform as the device record and the audit log keep it."""
+    return None if platform is None else platform.model_dump_json(exclude_none=True)
 
 
 class RegistrarParts:
@@ -54,13 +59,22 @@ class RegistrarParts:
     def _pcr_selection(self) -> PcrSelection:
         return PcrSelection(pcrs=sorted(set(self.config.pcr_policy.pcrs)))
 
+    @staticmethod
+    def _profile(ek_certificate_der: bytes, platform: Platform | None) -> DeviceProfile:
+        """The certificate profile's extras: the TPM named by its EK certificate (already
+        verified), and what the device says about itself."""
+        ek = x509.load_der_x509_certificate(ek_certificate_der)
+        return DeviceProfile(hw_serial=ek_hw_serial(ek), platform=platform)
+
     def _new_challenge_id(self) -> str:
         return self._random(16).hex()
 
     def _issue(self, device_id: str, key: ec.EllipticCurvePublicKey, kind: str,
-               now: datetime.datetime) -> tuple[x509.Certificate, IssuedCertificate]:
+               now: datetime.datetime,
+               profile: DeviceProfile) -> tuple[x509.Certificate, IssuedCertificate]:
         lifetime = datetime.timedelta(seconds=self.config.cert_lifetime)
-        cert = self.ca.issue_device(device_id, key, lifetime, now, kind)
+        cert = self.ca.issue_device(device_id, key, lifetime, now, kind, profile,
+                                    self.config.publication())
         record = IssuedCertificate(serial=f"{cert.serial_number:x}", device_id=device_id,
                                    kind=kind, issued_at=now.timestamp(),
                                    not_after=cert.not_valid_after_utc.timestamp())

@@ -7,7 +7,14 @@ Layout under DIR/ca (keys 0600, written atomically):
 
 Device certificates follow IEEE 802.1AR's LDevID shape: the subject carries
 the device's serialNumber, the SAN a `urn:devid:<hex>` URI, both derived from
-the EK by the registrar, never taken from the CSR.
+the EK by the registrar, never taken from the CSR. The SAN also names the TPM
+(RFC 4108 hardwareModuleName: TCG's TPM 2.0 OID and the EK certificate's
+serial number) and, when the device stated them, its make, model, serial and
+firmware version as a directoryName of TCG platform attributes (the way EK
+certificates name their TPM), which the registrar records as device-asserted.
+Every device certificate points to the CRL (CRL Distribution Points) and to
+the issuing CA's certificate (Authority Information Access, caIssuers).
+docs/protocol.md, "Certificate profile", is the reference.
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from agent.enroll.messages import Platform
 from agent.errors import ConfigError, StateError
 from agent.fsutil import ensure_private_dir, write_atomic
-from agent.registrar.config import is_ip
+from agent.pki.der import hardware_module_name
+from agent.registrar.config import Publication, is_ip
 
 ROOT_LIFETIME = datetime.timedelta(days=20 * 365)
 ISSUING_LIFETIME = datetime.timedelta(days=5 * 365)
@@ -36,6 +45,37 @@ SERVER_RENEW_BEFORE = datetime.timedelta(days=30)
 # schedule (a fraction of notAfter - notBefore) stays close to the issuing time.
 BACKDATE = datetime.timedelta(minutes=5)
 DEVICE_KINDS = ("identity", "tls")
+# RFC 4108 id-on-hardwareModuleName; its hwType for a TPM 2.0 is TCG's tcg-sv-tpm20.
+HARDWARE_MODULE_NAME = x509.ObjectIdentifier("1.3.6.1.5.5.7.8.4")
+TPM20_HW_TYPE = "2.23.133.1.2"
+# TCG Platform Certificate Profile attributes (tcg-at-platform*), as the SAN's directoryName.
+PLATFORM_ATTRIBUTES = (
+    ("manufacturer", x509.ObjectIdentifier("2.23.133.5.1.1")),  # platformManufacturerStr
+    ("model", x509.ObjectIdentifier("2.23.133.5.1.4")),  # platformModel
+    ("version", x509.ObjectIdentifier("2.23.133.5.1.5")),  # platformVersion (firmware)
+    ("serial", x509.ObjectIdentifier("2.23.133.5.1.6")),  # platformSerial
+)
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """What a device certificate says beyond the device ID."""
+
+    hw_serial: bytes  # the EK certificate's serial number, as its DER integer's bytes
+    platform: Platform | None = None  # device-asserted
+
+
+def ek_hw_serial(ek_certificate: x509.Certificate) -> bytes:
+    n = ek_certificate.serial_number
+    return n.to_bytes(max(1, (n.bit_length() + 8) // 8), "big", signed=True)
+
+
+def platform_name(platform: Platform) -> x509.DirectoryName | None:
+    attributes = [x509.NameAttribute(oid, value)  # UTF8String, the default for these
+                  for field, oid in PLATFORM_ATTRIBUTES
+                  if (value := getattr(platform, field)) is not None]
+    return x509.DirectoryName(x509.Name([x509.RelativeDistinguishedName([a])
+                                         for a in attributes])) if attributes else None
 
 
 def backdate(lifetime: datetime.timedelta) -> datetime.timedelta:
@@ -184,7 +224,8 @@ class CertificateAuthority:
 
     def issue_device(self, device_id: str, public_key: ec.EllipticCurvePublicKey,
                      lifetime: datetime.timedelta, now: datetime.datetime,
-                     kind: str = "identity") -> x509.Certificate:
+                     kind: str, profile: DeviceProfile,
+                     publication: Publication) -> x509.Certificate:
         """An LDevID-style certificate; subject and SAN come from `device_id` only.
 
         `identity` certifies the TPM identity key; `tls` the short-lived TLS key the
@@ -199,10 +240,22 @@ class CertificateAuthority:
             x509.NameAttribute(NameOID.SERIAL_NUMBER, serial_hex),
             x509.NameAttribute(NameOID.COMMON_NAME, f"{label} {serial_hex[:16]}"),
         ])
+        names: list[x509.GeneralName] = [
+            x509.UniformResourceIdentifier(device_id),
+            x509.OtherName(HARDWARE_MODULE_NAME,
+                           hardware_module_name(TPM20_HW_TYPE, profile.hw_serial))]
+        if profile.platform is not None and (dir_name := platform_name(profile.platform)):
+            names.append(dir_name)
         builder = (x509.CertificateBuilder().subject_name(subject)
                    .not_valid_before(now - backdate(lifetime)).not_valid_after(not_after)
-                   .add_extension(x509.SubjectAlternativeName(
-                       [x509.UniformResourceIdentifier(device_id)]), critical=False))
+                   .add_extension(x509.SubjectAlternativeName(names), critical=False)
+                   .add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
+                       [x509.UniformResourceIdentifier(publication.crl_url)], None, None,
+                       None)]), critical=False)
+                   .add_extension(x509.AuthorityInformationAccess([x509.AccessDescription(
+                       x509.AuthorityInformationAccessOID.CA_ISSUERS,
+                       x509.UniformResourceIdentifier(publication.ca_issuers_url))]),
+                       critical=False))
         return _leaf(builder, self.issuing, self.issuing_key, public_key,
                      [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH])
 

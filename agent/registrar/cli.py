@@ -186,6 +186,9 @@ def _devices_show(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     for key, value in doc.items():
+        if key == "platform" and isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items() if k != "asserted_by") \
+                + " (device-asserted)"
         if key != "certificates":
             print(f"{key + ':':18} {value if value is not None else '-'}")
     shown = doc["certificates"][-SHOWN_CERTIFICATES:]  # type: ignore[index]

@@ -7,27 +7,41 @@ writes a commented file with every default.
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
+from agent.enroll.messages import API_PREFIX
 from agent.errors import ConfigError
 from agent.tomlconfig import (
     Duration,
     DurationOrZero,
     StrictSection,
     check_named_file,
+    checked_by,
     parse_toml_model,
     read_config_text,
 )
 
 CONFIG_NAME = "registrar.toml"
+CRL_PATH = f"{API_PREFIX}/crl"
+CA_ISSUERS_PATH = f"{API_PREFIX}/ca/issuing.crt"
 # Certificates this short are for tests and demonstrations; `serve` warns below 5 minutes.
 MIN_CERT_LIFETIME = 5.0
 SHORT_CERT_LIFETIME = 300.0
 # Without renewal_window: a tenth of cert_lifetime, at most this.
 DEFAULT_RENEWAL_WINDOW_CAP = 600.0
+
+
+@dataclass(frozen=True)
+class Publication:
+    """Where relying parties fetch the CRL and the issuing CA's certificate."""
+
+    crl_url: str
+    ca_issuers_url: str
 
 
 class AllowedPcrs(StrictSection):
@@ -94,6 +108,10 @@ class RegistrarConfig(StrictSection):
     request_timeout: Duration = 20.0
     handshake_timeout: Duration = 10.0
     crl_next_update: Duration = 3600.0
+    # Where relying parties find the CRL (PKI_URL/v1/crl) and the issuing CA certificate
+    # (PKI_URL/v1/ca/issuing.crt): written into every device certificate. Unset: this
+    # registrar itself, https://SERVER_NAMES[0]:PORT.
+    pki_url: Annotated[str, AfterValidator(checked_by(parse_pki_url))] | None = None
     pcr_policy: PcrPolicyConfig = Field(default_factory=PcrPolicyConfig)
     source: Path | None = Field(default=None, exclude=True)
 
@@ -123,12 +141,38 @@ class RegistrarConfig(StrictSection):
             return self.renewal_window
         return min(self.cert_lifetime / 10, DEFAULT_RENEWAL_WINDOW_CAP)
 
+    def publication(self) -> Publication:
+        if self.pki_url is not None:
+            base = parse_pki_url(self.pki_url)
+        else:
+            name = self.server_names[0]
+            host = f"[{name}]" if ":" in name else name
+            base = f"https://{host}:{host_port(self.listen)[1]}"
+        return Publication(crl_url=f"{base}{CRL_PATH}", ca_issuers_url=f"{base}{CA_ISSUERS_PATH}")
+
     @field_validator("crl_next_update")
     @classmethod
     def _crl_next_update(cls, v: float) -> float:
         if not 60 <= v <= 7 * 86400:
             raise ValueError("must be between 1m and 7d")
         return v
+
+
+def parse_pki_url(url: str) -> str:
+    """http(s)://HOST[:PORT][/PATH] without a trailing slash; ConfigError saying what is
+    wrong. RFC 5280 prefers plain HTTP for CRLs and caIssuers (no TLS loop for a
+    relying party checking the registrar's own chain): a static mirror fed by
+    `devid-registrar crl -o` and issuing.pem works as well as the registrar."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{url!r}: expected http(s)://HOST[:PORT][/PATH]")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ConfigError(f"{url!r}: no query, fragment or user information")
+    try:
+        parts.port  # noqa: B018 (raises for a bad port)
+    except ValueError:
+        raise ConfigError(f"{url!r}: the port is not a number from 1 to 65535") from None
+    return url.rstrip("/")
 
 
 def host_port(listen: str) -> tuple[str, int]:
@@ -185,6 +229,12 @@ cert_lifetime = "24h"
 
 # How far ahead the CRL (GET /v1/crl) announces its next update.
 crl_next_update = "1h"
+
+# Where relying parties find the CRL (PKI_URL/v1/crl) and the issuing CA's certificate
+# (PKI_URL/v1/ca/issuing.crt); every device certificate names both (CRL Distribution
+# Points, Authority Information Access). Default: this registrar,
+# https://SERVER_NAMES[0]:PORT. A plain-HTTP mirror is what RFC 5280 prefers.
+# pki_url = "http://pki.example.net/devid"
 
 # How long an enrollment challenge may be answered.
 challenge_ttl = "2m"

@@ -31,7 +31,7 @@ from agent.enroll.messages import (
 )
 from agent.enroll.problems import problem
 from agent.errors import Problem
-from agent.registrar.base import RegistrarParts
+from agent.registrar.base import RegistrarParts, platform_json
 from agent.registrar.pcrpolicy import judge_pcrs
 from agent.registrar.sealedchallenge import (
     RANDOM_BYTES,
@@ -132,9 +132,9 @@ class LifecycleService(RegistrarParts):
 
     def renew(self, challenge_id: str, body: bytes, peer: str) -> Renewed:
         return self._answer(challenge_id, "renew", RenewRequest, body, peer,
-                            lambda c, r: evidence.device_request_message(
-                                "renew", c.device_id, c.id, c.nonce, r.quote.attest,
-                                r.tls_csr),
+                            lambda c, r: evidence.renewal_message(
+                                c.device_id, c.id, c.nonce, r.quote.attest, r.tls_csr,
+                                r.platform),
                             self._verify_and_renew)
 
     def _verify_and_renew(self, challenge: SealedChallenge, device: DeviceRow,
@@ -155,10 +155,13 @@ class LifecycleService(RegistrarParts):
         pcr_state = judge_pcrs(self.config.pcr_policy, request.pcr_values)
         tls_key = evidence.check_tls_csr(request.tls_csr)
 
-        identity_cert, identity = self._issue(device.device_id, identity_key, "identity", now)
-        tls_cert, tls = self._issue(device.device_id, tls_key, "tls", now)
+        profile = self._profile(device.ek_certificate, request.platform)
+        identity_cert, identity = self._issue(device.device_id, identity_key, "identity", now,
+                                              profile)
+        tls_cert, tls = self._issue(device.device_id, tls_key, "tls", now, profile)
         renewals = self.store.record_renewal(challenge.id, device.device_id, [identity, tls],
-                                             now.isoformat(timespec="seconds"))
+                                             now.isoformat(timespec="seconds"),
+                                             platform_json(request.platform))
         not_after = tls_cert.not_valid_after_utc.isoformat(timespec="seconds")
         self.audit.append("certificate-renewed", challenge=challenge.id,
                           device_id=device.device_id, identity_serial=identity.serial,

@@ -30,6 +30,7 @@ from agent.enroll.messages import (
     StartRequest,
 )
 from agent.enroll.problems import PROBLEM_CONTENT_TYPE, PROBLEM_TYPES, PROBLEM_URN_PREFIX
+from agent.registrar.config import CA_ISSUERS_PATH, CRL_PATH
 
 
 def _problem_schema() -> dict[str, Any]:
@@ -146,7 +147,13 @@ def build() -> dict[str, Any]:
                     "200": {"description": "decommissioned", **_json_body("Decommissioned")},
                     **_problems(*COMMON, *DEVICE_REQUEST),
                 }}},
-            f"{API_PREFIX}/crl": {"get": {
+            CA_ISSUERS_PATH: {"get": {
+                "summary": "The issuing CA's certificate, which every device certificate's "
+                           "Authority Information Access (caIssuers) names",
+                "responses": {"200": {"description": "DER X.509 certificate", "content": {
+                    "application/pkix-cert": {"schema": {"type": "string",
+                                                         "contentEncoding": "binary"}}}}}}},
+            CRL_PATH: {"get": {
                 "summary": "The CRL of the issuing CA: revoked device certificates that "
                            "have not expired yet",
                 "responses": {"200": {"description": "DER X.509 CRL", "content": {

@@ -29,7 +29,7 @@ from agent.enroll.problems import problem
 from agent.errors import Problem
 from agent.pki.certinfo import public_key_sha256
 from agent.pki.ekchain import tpm_claims, verify_ek_chain
-from agent.registrar.base import NONCE_BYTES, RegistrarParts
+from agent.registrar.base import NONCE_BYTES, RegistrarParts, platform_json
 from agent.registrar.pcrpolicy import judge_pcrs
 from agent.registrar.store import ChallengeRow, DeviceRow
 
@@ -162,7 +162,8 @@ class EnrollmentService(RegistrarParts):
         evidence.check_certify(certify, nonce, identity_public)
         evidence.check_csr(request.csr, identity_key)
 
-        cert, record = self._issue(challenge.device_id, identity_key, "identity", now)
+        cert, record = self._issue(challenge.device_id, identity_key, "identity", now,
+                                   self._profile(challenge.ek_certificate, request.platform))
         ek_cert = x509.load_der_x509_certificate(challenge.ek_certificate)
         serial = record.serial
         not_after = cert.not_valid_after_utc.isoformat(timespec="seconds")
@@ -172,7 +173,8 @@ class EnrollmentService(RegistrarParts):
             ak_name=evidence.tpm_name(ak_public), identity_public=request.identity_public,
             status="active", tpm_manufacturer=tpm_claims(ek_cert).manufacturer,
             enrolled_at=stamp, updated_at=stamp, enrollments=1, cert_serial=serial,
-            cert_not_after=not_after), record, now.timestamp())
+            cert_not_after=not_after, platform=platform_json(request.platform)), record,
+            now.timestamp())
         if enrolled.superseded:
             # The TPM enrolled again (wiped agent state, a new token): its earlier keys
             # cannot renew any more, so their certificates must not stay valid either.
@@ -182,7 +184,8 @@ class EnrollmentService(RegistrarParts):
                         challenge.device_id, len(enrolled.superseded))
         self.audit.append("certificate-issued", challenge=challenge.id,
                           device_id=challenge.device_id, serial=serial, not_after=not_after,
-                          pcr_state=pcr_state, enrollments=enrolled.enrollments, peer=peer)
+                          pcr_state=pcr_state, enrollments=enrolled.enrollments,
+                          platform=platform_json(request.platform), peer=peer)
         log.info("issued %s to %s (serial %s, PCR state %r)", not_after, challenge.device_id,
                  serial, pcr_state)
         return Issued(device_id=challenge.device_id, certificate_chain=self.ca.chain_pem(cert),

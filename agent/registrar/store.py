@@ -15,6 +15,7 @@ in one transaction.
 from __future__ import annotations
 
 import datetime
+import json
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from agent.clock import isoformat_utc
 from agent.enroll.problems import problem
 from agent.sqlite import Database
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DEVICE_STATUSES = ("active", "revoked", "decommissioned")
 DEVICES_TABLE = """
 CREATE TABLE devices (
@@ -39,7 +40,8 @@ CREATE TABLE devices (
     cert_serial TEXT NOT NULL,
     cert_not_after TEXT NOT NULL,
     renewals INTEGER NOT NULL DEFAULT 0,
-    status_reason TEXT
+    status_reason TEXT,
+    platform TEXT
 )"""
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS challenges (
@@ -132,6 +134,9 @@ class DeviceRow:
     cert_not_after: str
     renewals: int = 0
     status_reason: str | None = None
+    # The device's own word on its make, model, serial and firmware (JSON of
+    # agent.enroll.messages.Platform), as its last enrollment or renewal stated it.
+    platform: str | None = None
 
     def summary(self) -> dict[str, object]:
         return {"device_id": self.device_id, "status": self.status,
@@ -139,7 +144,9 @@ class DeviceRow:
                 "tpm_manufacturer": self.tpm_manufacturer, "enrolled_at": self.enrolled_at,
                 "updated_at": self.updated_at, "enrollments": self.enrollments,
                 "renewals": self.renewals, "cert_serial": self.cert_serial,
-                "cert_not_after": self.cert_not_after}
+                "cert_not_after": self.cert_not_after,
+                "platform": None if self.platform is None else {
+                    **json.loads(self.platform), "asserted_by": "device"}}
 
 
 @dataclass(frozen=True)
@@ -173,6 +180,8 @@ class Store(Database):
                            "FROM devices")
                 db.execute("DROP TABLE devices")
                 db.execute("ALTER TABLE devices_v2 RENAME TO devices")
+            elif version < 3:
+                db.execute("ALTER TABLE devices ADD COLUMN platform TEXT")  # v2 -> v3
             self._create(db, SCHEMA)
             if has_devices and version < 2:
                 for device_id, serial, not_after in db.execute(
@@ -300,18 +309,19 @@ class Store(Database):
             db.execute(
                 f"INSERT OR REPLACE INTO devices ({_DEVICE_COLUMNS}) "
                 "VALUES (?, ?, ?, ?, ?, ?, COALESCE((SELECT enrolled_at FROM devices "
-                "WHERE device_id = ?), ?), ?, ?, ?, ?, 0, NULL)",
+                "WHERE device_id = ?), ?), ?, ?, ?, ?, 0, NULL, ?)",
                 (device.device_id, device.ek_certificate, device.ak_name,
                  device.identity_public, "active", device.tpm_manufacturer, device.device_id,
                  device.enrolled_at, device.updated_at, count, device.cert_serial,
-                 device.cert_not_after))
+                 device.cert_not_after, device.platform))
             _record(db, certificate)
             db.execute("UPDATE challenges SET state = 'completed', secret = NULL WHERE id = ?",
                        (challenge.id,))
         return Enrolled(count, superseded)
 
     def record_renewal(self, challenge_id: str, device_id: str,
-                       certificates: list[IssuedCertificate], updated_at: str) -> int:
+                       certificates: list[IssuedCertificate], updated_at: str,
+                       platform: str | None = None) -> int:
         """Record renewed certificates, unless the device was revoked meanwhile.
         Returns the device's renewal count."""
         identity = next(c for c in certificates if c.kind == "identity")
@@ -323,8 +333,9 @@ class Store(Database):
             for cert in certificates:
                 _record(db, cert)
             db.execute("UPDATE devices SET renewals = renewals + 1, cert_serial = ?, "
-                       "cert_not_after = ?, updated_at = ? WHERE device_id = ?",
-                       (identity.serial, isoformat_utc(identity.not_after), updated_at, device_id))
+                       "cert_not_after = ?, updated_at = ?, platform = ? WHERE device_id = ?",
+                       (identity.serial, isoformat_utc(identity.not_after), updated_at,
+                        platform, device_id))
             db.execute("UPDATE device_challenges SET state = 'completed' WHERE id = ?",
                        (challenge_id,))
             return int(db.execute("SELECT renewals FROM devices WHERE device_id = ?",
@@ -408,4 +419,4 @@ def _record(db: sqlite3.Connection, cert: IssuedCertificate) -> None:
 _V1_COLUMNS = ("device_id, ek_certificate, ak_name, identity_public, status, "
                "tpm_manufacturer, enrolled_at, updated_at, enrollments, cert_serial, "
                "cert_not_after")
-_DEVICE_COLUMNS = _V1_COLUMNS + ", renewals, status_reason"
+_DEVICE_COLUMNS = _V1_COLUMNS + ", renewals, status_reason, platform"

@@ -25,12 +25,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.enroll.client import Quote
-from agent.enroll.evidence import device_request_message
+from agent.enroll.evidence import device_request_message, renewal_message
 from agent.enroll.messages import (
     Decommissioned,
     DecommissionRequest,
     DeviceChallenge,
     DeviceChallengeRequest,
+    Platform,
     Renewed,
     RenewRequest,
 )
@@ -77,7 +78,8 @@ def _ignore(_step: str) -> None:
 
 async def renew(tpm: RenewalTpm, registrar: LifecycleRegistrar, device_id: str,
                 pinned_ca: Sequence[x509.Certificate], now: Callable[[], datetime.datetime],
-                skew: float = 0.0, progress: Progress = _ignore) -> RenewalResult:
+                skew: float = 0.0, progress: Progress = _ignore,
+                platform: Platform | None = None) -> RenewalResult:
     challenge = await registrar.challenge(DeviceChallengeRequest(device_id=device_id,
                                                                  purpose="renew"))
     _check_challenge(challenge, device_id, "renew")
@@ -86,15 +88,16 @@ async def renew(tpm: RenewalTpm, registrar: LifecycleRegistrar, device_id: str,
     csr = tls_csr(key)
     quote = await tpm.quote(challenge.nonce, challenge.pcr_selection.pcrs)
     progress("quoted")
-    message = device_request_message("renew", device_id, challenge.challenge_id,
-                                     challenge.nonce, quote.evidence.attest, csr)
+    message = renewal_message(device_id, challenge.challenge_id, challenge.nonce,
+                              quote.evidence.attest, csr, platform)
     signature = await tpm.sign(message)
     progress("signed")
     sealed = await tpm.seal(key_to_secret(key))
     progress("sealed")
     renewed = await registrar.renew(challenge.challenge_id, RenewRequest(
         ak_public=await tpm.attestation_public(), quote=quote.evidence,
-        pcr_values=list(quote.pcr_values), tls_csr=csr, signature=signature))
+        pcr_values=list(quote.pcr_values), tls_csr=csr, signature=signature,
+        platform=platform))
     progress("issued")
     if renewed.device_id != device_id:
         raise ProtocolError(f"the registrar renewed {renewed.device_id}, expected {device_id}")

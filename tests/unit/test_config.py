@@ -46,6 +46,10 @@ def test_defaults_are_hardware_paths():
     ("[siem]\nurl = 'tls://x'\nframing = 'leef'", "[siem] framing: Input should be"),
     ("[siem]\nurl = 'tls://x'\nqueue = 5", "[siem] queue: Input should be greater"),
     ("[siem]\nurl = 'tls://x'\nsd_id = 'a]b'", "[siem] sd_id: String should match"),
+    ("[device]\nserial = ''", "[device] serial: String should have at least 1"),
+    ('[device]\nmodel = "GW\\u0007"', "[device] model: String should match"),
+    ("[device]\nversion = '" + "1" * 65 + "'", "[device] version: String should have at most"),
+    ("[device]\nvendor = 'x'", "[device] vendor: unknown key"),
 ])
 def test_bad_config_names_file_section_and_key(text, message):
     with pytest.raises(ConfigError) as exc:
@@ -118,13 +122,14 @@ def test_shipped_agent_toml_lists_every_key_with_its_default(tmp_path):
         assert set(shown[name]) == set(model.model_fields), name
     # Without [enrollment] (no defaults: examples) and the example control group.
     body = "".join(f"[{s}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()
-                                      if (s, k) != ("control", "group"))
+                                      if (s, k) != ("control", "group")
+                                      and (s == "device") <= (k == "dmi"))
                    for s, keys in shown.items() if s != "enrollment")
     parsed = parse_config(body, tmp_path / "agent.toml")
     defaults = AgentConfig()
     assert parsed.rotation.renew_fraction == pytest.approx(defaults.rotation.renew_fraction,
                                                            abs=1e-4)
-    for name in ("tpm", "paths", "trust", "control", "log"):
+    for name in ("tpm", "paths", "trust", "control", "log", "device"):
         assert getattr(parsed, name) == getattr(defaults, name), name
     assert parsed.rotation.model_copy(update={"renew_fraction": 0.5}) == \
         defaults.rotation.model_copy(update={"renew_fraction": 0.5})
@@ -165,3 +170,23 @@ def test_the_identity_socket_is_read_leniently_for_consumers(tmp_path):
     config.chmod(0)
     if os.geteuid() != 0:  # root reads it anyway
         assert identity_socket_of(config) == Path("/run/devid-agent/identity.sock")
+
+
+def test_the_platform_comes_from_dmi_with_agent_toml_winning(tmp_path):
+    """DMI placeholders and control characters are dropped; [device] keys win."""
+    from agent.config import DeviceSection
+
+    dmi = tmp_path / "dmi"
+    dmi.mkdir()
+    (dmi / "sys_vendor").write_bytes(b"Acme\tIndustrial \n")
+    (dmi / "product_name").write_bytes(b"To Be Filled By O.E.M.\n")
+    (dmi / "bios_version").write_bytes(b"1.0\x00\xff" + b"x" * 100 + b"\n")
+    # product_serial absent, as for an agent that may not read it
+    platform = DeviceSection(serial="SN-9").platform(dmi)
+    assert platform is not None
+    assert (platform.manufacturer, platform.model, platform.serial) == (
+        "Acme Industrial", None, "SN-9")
+    assert platform.version is not None and platform.version.startswith("1.0")
+    assert len(platform.version) == 64
+    assert DeviceSection(dmi=False).platform(dmi) is None
+    assert DeviceSection(model="M", dmi=False).platform(tmp_path / "none").model == "M"

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime
+import subprocess
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pydantic import ValidationError
 
 from agent.audit import AuditLog
 from agent.config import parse_config
@@ -21,10 +24,11 @@ from agent.enroll.state import DecommissionStore, EnrollmentStore
 from agent.errors import ConfigError, Problem, ProtocolError, StateError
 from agent.pki.devicecert import verify_chain
 from agent.registrar import cli
-from agent.registrar.ca import CertificateAuthority
+from agent.registrar.ca import CertificateAuthority, DeviceProfile
 from agent.registrar.config import RegistrarConfig
 from agent.registrar.store import ChallengeRow, Store
 from agent.tomlconfig import parse_toml_model
+from tests.certprofile import PROFILE, PUBLICATION
 
 NOW = datetime.datetime(2026, 11, 21, 12, 0, tzinfo=datetime.UTC)
 
@@ -36,7 +40,8 @@ def ca(tmp_path):
 
 def test_device_certificate_is_built_from_the_device_id_only(ca):
     key = ec.generate_private_key(ec.SECP256R1()).public_key()
-    cert = ca.issue_device("urn:devid:" + "ab" * 16, key, datetime.timedelta(hours=24), NOW)
+    cert = ca.issue_device("urn:devid:" + "ab" * 16, key, datetime.timedelta(hours=24), NOW,
+                           "identity", PROFILE, PUBLICATION)
     assert cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)[0].value == "ab" * 16
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["urn:devid:" + "ab" * 16]
@@ -262,3 +267,84 @@ def test_devices_show_says_how_many_certificates_it_lists(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "certificates (13, the last 10 shown; --json lists all):" in out
     assert sum(1 for line in out.splitlines() if line.startswith("  s")) == 10
+
+
+def test_device_certificate_carries_the_8021ar_profile_openssl_shows(ca, tmp_path):
+    """hardwareModuleName (RFC 4108) naming the TPM by its EK certificate's serial, the
+    device-asserted platform as TCG attributes in a directoryName, CRL DP and AIA."""
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    cert = ca.issue_device("urn:devid:" + "ab" * 16, key, datetime.timedelta(hours=1), NOW,
+                           "tls", PROFILE, PUBLICATION)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    [other] = san.get_values_for_type(x509.OtherName)
+    assert other.type_id.dotted_string == "1.3.6.1.5.5.7.8.4"
+    # SEQUENCE { OID 2.23.133.1.2, OCTET STRING 01 23 45 }
+    assert other.value == bytes.fromhex("300c") + bytes.fromhex("06056781050102") + \
+        bytes.fromhex("0403012345")
+    [directory] = san.get_values_for_type(x509.DirectoryName)
+    assert {a.oid.dotted_string: a.value for a in directory} == {
+        "2.23.133.5.1.1": "Acme", "2.23.133.5.1.4": "GW-100", "2.23.133.5.1.5": "1.2.3",
+        "2.23.133.5.1.6": "SN-42"}
+    dp = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    assert [n.value for n in dp[0].full_name] == [PUBLICATION.crl_url]
+    aia = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+    assert [(d.access_method, d.access_location.value) for d in aia] == [
+        (x509.AuthorityInformationAccessOID.CA_ISSUERS, PUBLICATION.ca_issuers_url)]
+
+    path = tmp_path / "device.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    text = subprocess.run(["openssl", "x509", "-noout", "-text", "-in", str(path)],
+                          capture_output=True, text=True, check=True).stdout
+    assert "X509v3 CRL Distribution Points" in text and PUBLICATION.crl_url in text
+    assert f"CA Issuers - URI:{PUBLICATION.ca_issuers_url}" in text
+    assert "2.23.133.5.1.1=Acme" in text and "2.23.133.5.1.6=SN-42" in text, text
+    assert "2.23.133.5.1.4=GW-100" in text and "2.23.133.5.1.5=1.2.3" in text
+    # OpenSSL 3.0 names the otherName without decoding it; its DER is the hwSerialNum.
+    assert "othername:" in text.lower()
+
+
+def test_a_device_without_platform_data_gets_no_directory_name(ca):
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    cert = ca.issue_device("urn:devid:" + "cd" * 16, key, datetime.timedelta(hours=1), NOW,
+                           "identity", DeviceProfile(hw_serial=b"\x00\x80"), PUBLICATION)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DirectoryName) == []
+    assert len(san.get_values_for_type(x509.OtherName)) == 1
+
+
+@pytest.mark.parametrize(("url", "what"), [
+    ("ftp://pki.example", "expected http"), ("https://", "expected http"),
+    ("http://pki.example/?x=1", "no query"), ("http://u@pki.example", "no query"),
+    ("http://pki.example:99999", "port"),
+])
+def test_a_bad_pki_url_is_refused_saying_why(url, what):
+    with pytest.raises(ValidationError, match=what):
+        RegistrarConfig(ek_roots=[Path("/dev/null")], pki_url=url)
+
+
+def test_the_publication_urls_default_to_the_registrar_itself():
+    config = RegistrarConfig(ek_roots=[Path("/dev/null")], listen="[::]:9443",
+                             server_names=["::1"])
+    assert config.publication().crl_url == "https://[::1]:9443/v1/crl"
+    mirrored = RegistrarConfig(ek_roots=[Path("/dev/null")], pki_url="http://pki.example/d/")
+    assert mirrored.publication().ca_issuers_url == "http://pki.example/d/v1/ca/issuing.crt"
+
+
+def test_a_version_2_database_gains_the_platform_column_keeping_its_devices(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "registrar.db"
+    Store(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("ALTER TABLE devices DROP COLUMN platform")
+        db.execute("INSERT INTO devices (device_id, ek_certificate, ak_name, identity_public, "
+                   "status, enrolled_at, updated_at, cert_serial, cert_not_after) VALUES "
+                   "('urn:devid:1', x'00', x'00', x'00', 'active', 't', 't', 'ab', "
+                   "'2026-01-01T00:00:00+00:00')")
+        db.execute("PRAGMA user_version = 2")
+    store = Store(path)
+    [device] = store.devices()
+    assert device.device_id == "urn:devid:1" and device.platform is None
+    assert device.summary()["platform"] is None
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3

@@ -40,6 +40,7 @@ from agent.rotation.credentials import CredentialHolder, TlsCredentials
 from agent.rotation.tlskey import key_from_secret, key_to_secret, new_tls_key
 from agent.secret import SecretBytes
 from agent.tpm.blobs import KeyBlob
+from tests.certprofile import PROFILE, PUBLICATION
 
 DEVICE = "urn:devid:" + "ab" * 16  # as the registrar derives them
 OTHER_DEVICE = "urn:devid:" + "cd" * 16
@@ -113,8 +114,10 @@ def _stored(ca: CertificateAuthority, lifetime: datetime.timedelta = HOUR,
             now: datetime.datetime = NOW) -> tuple[StoredEnrollment, ec.EllipticCurvePrivateKey]:
     identity = ec.generate_private_key(ec.SECP256R1())
     tls_key = new_tls_key()
-    cert = ca.issue_device(DEVICE, identity.public_key(), lifetime, now)
-    tls = ca.issue_device(DEVICE, tls_key.public_key(), lifetime, now, "tls")
+    cert = ca.issue_device(DEVICE, identity.public_key(), lifetime, now, "identity", PROFILE,
+                           PUBLICATION)
+    tls = ca.issue_device(DEVICE, tls_key.public_key(), lifetime, now, "tls", PROFILE,
+                          PUBLICATION)
     blob = KeyBlob.sealed(_identity_public(identity), bytes(TPM2B_PRIVATE(b"wrapped").marshal()),
                           [7], [b"\x11" * 32])
     stored = StoredEnrollment(DEVICE, "https://r", now, format(cert.serial_number, "x"),
@@ -180,7 +183,8 @@ def _lifecycle(tmp_path: Path, ca: CertificateAuthority,
                identity: ec.EllipticCurvePrivateKey) -> LifecycleService:
     store = Store(tmp_path / "r.db")
     config = RegistrarConfig(ek_roots=[Path("/dev/null")], cert_lifetime=3600.0)
-    cert = ca.issue_device(DEVICE, identity.public_key(), HOUR, NOW)
+    cert = ca.issue_device(DEVICE, identity.public_key(), HOUR, NOW, "identity", PROFILE,
+                           PUBLICATION)
     record = IssuedCertificate(format(cert.serial_number, "x"), DEVICE, "identity",
                                NOW.timestamp(), (NOW + HOUR).timestamp())
     from agent.registrar.store import ChallengeRow
