@@ -64,6 +64,10 @@ class TpmSection(StrictSection):
     # agent stops its watchdog pings so that systemd restarts it. RSA key creation on
     # a slow TPM takes seconds, never minutes.
     hang_timeout: Duration = 120.0
+    # A persistent handle (owner range, e.g. 0x81000002) for the storage root key: made
+    # there once (EvictControl), then used at every start instead of a CreatePrimary.
+    # Unset: a transient SRK re-derived at each start (nothing left in the TPM's NV).
+    srk_handle: Annotated[int, Field(ge=0x81000000, le=0x817FFFFF)] | None = None
 
     @field_validator("tcti")
     @classmethod

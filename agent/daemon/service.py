@@ -123,7 +123,8 @@ class AgentService:
     async def _connect(self) -> None:
         tcti, state_dir = self.config.tpm.tcti, self.config.paths.state_dir
         custody = await self.worker.call(TpmCustody.open, tcti, state_dir, False,
-                                         self.enrollment.decommissioned is None)
+                                         self.enrollment.decommissioned is None,
+                                         self.config.tpm.srk_handle)
         self._endorsement = await self.worker.call(try_endorsement_facts, custody, self.trust)
         facts = await self.worker.call(collect_tpm_facts, custody, self.trust,
                                        self._endorsement)
@@ -264,12 +265,15 @@ class AgentService:
         self._facts.keys_destroyed = self.enrollment.decommissioned is not None
         return self._facts
 
-    async def _tpm_facts(self, occupancy: bool = False) -> TpmFacts:
+    async def _tpm_facts(self, occupancy: bool = False, prove_keys: bool = False) -> TpmFacts:
+        """Facts from the TPM now. Without `prove_keys` (status), the identity key's facts
+        are those proven at connection: status costs one TPM command, not four."""
         custody = self._custody
         if custody is None:
             return self._cached_facts()
+        known = None if prove_keys or self._facts is None else self._facts.identity
         facts = await self.worker.call(collect_tpm_facts, custody, self.trust,
-                                       self._endorsement, occupancy)
+                                       self._endorsement, occupancy, known)
         facts.keys_destroyed = self.enrollment.decommissioned is not None
         if isinstance(facts.error, TpmUnreachable):
             self._last_error = facts.error
@@ -322,7 +326,7 @@ class AgentService:
         return self._status_document(await self._tpm_facts())
 
     async def check(self, _params: dict[str, Any]) -> dict[str, Any]:
-        facts = await self._tpm_facts(occupancy=True)
+        facts = await self._tpm_facts(occupancy=True, prove_keys=True)
         probe = await asyncio.to_thread(probe_registrar, self.config.enrollment)
         self.rotation.observe_offset(probe.clock_offset)  # authenticated: plans renewals too
         clock = collect_clock_facts(probe.clock_offset, probe.unverified_offset,

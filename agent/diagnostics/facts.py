@@ -88,9 +88,12 @@ def try_endorsement_facts(custody: TpmCustody, trust: TrustStore) -> Endorsement
 
 def collect_tpm_facts(custody: TpmCustody, trust: TrustStore,
                       endorsement: EndorsementResult | None = None,
-                      occupancy: bool = False) -> TpmFacts:
-    """Live facts; pass a cached `endorsement` to skip re-deriving the EKs. `occupancy`:
-    also count sessions and objects (two more TPM commands: for checks, not status)."""
+                      occupancy: bool = False,
+                      identity: IdentityFacts | None = None) -> TpmFacts:
+    """Live facts; pass a cached `endorsement` to skip re-deriving the EKs, and cached
+    `identity` facts to skip proving that the identity key loads (three TPM commands:
+    status asks one, GetCapability, and leaves the proof to connecting and checks).
+    `occupancy`: also count sessions and objects (two more: for checks, not status)."""
     facts = TpmFacts(tcti=custody.tcti)
     try:
         facts.info = custody.info()
@@ -106,6 +109,9 @@ def collect_tpm_facts(custody: TpmCustody, trust: TrustStore,
         facts.ek_error = endorsement
     else:
         facts.endorsement = endorsement
+    if identity is not None:
+        facts.identity = identity
+        return facts
     try:
         facts.identity = identity_facts(custody.identity_key())
     except DevidError as e:

@@ -40,7 +40,8 @@ from agent.tpm.custody import TpmCustody
 def local_tpm_facts(config: AgentConfig, command: str) -> TpmFacts:
     try:
         trust = load_trust_store(config.trust.ek_roots)
-        with TpmCustody.open(config.tpm.tcti, config.paths.state_dir, readonly=True) as custody:
+        with TpmCustody.open(config.tpm.tcti, config.paths.state_dir, readonly=True,
+                             srk_handle=config.tpm.srk_handle) as custody:
             return collect_tpm_facts(custody, trust, occupancy=True)
     except DevidError as e:
         return TpmFacts(tcti=config.tpm.tcti, error=e)

@@ -147,6 +147,17 @@ def _check_nonce(evidence_field: str, attest: TPMS_ATTEST, nonce: bytes) -> None
                       f"{evidence_field}: qualifying data is not this challenge's nonce")
 
 
+def pcr_digest(values: Sequence[bytes]) -> bytes:
+    """What a TPM2_Quote signs of the PCRs (sha256 bank): H(value || value || ...)."""
+    return hashlib.sha256(b"".join(values)).digest()
+
+
+def quoted_pcr_digest(attest: bytes) -> bytes:
+    """The PCR digest inside a marshalled quote (the agent's own, just made)."""
+    decoded, _ = TPMS_ATTEST.unmarshal(attest)
+    return bytes(decoded.attested.quote.pcrDigest)
+
+
 def check_quote(attest: TPMS_ATTEST, nonce: bytes, pcrs: Sequence[int],
                 values: Sequence[bytes]) -> None:
     """The quote covers exactly `pcrs` (sha256), for this nonce, and `values` are what it quoted."""
@@ -160,7 +171,7 @@ def check_quote(attest: TPMS_ATTEST, nonce: bytes, pcrs: Sequence[int],
     if len(values) != len(pcrs) or any(len(v) != 32 for v in values):
         raise problem("malformed-request",
                       f"pcr_values: expected {len(pcrs)} sha256 values (32 bytes each)")
-    if not hmac.compare_digest(bytes(info.pcrDigest), hashlib.sha256(b"".join(values)).digest()):
+    if not hmac.compare_digest(bytes(info.pcrDigest), pcr_digest(values)):
         raise problem("evidence-invalid",
                       "pcr_values: do not match the digest the TPM quoted")
 

@@ -13,11 +13,12 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from agent.enroll.client import EndorsementEvidence, Quote
+from agent.enroll.evidence import pcr_digest, quoted_pcr_digest
 from agent.enroll.messages import Evidence
 from agent.errors import TpmError
 from agent.secret import SecretBytes
 from agent.tpm.blobs import KeyBlob
-from agent.tpm.custody import TpmCustody
+from agent.tpm.custody import AK_BLOB, IDENTITY_BLOB, TpmCustody
 from agent.tpm.ek import EndorsementKey
 
 Runner = Callable[..., Awaitable[Any]]
@@ -37,7 +38,7 @@ class CustodyTpm:
         ek = (await self._run(self._custody.endorsement_keys, 1))[0]
         self._eks[ek.kind] = ek
         chain = await self._run(self._custody.ek_chain_certificates)
-        ak = await self._run(self._custody.attestation_key)
+        ak = self._custody.stored_key(AK_BLOB)
         return EndorsementEvidence(
             ek_certificate=ek.certificate.public_bytes(serialization.Encoding.DER),
             ek_chain=tuple(c.public_bytes(serialization.Encoding.DER) for c in chain),
@@ -52,24 +53,25 @@ class CustodyTpm:
         return result
 
     async def quote(self, nonce: bytes, pcrs: Sequence[int]) -> Quote:
-        # The quote signs a digest of the PCRs; the values are read beside it. Reading
-        # before and after and requiring equality rules out an extend in between.
+        # The quote signs a digest of the PCRs; the values are read after it, and must
+        # hash to the quoted digest (else an extend came in between: quote again).
         for _ in range(QUOTE_ATTEMPTS):
-            before = await self._run(self._custody.read_pcrs, pcrs)
             attestation = await self._run(self._custody.quote, nonce, pcrs)
-            after = await self._run(self._custody.read_pcrs, pcrs)
-            if before == after:
+            values = await self._run(self._custody.read_pcrs, pcrs)
+            if quoted_pcr_digest(attestation.attest) == pcr_digest(values):
                 return Quote(Evidence(attest=attestation.attest,
-                                      signature=attestation.signature.tpmt), tuple(after))
+                                      signature=attestation.signature.tpmt), tuple(values))
         raise TpmError(f"PCRs {list(pcrs)} kept changing while quoting; try again later")
 
     async def certify_identity(self, nonce: bytes) -> Evidence:
         attestation = await self._run(self._custody.certify_identity, nonce)
         return Evidence(attest=attestation.attest, signature=attestation.signature.tpmt)
 
+    # The public areas come from the key blobs (no TPM command): connecting proved they
+    # load, and the registrar checks TPM2_Certify and every signature against them.
+
     async def identity_public(self) -> bytes:
-        key = await self._run(self._custody.identity_key)
-        return bytes(key.public.marshal())
+        return bytes(self._custody.stored_key(IDENTITY_BLOB).public.marshal())
 
     async def identity_csr(self) -> bytes:
         csr: bytes = await self._run(self._custody.identity_csr)
@@ -78,12 +80,10 @@ class CustodyTpm:
     # --- renewal ---------------------------------------------------------------
 
     async def attestation_public(self) -> bytes:
-        key = await self._run(self._custody.attestation_key)
-        return bytes(key.public.marshal())
+        return bytes(self._custody.stored_key(AK_BLOB).public.marshal())
 
     async def identity_public_der(self) -> bytes:
-        key = await self._run(self._custody.identity_key)
-        return bytes(key.public_key_der)
+        return self._custody.stored_key(IDENTITY_BLOB).public_key_der
 
     async def sign(self, message: bytes) -> bytes:
         signature = await self._run(self._custody.sign, message)

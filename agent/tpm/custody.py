@@ -75,6 +75,8 @@ from agent import faults
 from agent.codec import unmarshal_exact
 from agent.errors import (
     AccessDenied,
+    ConfigError,
+    DevidError,
     EkCertificateMissing,
     KeyBlobMismatch,
     PcrPolicyMismatch,
@@ -105,7 +107,7 @@ from agent.tpm.handles import (
     flushable,
 )
 from agent.tpm.info import TpmInfo
-from agent.tpm.rc import translate
+from agent.tpm.rc import base_error, translate
 from agent.tpm.tcti import behind_resource_manager, parse_tcti
 
 log = logging.getLogger(__name__)
@@ -163,17 +165,25 @@ def _signature(sig: TPMT_SIGNATURE) -> Signature:
 class TpmCustody:
     """Keys that live in one TPM, and the operations on them."""
 
-    def __init__(self, esapi: ESAPI, tcti: str, state_dir: Path) -> None:
+    def __init__(self, esapi: ESAPI, tcti: str, state_dir: Path,
+                 srk_handle: int | None = None) -> None:
         self._esapi = esapi
         self.tcti = tcti
         self._blobs = BlobStore(state_dir / "tpm")
         self._srk: ESYS_TR | None = None
+        self.srk_handle = srk_handle  # persistent SRK, if configured
+        self._srk_persistent = False
+        self._readonly = False
+        # What the TPM's NV and EK seeds say cannot change while we are connected: read
+        # once per connection (each EK is a CreatePrimary, seconds for RSA on hardware).
+        self._eks: list[EndorsementKey] | None = None
+        self._ek_chain: list[x509.Certificate] | None = None
 
     # --- lifecycle ----------------------------------------------------------
 
     @classmethod
     def open(cls, tcti: str, state_dir: Path, readonly: bool = False,
-             create_keys: bool = True) -> TpmCustody:
+             create_keys: bool = True, srk_handle: int | None = None) -> TpmCustody:
         """Connect, load the SRK, and create the AK and identity key on first use.
 
         `readonly` (diagnostics from outside the daemon): create nothing, write nothing.
@@ -184,12 +194,13 @@ class TpmCustody:
         except TSS2_Exception as e:
             raise TpmUnreachable(f"cannot open TPM via TCTI {tcti!r}: {e}",
                                  hint=_unreachable_hint(tcti), rc=int(e.rc)) from None
-        custody = cls(esapi, tcti, state_dir)
+        custody = cls(esapi, tcti, state_dir, srk_handle)
         try:
             # Read-only users (devidctl check with the daemon down) observe the TPM as
             # they find it: what a dead process left is what they are there to see.
             if not readonly and not behind_resource_manager(tcti):
                 custody._flush_stale_handles()
+            custody._readonly = readonly
             custody._load_srk(pin=not readonly)
             if not readonly and create_keys:
                 custody._ensure_key(AK_BLOB, templates.ak_template())
@@ -204,7 +215,10 @@ class TpmCustody:
             return
         if self._srk is not None:
             with contextlib.suppress(TSS2_Exception):
-                self._esapi.flush_context(self._srk)
+                if self._srk_persistent:
+                    self._esapi.tr_close(self._srk)  # stays in the TPM: forget it here only
+                else:
+                    self._esapi.flush_context(self._srk)
             self._srk = None
         with contextlib.suppress(TSS2_Exception):
             self._esapi.close()
@@ -267,10 +281,17 @@ class TpmCustody:
     # --- storage root key ---------------------------------------------------
 
     def _load_srk(self, pin: bool) -> None:
-        with self._tpm("creating the storage root key") as tpm:
-            handle, public, _, _, _ = tpm.create_primary(
-                TPM2B_SENSITIVE_CREATE(), templates.srk_template(), ESYS_TR.OWNER
-            )
+        found = self._persistent_srk() if self.srk_handle is not None else None
+        if found is not None:
+            handle, public = found
+            self._srk_persistent = True
+        else:
+            with self._tpm("creating the storage root key") as tpm:
+                handle, public, _, _, _ = tpm.create_primary(
+                    TPM2B_SENSITIVE_CREATE(), templates.srk_template(), ESYS_TR.OWNER
+                )
+            if self.srk_handle is not None and pin:
+                handle = self._persist_srk(handle)
         self._srk = handle
         name = bytes(public.get_name().marshal())
         try:
@@ -288,6 +309,42 @@ class TpmCustody:
                 "this TPM's storage root key differs from the one the stored keys were made "
                 "under (TPM cleared, replaced, or state copied from another device)"
             )
+
+    def _persistent_srk(self) -> tuple[ESYS_TR, TPM2B_PUBLIC] | None:
+        """The SRK at srk_handle (one ReadPublic), or None if nothing is there yet."""
+        assert self.srk_handle is not None
+        where = f"0x{self.srk_handle:08x}"
+        try:
+            handle = self._esapi.tr_from_tpmpublic(self.srk_handle)
+        except TSS2_Exception as e:
+            if base_error(int(e.rc)) == TPM2_RC.HANDLE:
+                return None
+            raise translate(e, f"reading the storage root key at {where}") from None
+        with self._tpm(f"reading the storage root key at {where}") as tpm:
+            public, _, _ = tpm.read_public(handle)
+        if not templates.same_key_template(public, templates.srk_template()):
+            with contextlib.suppress(TSS2_Exception):
+                self._esapi.tr_close(handle)
+            raise ConfigError(
+                f"[tpm] srk_handle: {where} holds a key that is not devid-agent's storage root "
+                "key (the TCG ECC P-256 SRK template)",
+                f"choose a free handle, or evict that key if nothing needs it "
+                f"(`tpm2_evictcontrol -C o -c {where}`)")
+        return handle, public
+
+    def _persist_srk(self, transient: ESYS_TR) -> ESYS_TR:
+        """EvictControl: keep the SRK at srk_handle; later starts read it (no CreatePrimary)."""
+        assert self.srk_handle is not None
+        where = f"0x{self.srk_handle:08x}"
+        try:
+            with self._tpm(f"making the storage root key persistent at {where}") as tpm:
+                persistent = tpm.evict_control(ESYS_TR.OWNER, transient, self.srk_handle)
+        finally:
+            with contextlib.suppress(TSS2_Exception):
+                self._esapi.flush_context(transient)
+        self._srk_persistent = True
+        log.info("storage root key made persistent at %s", where)
+        return persistent
 
     # --- child keys ---------------------------------------------------------
 
@@ -337,6 +394,13 @@ class TpmCustody:
         with self._loaded(blob, f"{name} key") as handle, self._tpm("reading key") as tpm:
             public, tpm_name, _ = tpm.read_public(handle)
         return KeyInfo(bytes(tpm_name), public, templates.is_resident(public))
+
+    def stored_key(self, name: str) -> KeyInfo:
+        """Name and public area of a stored key from its blob alone: no TPM command.
+        What connecting proved (key_info) holds for the connection; the registrar
+        checks the rest (TPM2_Certify, signatures)."""
+        public = self._blob(name).tpm_public()
+        return KeyInfo(bytes(public.get_name().marshal()), public, templates.is_resident(public))
 
     def identity_key(self) -> KeyInfo:
         return self.key_info(IDENTITY_BLOB)
@@ -567,7 +631,10 @@ class TpmCustody:
         each checked against its recreated key.
 
         Raises EkCertificateMissing if there is none, EkMismatch if one does not match.
+        Remembered for the connection once all are known.
         """
+        if self._eks is not None:
+            return self._eks[:limit]
         present = self._nv_indices()
 
         def reader(i: int) -> bytes:
@@ -591,25 +658,57 @@ class TpmCustody:
             if len(certs) != 1:
                 raise TpmError(f"{where}: expected one X.509 certificate, found {len(certs)}")
             cert = certs[0]
-            with self._tpm(f"recreating {kind}") as tpm:
-                handle, public, _, _, _ = tpm.create_primary(
-                    TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.ENDORSEMENT
-                )
-                tpm.flush_context(handle)
+            public = self._remembered_ek(kind, template, cert) or self._recreate_ek(kind,
+                                                                                  template)
             check_ek(kind, public, cert)
             result.append(EndorsementKey(kind, index, cert, template, public))
             if limit is not None and len(result) >= limit:
                 break
         if not result:
             raise EkCertificateMissing("no EK certificate found in the TPM's NV indices")
+        if limit is None:
+            self._eks = result
         return result
 
+    def _remembered_ek(self, kind: str, template: TPM2B_PUBLIC,
+                       cert: x509.Certificate) -> TPM2B_PUBLIC | None:
+        """The EK's public area as recreated before (STATE_DIR/tpm/ek-KIND.public), if it
+        still fits this template and certificate. A start then costs no CreatePrimary of
+        the EK (seconds for RSA on hardware); activating a credential still recreates it,
+        and the SRK, re-read at every start, is what ties the state to this TPM."""
+        data = self._blobs.load_bytes(f"ek-{kind}.public")
+        if data is None:
+            return None
+        try:
+            public, used = TPM2B_PUBLIC.unmarshal(data)
+            if used != len(data) or not templates.same_key_template(public, template):
+                return None
+            check_ek(kind, public, cert)
+        except (DevidError, TSS2_Exception, ValueError):
+            return None
+        return public
+
+    def _recreate_ek(self, kind: str, template: TPM2B_PUBLIC) -> TPM2B_PUBLIC:
+        with self._tpm(f"recreating {kind}") as tpm:
+            handle, public, _, _, _ = tpm.create_primary(
+                TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.ENDORSEMENT
+            )
+            tpm.flush_context(handle)
+        if not self._readonly:
+            with contextlib.suppress(OSError, DevidError):  # an optimisation, not state
+                self._blobs.save_bytes(f"ek-{kind}.public", bytes(public.marshal()))
+        return public
+
     def ek_chain_certificates(self) -> list[x509.Certificate]:
-        """Intermediate CA certificates stored in the TCG EK-chain NV range."""
+        """Intermediate CA certificates stored in the TCG EK-chain NV range (read once per
+        connection)."""
+        if self._ek_chain is not None:
+            return list(self._ek_chain)
         certs: list[x509.Certificate] = []
         for index in sorted(self._nv_indices()):
             if EK_CHAIN_FIRST <= index <= EK_CHAIN_LAST:
                 certs.extend(split_der_certificates(self._nv_read(index),
                                                     f"NV index 0x{index:08x}"))
-        return certs
+        self._ek_chain = certs
+        return list(certs)
 

@@ -67,6 +67,16 @@ def _ecc(attributes: TPMA_OBJECT, scheme: TPM2_ALG, symmetric: TPMT_SYM_DEF_OBJE
     )
 
 
+def same_key_template(public: TPM2B_PUBLIC, template: TPM2B_PUBLIC) -> bool:
+    """Whether a key's public area was made from `template`: type, name algorithm,
+    attributes and parameters equal (the unique field is the key's own)."""
+    a, b = public.publicArea, template.publicArea
+    return (a.type, a.nameAlg, int(a.objectAttributes)) == \
+        (b.type, b.nameAlg, int(b.objectAttributes)) and \
+        bytes(a.parameters.marshal(a.type)) == bytes(b.parameters.marshal(b.type)) and \
+        bytes(a.authPolicy) == bytes(b.authPolicy)
+
+
 def srk_template() -> TPM2B_PUBLIC:
     """The TCG Provisioning Guidance ECC P-256 storage root key (empty unique)."""
     return _ecc(

@@ -29,7 +29,8 @@ def test_defaults_are_hardware_paths():
 
 
 @pytest.mark.parametrize("text, message", [
-    ("[tpm]\ntcit = 'x'", "agent.toml: [tpm] tcit: unknown key (known: tcti, hang_timeout)"),
+    ("[tpm]\ntcit = 'x'",
+     "agent.toml: [tpm] tcit: unknown key (known: tcti, hang_timeout, srk_handle)"),
     ("[tpm]\ntcti = 5", "[tpm] tcti: Input should be a valid string, got int 5"),
     ("[tpm]\ntcti = 'usb:/dev/x'", "[tpm] tcti: unknown TCTI 'usb'"),
     ("[tpm]\nhang_timeout = 'forever'", "[tpm] hang_timeout: expected a duration like '90s'"),
@@ -50,6 +51,8 @@ def test_defaults_are_hardware_paths():
     ('[device]\nmodel = "GW\\u0007"', "[device] model: String should match"),
     ("[device]\nversion = '" + "1" * 65 + "'", "[device] version: String should have at most"),
     ("[device]\nvendor = 'x'", "[device] vendor: unknown key"),
+    ("[tpm]\nsrk_handle = 0x80000001", "[tpm] srk_handle: Input should be greater"),
+    ("[tpm]\nsrk_handle = '0x81000001'", "[tpm] srk_handle: Input should be a valid integer"),
 ])
 def test_bad_config_names_file_section_and_key(text, message):
     with pytest.raises(ConfigError) as exc:
@@ -122,7 +125,8 @@ def test_shipped_agent_toml_lists_every_key_with_its_default(tmp_path):
         assert set(shown[name]) == set(model.model_fields), name
     # Without [enrollment] (no defaults: examples) and the example control group.
     body = "".join(f"[{s}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()
-                                      if (s, k) != ("control", "group")
+                                      if (s, k) not in (("control", "group"),
+                                                        ("tpm", "srk_handle"))
                                       and (s == "device") <= (k == "dmi"))
                    for s, keys in shown.items() if s != "enrollment")
     parsed = parse_config(body, tmp_path / "agent.toml")
