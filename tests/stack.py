@@ -128,8 +128,9 @@ class RegistrarProcess:
 
     def __init__(self, directory: Path, ek_roots: list[Path],
                  allowed: dict[int, str] | None = None, settings: dict[str, str] | None = None,
-                 permissive: bool = False) -> None:
+                 permissive: bool = False, init_args: list[str] | None = None) -> None:
         self.directory = directory
+        self.init_args = init_args or []
         self.ek_roots = ek_roots
         self.allowed = SWTPM_FRESH_PCRS if allowed is None else allowed
         self.settings = settings or {}
@@ -157,7 +158,7 @@ class RegistrarProcess:
         self.port = free_port()
         roots = [a for r in self.ek_roots for a in ("--ek-root", str(r))]
         self.cli("init", "--dir", str(self.directory), "--listen", f"127.0.0.1:{self.port}",
-                 "--server-name", "127.0.0.1", *roots)
+                 "--server-name", "127.0.0.1", *roots, *self.init_args)
         config = self.directory / "registrar.toml"
         text = config.read_text()
         for key, value in self.settings.items():

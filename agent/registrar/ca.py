@@ -26,15 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.enroll.messages import Platform
-from agent.errors import ConfigError, StateError
+from agent.errors import ConfigError, DevidError, StateError
 from agent.fsutil import ensure_private_dir, write_atomic
 from agent.pki.der import hardware_module_name
 from agent.registrar.config import Publication, is_ip
+from agent.registrar.keys import FileKey, IssuingKey, issuing_csr, sign_certificate, sign_crl
 
 ROOT_LIFETIME = datetime.timedelta(days=20 * 365)
 ISSUING_LIFETIME = datetime.timedelta(days=5 * 365)
@@ -87,6 +89,18 @@ def _name(common_name: str) -> x509.Name:
                       x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
+ISSUING_NAME = _name("devid-registrar issuing CA")
+ISSUING_HINT = ("have the root sign ca/issuing.csr as a CA: basicConstraints cA (pathLen 0), "
+                "keyUsage keyCertSign and cRLSign; then pass that certificate and the root's")
+
+
+def load_file_key(path: Path) -> FileKey:
+    key = serialization.load_pem_private_key(path.read_bytes(), None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise StateError(f"{path}: not an EC private key")
+    return FileKey(key)
+
+
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
@@ -100,12 +114,12 @@ def _serial() -> int:
     return x509.random_serial_number()
 
 
-def _ca_cert(subject: x509.Name, key: ec.EllipticCurvePrivateKey, issuer: x509.Name,
-             issuer_key: ec.EllipticCurvePrivateKey, now: datetime.datetime,
+def _ca_cert(subject: x509.Name, public: ec.EllipticCurvePublicKey, issuer: x509.Name,
+             issuer_key: IssuingKey, now: datetime.datetime,
              lifetime: datetime.timedelta, path_length: int) -> x509.Certificate:
-    return (
+    return sign_certificate(
         x509.CertificateBuilder()
-        .subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+        .subject_name(subject).issuer_name(issuer).public_key(public)
         .serial_number(_serial())
         .not_valid_before(now - BACKDATE).not_valid_after(now + lifetime)
         .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
@@ -113,18 +127,15 @@ def _ca_cert(subject: x509.Name, key: ec.EllipticCurvePrivateKey, issuer: x509.N
                                      key_encipherment=False, data_encipherment=False,
                                      key_agreement=False, key_cert_sign=True, crl_sign=True,
                                      encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                       critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-            issuer_key.public_key()), critical=False)
-        .sign(issuer_key, hashes.SHA256())
-    )
+            issuer_key.public_key()), critical=False), issuer_key)
 
 
 def _leaf(builder: x509.CertificateBuilder, issuer: x509.Certificate,
-          issuer_key: ec.EllipticCurvePrivateKey, public: ec.EllipticCurvePublicKey,
+          issuer_key: IssuingKey, public: ec.EllipticCurvePublicKey,
           eku: Sequence[x509.ObjectIdentifier]) -> x509.Certificate:
-    return (
+    return sign_certificate(
         builder.issuer_name(issuer.subject).public_key(public).serial_number(_serial())
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
@@ -134,9 +145,7 @@ def _leaf(builder: x509.CertificateBuilder, issuer: x509.Certificate,
         .add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-            issuer_key.public_key()), critical=False)
-        .sign(issuer_key, hashes.SHA256())
-    )
+            issuer_key.public_key()), critical=False), issuer_key)
 
 
 @dataclass(frozen=True)
@@ -144,7 +153,7 @@ class CertificateAuthority:
     directory: Path  # DIR/ca
     root: x509.Certificate
     issuing: x509.Certificate
-    issuing_key: ec.EllipticCurvePrivateKey
+    issuing_key: IssuingKey
 
     @property
     def root_path(self) -> Path:
@@ -161,36 +170,103 @@ class CertificateAuthority:
     # --- creation and loading --------------------------------------------------
 
     @classmethod
-    def create(cls, directory: Path, now: datetime.datetime) -> CertificateAuthority:
-        if (directory / "root.key").exists():
+    def create(cls, directory: Path, now: datetime.datetime,
+               issuing_key: IssuingKey | None = None) -> CertificateAuthority:
+        """A root (its key in DIR/ca/root.key) and the issuing CA under it; the issuing key
+        is `issuing_key` (a token's) or a new one in DIR/ca/issuing.key."""
+        if (directory / "root.key").exists() or (directory / "issuing.pem").exists():
             raise ConfigError(f"{directory}: a CA already exists here; not overwriting it")
         ensure_private_dir(directory)
-        root_key = ec.generate_private_key(ec.SECP256R1())
+        root_key = FileKey(ec.generate_private_key(ec.SECP256R1()))
         root_name = _name("devid-registrar root CA")
-        root = _ca_cert(root_name, root_key, root_name, root_key, now, ROOT_LIFETIME, 1)
-        issuing_key = ec.generate_private_key(ec.SECP256R1())
-        issuing = _ca_cert(_name("devid-registrar issuing CA"), issuing_key, root_name,
-                           root_key, now, ISSUING_LIFETIME, 0)
-        write_atomic(directory / "root.key", _pem_key(root_key))
-        write_atomic(directory / "issuing.key", _pem_key(issuing_key))
+        root = _ca_cert(root_name, root_key.public_key(), root_name, root_key, now,
+                        ROOT_LIFETIME, 1)
+        key = issuing_key or cls._new_file_key(directory)
+        issuing = _ca_cert(ISSUING_NAME, key.public_key(), root_name, root_key, now,
+                           ISSUING_LIFETIME, 0)
+        write_atomic(directory / "root.key", _pem_key(root_key.private))
         write_atomic(directory / "root.pem", _pem(root), mode=0o644)
         write_atomic(directory / "issuing.pem", _pem(issuing), mode=0o644)
-        return cls(directory, root, issuing, issuing_key)
+        return cls(directory, root, issuing, key)
+
+    @staticmethod
+    def _new_file_key(directory: Path) -> FileKey:
+        key = FileKey(ec.generate_private_key(ec.SECP256R1()))
+        write_atomic(directory / "issuing.key", _pem_key(key.private))
+        return key
 
     @classmethod
-    def load(cls, directory: Path) -> CertificateAuthority:
+    def request_issuing(cls, directory: Path,
+                        issuing_key: IssuingKey | None = None) -> x509.CertificateSigningRequest:
+        """For a root kept elsewhere (`init --offline-root`): the issuing key (a token's or a
+        new file key) and its request in DIR/ca/issuing.csr; no root key on this host.
+        `import_issuing` completes it."""
+        if (directory / "issuing.pem").exists() or (directory / "issuing.csr").exists():
+            raise ConfigError(f"{directory}: a CA already exists here; not overwriting it")
+        ensure_private_dir(directory)
+        key = issuing_key or cls._new_file_key(directory)
+        csr = issuing_csr(ISSUING_NAME, key)
+        write_atomic(directory / "issuing.csr", csr.public_bytes(serialization.Encoding.PEM),
+                     mode=0o644)
+        return csr
+
+    @classmethod
+    def import_issuing(cls, directory: Path, certificate_pem: bytes, root_pem: bytes,
+                       key: IssuingKey, now: datetime.datetime) -> CertificateAuthority:
+        """Take the issuing CA's certificate signed by the offline root, after checking that
+        it certifies our key as a CA that may issue, and chains to that root."""
+        try:
+            issuing = x509.load_pem_x509_certificates(certificate_pem)[0]
+            root = x509.load_pem_x509_certificates(root_pem)[0]
+        except (ValueError, IndexError):
+            raise DevidError("expected PEM certificates: the issuing CA's, then the "
+                              "root's", ISSUING_HINT) from None
+        if issuing.public_key() != key.public_key():
+            raise DevidError("the certificate is not for this registrar's issuing key "
+                              f"({key.describe()}); was it made from ca/issuing.csr?", ISSUING_HINT)
+        try:
+            constraints = issuing.extensions.get_extension_for_class(x509.BasicConstraints)
+            usage = issuing.extensions.get_extension_for_class(x509.KeyUsage).value
+        except x509.ExtensionNotFound as e:
+            raise DevidError(f"the issuing CA certificate lacks {e.oid._name}",
+                             ISSUING_HINT) from None
+        if not constraints.value.ca or not usage.key_cert_sign or not usage.crl_sign:
+            raise DevidError("the issuing CA certificate must be a CA (basicConstraints "
+                              "cA) with keyCertSign and cRLSign", ISSUING_HINT)
+        try:
+            issuing.verify_directly_issued_by(root)
+            root.verify_directly_issued_by(root)
+        except (ValueError, TypeError, InvalidSignature):
+            raise DevidError("the issuing CA certificate is not signed by that root, or "
+                              "the root is not self-signed", ISSUING_HINT) from None
+        if not issuing.not_valid_before_utc <= now < issuing.not_valid_after_utc:
+            raise DevidError("the issuing CA certificate is not valid now "
+                              f"({issuing.not_valid_before_utc} to "
+                              f"{issuing.not_valid_after_utc})", ISSUING_HINT)
+        write_atomic(directory / "root.pem", _pem(root), mode=0o644)
+        write_atomic(directory / "issuing.pem", _pem(issuing), mode=0o644)
+        (directory / "issuing.csr").unlink(missing_ok=True)
+        return cls(directory, root, issuing, key)
+
+    @classmethod
+    def load(cls, directory: Path, issuing_key: IssuingKey | None = None) -> CertificateAuthority:
+        """The CA in `directory`; its issuing key from DIR/ca/issuing.key unless given (a
+        token's), checked against the issuing certificate."""
+        if not (directory / "issuing.pem").exists() and (directory / "issuing.csr").exists():
+            raise StateError(f"{directory}: the issuing CA's certificate is not imported yet",
+                             "have the offline root sign ca/issuing.csr, then run "
+                             "`devid-registrar ca import`")
         try:
             root = x509.load_pem_x509_certificate((directory / "root.pem").read_bytes())
             issuing = x509.load_pem_x509_certificate((directory / "issuing.pem").read_bytes())
-            key = serialization.load_pem_private_key((directory / "issuing.key").read_bytes(),
-                                                     None)
+            key = issuing_key or load_file_key(directory / "issuing.key")
         except FileNotFoundError as e:
             raise StateError(f"{e.filename}: missing; run `devid-registrar init` first") from None
         except (OSError, ValueError) as e:
             raise StateError(f"{directory}: cannot load the CA: {e}") from None
-        if not isinstance(key, ec.EllipticCurvePrivateKey) or \
-                key.public_key() != issuing.public_key():
-            raise StateError(f"{directory}: issuing.key does not belong to issuing.pem")
+        if key.public_key() != issuing.public_key():
+            raise StateError(f"{directory}: the issuing key ({key.describe()}) does not belong "
+                             "to issuing.pem")
         return cls(directory, root, issuing, key)
 
     # --- certificates ----------------------------------------------------------
@@ -281,4 +357,4 @@ class CertificateAuthority:
             if reason is not None:
                 entry = entry.add_extension(x509.CRLReason(reason), critical=False)
             builder = builder.add_revoked_certificate(entry.build())
-        return builder.sign(self.issuing_key, hashes.SHA256())
+        return sign_crl(builder, self.issuing_key)

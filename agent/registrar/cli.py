@@ -7,6 +7,7 @@
     devid-registrar devices show --dir DIR ID [--json]
     devid-registrar devices revoke --dir DIR ID [--reason TEXT]
     devid-registrar crl --dir DIR [-o FILE]
+    devid-registrar ca import --dir DIR --certificate ISSUING.pem --root ROOT.pem
     devid-registrar audit verify --dir DIR
 
 Exit codes: 0 success, 1 failure (e.g. a broken audit chain), 64 usage,
@@ -24,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent import __version__, logsetup
@@ -31,6 +33,7 @@ from agent.access import command_line, explain, os_error_text
 from agent.clock import isoformat_utc
 from agent.errors import ConfigError, DevidError, Problem
 from agent.fsutil import write_atomic
+from agent.registrar.config import CaKeySection
 from agent.registrar.home import RegistrarHome
 from agent.registrar.service import token_hash
 from agent.tomlconfig import parse_duration
@@ -86,6 +89,17 @@ def _parser() -> argparse.ArgumentParser:
                            "localhost, 127.0.0.1, ::1)")
     init.add_argument("--pcrs", type=_pcr_list, default=list(range(8)),
                       help="PCRs the policy quotes (default 0-7)")
+    init.add_argument("--offline-root", action="store_true",
+                      help="no root CA on this host: write ca/issuing.csr for a root kept "
+                           "elsewhere to sign, then run `ca import`")
+    hsm = init.add_argument_group("issuing key in a PKCS#11 token (all four, or none)")
+    hsm.add_argument("--pkcs11-module", type=Path, metavar="SO",
+                     help="the token's PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so")
+    hsm.add_argument("--pkcs11-token", metavar="LABEL", help="the token's label")
+    hsm.add_argument("--pkcs11-key-label", metavar="LABEL",
+                     help="label for the key pair made in the token")
+    hsm.add_argument("--pkcs11-pin-file", type=Path, metavar="FILE",
+                     help="file holding the token's user PIN (never on the command line)")
     with_dir(sub.add_parser("serve", help="serve enrollments over HTTPS"))
 
     token = sub.add_parser("token", help="enrollment tokens").add_subparsers(
@@ -107,6 +121,14 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("--reason", default="revoked by the operator",
                         help="recorded in the audit log and shown to the device")
 
+    ca = sub.add_parser("ca", help="the issuing CA").add_subparsers(dest="action",
+                                                                    required=True)
+    imported = with_dir(ca.add_parser("import", help="take the issuing CA certificate the "
+                                                     "offline root signed (init --offline-root)"))
+    imported.add_argument("--certificate", type=Path, required=True, metavar="PEM",
+                          help="the issuing CA certificate made from ca/issuing.csr")
+    imported.add_argument("--root", type=Path, required=True, metavar="PEM",
+                          help="the root CA certificate (gateways pin it)")
     crl = with_dir(sub.add_parser("crl", help="write the current CRL (DER)"))
     crl.add_argument("-o", "--output", type=Path,
                      help="file to write (default: PEM on standard output)")
@@ -123,12 +145,39 @@ def _init(args: argparse.Namespace) -> int:
             raise ConfigError(f"--ek-root {root}: no such file")
     home = RegistrarHome(args.dir, args.command_line)
     names = args.server_names or ["localhost", "127.0.0.1", "::1"]
-    ca = home.init(args.ek_roots, args.listen, names, args.pcrs)
+    hsm = (args.pkcs11_module, args.pkcs11_token, args.pkcs11_key_label, args.pkcs11_pin_file)
+    if any(hsm) and not all(hsm):
+        raise ConfigError("--pkcs11-module, --pkcs11-token, --pkcs11-key-label and "
+                          "--pkcs11-pin-file go together")
+    ca_key = CaKeySection(backend="pkcs11", module=args.pkcs11_module.resolve(),
+                          token_label=args.pkcs11_token, key_label=args.pkcs11_key_label,
+                          pin_file=args.pkcs11_pin_file.resolve()) if all(hsm) else None
+    made = home.init(args.ek_roots, args.listen, names, args.pcrs, ca_key=ca_key,
+                     offline_root=args.offline_root)
     print(f"created {home.config_path}")
-    print(f"registrar CA (pin this on gateways as [enrollment] ca): {ca.root_path}")
+    if isinstance(made, x509.CertificateSigningRequest):
+        print(f"issuing CA request for the offline root: {home.ca_dir / 'issuing.csr'}")
+        print("next: have the root sign it as a CA (basicConstraints cA, pathLen 0; keyUsage "
+              "keyCertSign, cRLSign), then `devid-registrar ca import --dir "
+              f"{args.dir} --certificate ISSUING.pem --root ROOT.pem`")
+    else:
+        print(f"registrar CA (pin this on gateways as [enrollment] ca): {made.root_path}")
     if not args.ek_roots:
         print("note: add trusted TPM vendor roots to ek_roots before `serve`")
     print("note: pcr_policy has no allowed sets yet; add the trusted platform states")
+    return 0
+
+
+def _ca_import(args: argparse.Namespace) -> int:
+    home = RegistrarHome(args.dir, args.command_line)
+    try:
+        certificate, root = args.certificate.read_bytes(), args.root.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{e.filename}: {e.strerror}") from None
+    ca = home.import_issuing(certificate, root)
+    print(f"imported the issuing CA certificate (serial {ca.issuing.serial_number:x}, until "
+          f"{ca.issuing.not_valid_after_utc.isoformat(timespec='seconds')})")
+    print(f"registrar CA (pin this on gateways as [enrollment] ca): {ca.root_path}")
     return 0
 
 
@@ -266,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             return actions[args.action](args)
         if args.command == "crl":
             return _crl(args)
+        if args.command == "ca":
+            return _ca_import(args)
         return _audit_verify(args)
     except ConfigError as e:
         print(f"devid-registrar: configuration error: {e}", file=sys.stderr)

@@ -83,6 +83,30 @@ class PcrPolicyConfig(StrictSection):
         return self
 
 
+class CaKeySection(StrictSection):
+    """Where the issuing CA's key lives (agent/registrar/keys.py)."""
+
+    backend: Literal["file", "pkcs11"] = "file"
+    module: Path | None = None  # the token's PKCS#11 library, e.g. libsofthsm2.so
+    token_label: Annotated[str, Field(min_length=1, max_length=32)] | None = None
+    key_label: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    pin_file: Path | None = None  # the user PIN, in a file of its own (0600)
+
+    @model_validator(mode="after")
+    def _complete(self) -> CaKeySection:
+        keys = ("module", "token_label", "key_label", "pin_file")
+        given = [k for k in keys if getattr(self, k) is not None]
+        if self.backend == "pkcs11" and len(given) != len(keys):
+            missing = ", ".join(k for k in keys if k not in given)
+            raise ValueError(f"backend \"pkcs11\" needs {', '.join(keys)} (missing: {missing})")
+        if self.backend == "file" and given:
+            raise ValueError(f"{', '.join(given)}: only for backend = \"pkcs11\"")
+        return self
+
+
+PATH_KEYS = (("ek_roots",), ("ca_key", "module"), ("ca_key", "pin_file"))
+
+
 class RegistrarConfig(StrictSection):
     listen: str = "127.0.0.1:8443"
     server_names: list[Annotated[str, Field(min_length=1)]] = Field(
@@ -113,6 +137,7 @@ class RegistrarConfig(StrictSection):
     # registrar itself, https://SERVER_NAMES[0]:PORT.
     pki_url: Annotated[str, AfterValidator(checked_by(parse_pki_url))] | None = None
     pcr_policy: PcrPolicyConfig = Field(default_factory=PcrPolicyConfig)
+    ca_key: CaKeySection = Field(default_factory=CaKeySection)
     source: Path | None = Field(default=None, exclude=True)
 
     @field_validator("listen")
@@ -196,13 +221,17 @@ def is_ip(name: str) -> bool:
 
 def load_registrar_config(directory: Path) -> RegistrarConfig:
     path = (directory / CONFIG_NAME).resolve()
-    config = parse_toml_model(RegistrarConfig, read_config_text(path), path, (("ek_roots",),))
+    config = parse_toml_model(RegistrarConfig, read_config_text(path), path, PATH_KEYS)
     if not config.ek_roots:
         raise ConfigError(f"{path}: ek_roots: no trusted TPM vendor root configured; every "
                           "enrollment would be refused",
                           "list the PEM files of the TPM vendors' root CAs in ek_roots")
     for i, root in enumerate(config.ek_roots):
         check_named_file(path, f"ek_roots[{i}]", root)
+    if config.ca_key.backend == "pkcs11":
+        assert config.ca_key.module is not None and config.ca_key.pin_file is not None
+        check_named_file(path, "[ca_key] module", config.ca_key.module)
+        check_named_file(path, "[ca_key] pin_file", config.ca_key.pin_file)
     return config.model_copy(update={"source": path})
 
 
@@ -281,3 +310,16 @@ pcrs = {pcrs}
 # name = "firmware 1.2, shim 15.7, grub 2.06"
 # values = {{ "0" = "<64 hex digits>", "1" = "...", ... }}
 {allowed}"""
+
+
+CA_KEY_PKCS11 = """
+[ca_key]
+# The issuing CA's key is in a PKCS#11 token (an HSM): made there by `init`, sensitive
+# and not extractable. The PIN is read from pin_file (keep it 0600, the registrar
+# user's), held in memory only and never logged.
+backend = "pkcs11"
+module = {module}
+token_label = {token_label}
+key_label = {key_label}
+pin_file = {pin_file}
+"""

@@ -17,19 +17,25 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+
 from agent.access import access_denied, blocking_path
 from agent.audit import AuditLog
 from agent.errors import ConfigError, StateError
 from agent.fsutil import ensure_private_dir, read_state_file, write_atomic
 from agent.pki.ekchain import load_trust_store
-from agent.registrar.ca import CertificateAuthority
+from agent.registrar.ca import CertificateAuthority, load_file_key
 from agent.registrar.config import (
+    CA_KEY_PKCS11,
     CONFIG_NAME,
     DEFAULT_CONFIG,
+    PATH_KEYS,
     SHORT_CERT_LIFETIME,
+    CaKeySection,
     RegistrarConfig,
     load_registrar_config,
 )
+from agent.registrar.keys import IssuingKey, Pkcs11Key, read_pin
 from agent.registrar.lifecycle import LifecycleService
 from agent.registrar.service import EnrollmentService
 from agent.registrar.store import Store
@@ -94,36 +100,85 @@ class RegistrarHome:
         return key
 
     def init(self, ek_roots: list[Path], listen: str, server_names: list[str],
-             pcrs: list[int], allowed_toml: str = "") -> CertificateAuthority:
-        """Create the CA and a commented registrar.toml; refuses to overwrite either."""
+             pcrs: list[int], allowed_toml: str = "", ca_key: CaKeySection | None = None,
+             offline_root: bool = False) -> CertificateAuthority | x509.CertificateSigningRequest:
+        """Create the CA and a commented registrar.toml; refuses to overwrite either.
+
+        `ca_key` (pkcs11): the issuing key is made in that token. `offline_root`: no root
+        here; the issuing CA's request is returned (and in ca/issuing.csr) for the root
+        to sign, and `import_issuing` completes the CA."""
         if self.config_path.exists():
             raise ConfigError(f"{self.config_path}: already exists; not overwriting it")
         text = DEFAULT_CONFIG.format(
             listen=json.dumps(listen), server_names=json.dumps(server_names),
             ek_roots=json.dumps([str(p.resolve()) for p in ek_roots]),
             pcrs=json.dumps(pcrs), allowed=allowed_toml)
-        parse_toml_model(RegistrarConfig, text, self.config_path, (("ek_roots",),))  # check first
+        if ca_key is not None and ca_key.backend == "pkcs11":
+            text += CA_KEY_PKCS11.format(**{k: json.dumps(str(v)) for k, v in
+                                            ca_key.model_dump(exclude={"backend"}).items()})
+        config = parse_toml_model(RegistrarConfig, text, self.config_path, PATH_KEYS)
         ensure_private_dir(self.directory)
+        key: IssuingKey | None = None
+        if config.ca_key.backend == "pkcs11":
+            section = config.ca_key
+            assert section.module and section.token_label and section.key_label \
+                and section.pin_file
+            key = Pkcs11Key.generate(section.module, section.token_label, section.key_label,
+                                     read_pin(section.pin_file))
         now = datetime.datetime.now(datetime.UTC)
-        ca = CertificateAuthority.create(self.ca_dir, now)
+        made: CertificateAuthority | x509.CertificateSigningRequest
+        if offline_root:
+            made = CertificateAuthority.request_issuing(self.ca_dir, key)
+        else:
+            made = CertificateAuthority.create(self.ca_dir, now, key)
+            made.ensure_server_certificate(server_names, now)
         write_atomic(self.config_path, text.encode(), mode=0o644)
-        ca.ensure_server_certificate(server_names, now)
         Store(self.directory / "registrar.db").close()
-        self.audit().append("registrar-initialized", root_ca=ca.root.subject.rfc4514_string())
+        root = None if isinstance(made, x509.CertificateSigningRequest) else made.root
+        self.audit().append("registrar-initialized",
+                            issuing_key=key.describe() if key else "file ca/issuing.key",
+                            offline_root=offline_root,
+                            root_ca=root.subject.rfc4514_string() if root else None)
+        return made
+
+    def issuing_key(self, config: RegistrarConfig) -> IssuingKey | None:
+        """The token's key when [ca_key] says pkcs11; None: the CA's own file."""
+        section = config.ca_key
+        if section.backend != "pkcs11":
+            return None
+        assert section.module and section.token_label and section.key_label \
+            and section.pin_file
+        return Pkcs11Key(section.module, section.token_label, section.key_label,
+                         read_pin(section.pin_file))
+
+    def import_issuing(self, certificate_pem: bytes, root_pem: bytes) -> CertificateAuthority:
+        """`ca import`: the offline root's certificate for our issuing key."""
+        self.require_access()
+        config = load_registrar_config(self.directory)
+        now = datetime.datetime.now(datetime.UTC)
+        key = self.issuing_key(config) or load_file_key(self.ca_dir / "issuing.key")
+        ca = CertificateAuthority.import_issuing(self.ca_dir, certificate_pem, root_pem, key,
+                                                 now)
+        ca.ensure_server_certificate(config.server_names, now)
+        self.audit().append("issuing-ca-imported", root_ca=ca.root.subject.rfc4514_string(),
+                            issuing_serial=f"{ca.issuing.serial_number:x}")
         return ca
 
     def lifecycle(self) -> LifecycleService:
         """The lifecycle operations alone (the CLI's revoke and crl)."""
         self.require_access()
         config = load_registrar_config(self.directory)
-        return LifecycleService(config, CertificateAuthority.load(self.ca_dir), self.store(),
+        return LifecycleService(config, CertificateAuthority.load(self.ca_dir,
+                                                                  self.issuing_key(config)),
+                                self.store(),
                                 self.audit(), challenge_key=self.challenge_key())
 
     def open_service(self) -> tuple[RegistrarConfig, EnrollmentService, LifecycleService]:
         self.require_access()
         config = load_registrar_config(self.directory)
         trust = load_trust_store(config.ek_roots, "ek_roots")
-        ca = CertificateAuthority.load(self.ca_dir)
+        ca = CertificateAuthority.load(self.ca_dir, self.issuing_key(config))
+        log.info("issuing CA key: %s", ca.issuing_key.describe())
         if ca.ensure_server_certificate(config.server_names,
                                         datetime.datetime.now(datetime.UTC)):
             log.info("issued a new TLS server certificate for %s", ", ".join(config.server_names))

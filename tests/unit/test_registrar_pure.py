@@ -348,3 +348,39 @@ def test_a_version_2_database_gains_the_platform_column_keeping_its_devices(tmp_
     assert device.summary()["platform"] is None
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+
+
+@pytest.mark.parametrize(("ca_key", "what"), [
+    ({"backend": "pkcs11", "module": Path("/x.so")},
+     "missing: token_label, key_label, pin_file"),
+    ({"backend": "file", "key_label": "k"}, "key_label: only for backend"),
+    ({"backend": "hsm"}, "Input should be 'file' or 'pkcs11'"),
+    ({"backend": "pkcs11", "module": Path("/x.so"), "token_label": "t" * 33,
+      "key_label": "k", "pin_file": Path("/p")}, "at most 32 characters"),
+])
+def test_a_bad_ca_key_section_is_refused_saying_why(ca_key, what):
+    with pytest.raises(ValidationError, match=what):
+        RegistrarConfig(ek_roots=[Path("/dev/null")], ca_key=ca_key)
+
+
+def test_an_offline_root_request_certifies_the_issuing_key_and_import_checks_it(tmp_path):
+    """The hand-built PKCS#10 request verifies, and import refuses a certificate for
+    another key without touching the directory."""
+    from agent.errors import DevidError
+    from agent.registrar.ca import ISSUING_NAME, load_file_key
+
+    directory = tmp_path / "ca"
+    csr = CertificateAuthority.request_issuing(directory)
+    assert csr.is_signature_valid and csr.subject == ISSUING_NAME
+    key = load_file_key(directory / "issuing.key")
+    assert csr.public_key() == key.public_key()
+    other = CertificateAuthority.create(tmp_path / "other", NOW)
+    pem = other.issuing.public_bytes(serialization.Encoding.PEM)
+    root = other.root.public_bytes(serialization.Encoding.PEM)
+    with pytest.raises(DevidError, match="not for this registrar's issuing key"):
+        CertificateAuthority.import_issuing(directory, pem, root, key, NOW)
+    with pytest.raises(DevidError, match="expected PEM certificates"):
+        CertificateAuthority.import_issuing(directory, b"garbage", root, key, NOW)
+    assert sorted(p.name for p in directory.iterdir()) == ["issuing.csr", "issuing.key"]
+    with pytest.raises(StateError, match="not imported yet"):
+        CertificateAuthority.load(directory)
