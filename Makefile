@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev libsystemd-dev libcoap3-bin systemd libfaketime \
-	mosquitto mosquitto-clients rsyslog rsyslog-gnutls curl zbar-tools softhsm2 \
+	mosquitto mosquitto-clients rsyslog rsyslog-gnutls curl zbar-tools softhsm2 postgresql \
 	pkg-config autoconf automake libtool build-essential python3-venv python3-dev
 # Parallel test workers; the machine has 2 cores and the tests mostly wait on swtpm.
 TEST_WORKERS ?= 4

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,37 @@ class AuditVerdict:
     problem: str = ""
 
 
+def new_record(seq: int, time: str, event: str, fields: dict[str, Any],
+               prev: str) -> dict[str, Any]:
+    """The next record of a chain: its fields, the previous hash, and its own."""
+    record = {"seq": seq, "time": time, "event": event, **fields, "prev": prev}
+    record["hash"] = _hash(record)
+    return record
+
+
+def encode_record(record: dict[str, Any]) -> bytes:
+    return _canonical(record)
+
+
+def check_chain(lines: Iterable[bytes], unit: str) -> tuple[AuditVerdict, str]:
+    """Walk hash-chained records (one canonical JSON object each): the verdict and the last
+    hash. `unit` names a position in messages ("line", "row")."""
+    prev, seq = GENESIS, 0
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return AuditVerdict(False, seq, f"{unit} {number}: not valid JSON"), prev
+        if not isinstance(record, dict) or record.get("hash") != _hash(record):
+            return AuditVerdict(False, seq, f"{unit} {number}: hash mismatch ({unit} edited)"), \
+                prev
+        if record.get("prev") != prev or record.get("seq") != seq + 1:
+            return AuditVerdict(False, seq, f"{unit} {number}: chain broken (a {unit} before "
+                                            "it was removed or reordered)"), prev
+        prev, seq = record["hash"], seq + 1
+    return AuditVerdict(True, seq), prev
+
+
 class AuditLog:
     def __init__(self, path: Path, clock: Clock = utcnow) -> None:
         self.path = path
@@ -58,9 +89,8 @@ class AuditLog:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             try:
                 seq, prev = self._tail(f)
-                record = {"seq": seq + 1, "time": self._clock().isoformat(timespec="seconds"),
-                          "event": event, **fields, "prev": prev}
-                record["hash"] = _hash(record)
+                record = new_record(seq + 1, self._clock().isoformat(timespec="seconds"),
+                                    event, fields, prev)
                 f.seek(0, os.SEEK_END)
                 f.write(_canonical(record) + b"\n")
                 f.flush()
@@ -101,24 +131,16 @@ class AuditLog:
 
     def verify(self) -> AuditVerdict:
         """Walk the chain; the first break found is reported with its line number."""
-        prev, seq = GENESIS, 0
         try:
             f = open(self.path, "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError:
             return AuditVerdict(not self.head_path.exists(), 0,
                                 "" if not self.head_path.exists() else "log file missing")
         with f:
-            for number, line in enumerate(f, start=1):
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    return AuditVerdict(False, seq, f"line {number}: not valid JSON")
-                if not isinstance(record, dict) or record.get("hash") != _hash(record):
-                    return AuditVerdict(False, seq, f"line {number}: hash mismatch (line edited)")
-                if record.get("prev") != prev or record.get("seq") != seq + 1:
-                    return AuditVerdict(False, seq, f"line {number}: chain broken (a line "
-                                                    "before it was removed or reordered)")
-                prev, seq = record["hash"], seq + 1
+            verdict, prev = check_chain(f, "line")
+        if not verdict.ok:
+            return verdict
+        seq = verdict.records
         try:
             head = json.loads(self.head_path.read_bytes())
         except (OSError, ValueError):

@@ -171,3 +171,14 @@ def broker_stack_factory(gateway_agent: tuple[AgentProcess, RegistrarProcess], t
 @pytest.fixture
 def broker_stack(broker_stack_factory: Callable[..., BrokerStack]) -> BrokerStack:
     return broker_stack_factory()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[object]:
+    """One real PostgreSQL server per test worker (tests/postgres.py); tests make their own
+    databases in it."""
+    from postgres import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.stop()

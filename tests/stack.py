@@ -128,9 +128,12 @@ class RegistrarProcess:
 
     def __init__(self, directory: Path, ek_roots: list[Path],
                  allowed: dict[int, str] | None = None, settings: dict[str, str] | None = None,
-                 permissive: bool = False, init_args: list[str] | None = None) -> None:
+                 permissive: bool = False, init_args: list[str] | None = None,
+                 extra_toml: str = "") -> None:
         self.directory = directory
         self.init_args = init_args or []
+        self.extra_toml = extra_toml
+        self.listen_override: str | None = None
         self.ek_roots = ek_roots
         self.allowed = SWTPM_FRESH_PCRS if allowed is None else allowed
         self.settings = settings or {}
@@ -170,16 +173,25 @@ class RegistrarProcess:
             text = text.replace('mode = "enforce"', 'mode = "permissive"')
         if self.allowed:
             text += allowed_pcrs_toml("swtpm fresh", self.allowed)
-        config.write_text(text)
+        config.write_text(text + self.extra_toml)
         return self
+
+    def replica(self) -> RegistrarProcess:
+        """Another `serve` on the same directory (and database), on a port of its own."""
+        other = RegistrarProcess(self.directory, self.ek_roots)
+        other.port = free_port()
+        other.listen_override = f"127.0.0.1:{other.port}"
+        other.log_path = self.directory.parent / f"{self.directory.name}-{other.port}.log"
+        return other
 
     def start(self, timeout: float = 20.0, env: dict[str, str] | None = None
               ) -> RegistrarProcess:
         if not (self.directory / "registrar.toml").exists():
             self.init()
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        listen = ["--listen", self.listen_override] if self.listen_override else []
         self.proc = subprocess.Popen([str(BIN / "devid-registrar"), "serve", "--dir",
-                                      str(self.directory)], stdout=log, stderr=log,
+                                      str(self.directory), *listen], stdout=log, stderr=log,
                                      stdin=subprocess.DEVNULL,
                                      env={**os.environ, **env} if env else None)
         log.close()
@@ -205,6 +217,17 @@ class RegistrarProcess:
         return json.loads(out)  # type: ignore[no-any-return]
 
     def audit(self) -> list[dict[str, object]]:
+        """The audit records: the file, or the table replicas on PostgreSQL share."""
+        import tomllib
+
+        config = tomllib.loads((self.directory / "registrar.toml").read_text())
+        url = config.get("database", {}).get("url")
+        if url:
+            import psycopg
+
+            with psycopg.connect(url) as conn:
+                return [json.loads(r) for (r,) in conn.execute(
+                    "SELECT record FROM registrar_audit ORDER BY seq").fetchall()]
         path = self.directory / "audit.log"
         return [json.loads(line) for line in path.read_text().splitlines()]
 

@@ -151,8 +151,12 @@ def create_app(service: EnrollmentService, lifecycle: LifecycleService,
                                                                   "malformed-request")
         p = problem(code, f"{request.method} {request.url.path}: {exc.detail}")
         p.status = exc.status_code
-        # RFC 9110 15.5.6: a 405 lists the methods the resource takes (Starlette says).
-        return problem_response(p, request.url.path, exc.headers)
+        # RFC 9110 15.5.6: a 405 lists the methods the resource takes (Starlette says, from
+        # a set: sorted here so that the header is the same on every run).
+        headers = dict(exc.headers or {})
+        if "Allow" in headers:
+            headers["Allow"] = ", ".join(sorted(m.strip() for m in headers["Allow"].split(",")))
+        return problem_response(p, request.url.path, headers)
 
     async def crash(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error handling %s %s", request.method, request.url.path,

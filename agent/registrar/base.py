@@ -25,6 +25,7 @@ from agent.errors import Problem
 from agent.pki.ekchain import TrustStore
 from agent.registrar.ca import CertificateAuthority, DeviceProfile, ek_hw_serial
 from agent.registrar.config import RegistrarConfig
+from agent.registrar.dbaudit import DatabaseAuditLog
 from agent.registrar.store import IssuedCertificate, Store
 
 log = logging.getLogger("agent.registrar")
@@ -40,7 +41,7 @@ def platform_json(platform: Platform | None) -> str | None:
 
 class RegistrarParts:
     def __init__(self, config: RegistrarConfig, ca: CertificateAuthority, store: Store,
-                 audit: AuditLog, trust: TrustStore | None = None,
+                 audit: AuditLog | DatabaseAuditLog, trust: TrustStore | None = None,
                  clock: Clock = utcnow,
                  random_bytes: Callable[[int], bytes] = secrets.token_bytes) -> None:
         self.config = config

@@ -1,7 +1,7 @@
 """devid-registrar: the command line of the reference registrar.
 
     devid-registrar init --dir DIR --ek-root VENDOR.pem [--listen 127.0.0.1:8443]
-    devid-registrar serve --dir DIR
+    devid-registrar serve --dir DIR [--listen HOST:PORT]
     devid-registrar token create --dir DIR [--ttl 1h] [--label TEXT]
     devid-registrar devices list --dir DIR [--json]
     devid-registrar devices show --dir DIR ID [--json]
@@ -33,7 +33,7 @@ from agent.access import command_line, explain, os_error_text
 from agent.clock import isoformat_utc
 from agent.errors import ConfigError, DevidError, Problem
 from agent.fsutil import write_atomic
-from agent.registrar.config import CaKeySection
+from agent.registrar.config import CaKeySection, host_port
 from agent.registrar.home import RegistrarHome
 from agent.registrar.service import token_hash
 from agent.tomlconfig import parse_duration
@@ -58,6 +58,14 @@ def _pcr_list(text: str) -> list[int]:
     if not pcrs or min(pcrs) < 0 or max(pcrs) > 23:
         raise argparse.ArgumentTypeError("PCR indices must be within 0..23")
     return sorted(pcrs)
+
+
+def _listen(text: str) -> str:
+    try:
+        host_port(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _ttl(text: str) -> float:
@@ -100,7 +108,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="label for the key pair made in the token")
     hsm.add_argument("--pkcs11-pin-file", type=Path, metavar="FILE",
                      help="file holding the token's user PIN (never on the command line)")
-    with_dir(sub.add_parser("serve", help="serve enrollments over HTTPS"))
+    serve = with_dir(sub.add_parser("serve", help="serve enrollments over HTTPS"))
+    serve.add_argument("--listen", type=_listen, metavar="HOST:PORT",
+                       help="instead of registrar.toml's listen (another replica on this host)")
 
     token = sub.add_parser("token", help="enrollment tokens").add_subparsers(
         dest="action", required=True)
@@ -306,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             return _init(args)
         if args.command == "serve":
             from agent.registrar.server import serve  # uvicorn only when serving
-            serve(RegistrarHome(args.dir, args.command_line))
+            serve(RegistrarHome(args.dir, args.command_line), listen=args.listen)
             return 0
         if args.command == "token":
             return _token_create(args)

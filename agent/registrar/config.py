@@ -104,7 +104,40 @@ class CaKeySection(StrictSection):
         return self
 
 
-PATH_KEYS = (("ek_roots",), ("ca_key", "module"), ("ca_key", "pin_file"))
+def parse_database_url(url: str) -> str:
+    """postgresql://USER@HOST[:PORT]/DATABASE, without a password (that goes in
+    password_file); ConfigError saying what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
+        raise ConfigError(f"{url!r}: expected postgresql://USER@HOST[:PORT]/DATABASE")
+    if parts.password is not None:
+        raise ConfigError("the database URL holds a password; put it in password_file "
+                          "instead (the URL is shown in logs and status)")
+    if not parts.path.strip("/") or "/" in parts.path.strip("/"):
+        raise ConfigError(f"{url!r}: name one database after the host")
+    try:
+        parts.port  # noqa: B018 (raises for a bad port)
+    except ValueError:
+        raise ConfigError(f"{url!r}: the port is not a number from 1 to 65535") from None
+    return url
+
+
+class DatabaseSection(StrictSection):
+    """Unset url: the embedded SQLite file DIR/registrar.db. A PostgreSQL url: the fleet
+    backend, which several `serve` replicas share (agent/registrar/sql.py)."""
+
+    url: Annotated[str, AfterValidator(checked_by(parse_database_url))] | None = None
+    password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _password_needs_url(self) -> DatabaseSection:
+        if self.password_file is not None and self.url is None:
+            raise ValueError("password_file: only with a PostgreSQL url")
+        return self
+
+
+PATH_KEYS = (("ek_roots",), ("ca_key", "module"), ("ca_key", "pin_file"),
+             ("database", "password_file"))
 
 
 class RegistrarConfig(StrictSection):
@@ -138,6 +171,7 @@ class RegistrarConfig(StrictSection):
     pki_url: Annotated[str, AfterValidator(checked_by(parse_pki_url))] | None = None
     pcr_policy: PcrPolicyConfig = Field(default_factory=PcrPolicyConfig)
     ca_key: CaKeySection = Field(default_factory=CaKeySection)
+    database: DatabaseSection = Field(default_factory=DatabaseSection)
     source: Path | None = Field(default=None, exclude=True)
 
     @field_validator("listen")
@@ -309,7 +343,14 @@ pcrs = {pcrs}
 # [[pcr_policy.allowed]]
 # name = "firmware 1.2, shim 15.7, grub 2.06"
 # values = {{ "0" = "<64 hex digits>", "1" = "...", ... }}
-{allowed}"""
+{allowed}
+# [database]
+# Unset: SQLite in this directory (registrar.db), for one registrar process. For several
+# `serve` replicas (same CA and challenge key: a shared directory, or copies of ca/ and
+# challenge.key), one PostgreSQL database they share; the password, if any, in a file.
+# url = "postgresql://devid@db.example.net:5432/registrar"
+# password_file = "/etc/devid-registrar/db.password"
+"""
 
 
 CA_KEY_PKCS11 = """

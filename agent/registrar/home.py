@@ -32,14 +32,17 @@ from agent.registrar.config import (
     PATH_KEYS,
     SHORT_CERT_LIFETIME,
     CaKeySection,
+    DatabaseSection,
     RegistrarConfig,
     load_registrar_config,
 )
-from agent.registrar.keys import IssuingKey, Pkcs11Key, read_pin
+from agent.registrar.dbaudit import DatabaseAuditLog
+from agent.registrar.keys import IssuingKey, Pkcs11Key, read_pin, read_secret_file
 from agent.registrar.lifecycle import LifecycleService
 from agent.registrar.service import EnrollmentService
+from agent.registrar.sql import PostgresConnection, make_conninfo, redact_url
 from agent.registrar.store import Store
-from agent.tomlconfig import parse_toml_model
+from agent.tomlconfig import parse_toml_model, read_config_text
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +80,35 @@ class RegistrarHome:
         if not self.config_path.exists():
             raise ConfigError(f"{self.config_path}: no such file",
                               f"run `devid-registrar init --dir {self.directory}` first")
-        return Store(self.directory / "registrar.db")
+        return self._open_store(self._config().database)
 
-    def audit(self) -> AuditLog:
+    def _config(self) -> RegistrarConfig:
+        """registrar.toml as written, without the checks `serve` makes (the CLI's verbs
+        work while, say, an EK root file is being replaced)."""
+        path = self.config_path.resolve()
+        return parse_toml_model(RegistrarConfig, read_config_text(path), path, PATH_KEYS)
+
+    def _open_store(self, section: DatabaseSection) -> Store:
+        if section.url is None:
+            return Store(self.directory / "registrar.db")
+        return Store(self._postgres(section))
+
+    @staticmethod
+    def _postgres(section: DatabaseSection) -> PostgresConnection:
+        assert section.url is not None
+        password = None
+        if section.password_file is not None:
+            password = read_secret_file(section.password_file, "[database] password_file")
+        return PostgresConnection(make_conninfo(section.url, password=password),
+                                  redact_url(section.url))
+
+    def audit(self) -> AuditLog | DatabaseAuditLog:
+        """The file DIR/audit.log, or with a PostgreSQL [database] the table every replica
+        appends to (agent/registrar/dbaudit.py)."""
         self.require_access()
+        database = self._config().database if self.config_path.exists() else None
+        if database is not None and database.url is not None:
+            return DatabaseAuditLog(self._postgres(database))
         return AuditLog(self.directory / "audit.log")
 
     def challenge_key(self) -> bytes:
@@ -133,7 +161,7 @@ class RegistrarHome:
             made = CertificateAuthority.create(self.ca_dir, now, key)
             made.ensure_server_certificate(server_names, now)
         write_atomic(self.config_path, text.encode(), mode=0o644)
-        Store(self.directory / "registrar.db").close()
+        self._open_store(config.database).close()
         root = None if isinstance(made, x509.CertificateSigningRequest) else made.root
         self.audit().append("registrar-initialized",
                             issuing_key=key.describe() if key else "file ca/issuing.key",

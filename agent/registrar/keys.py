@@ -61,18 +61,24 @@ class FileKey:
         return "file ca/issuing.key"
 
 
-def read_pin(path: Path) -> str:
+def read_secret_file(path: Path, what: str) -> str:
+    """A PIN or password kept in a file of its own: its first line, stripped. The value
+    is never put in a message."""
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read the PKCS#11 PIN file: {e.strerror}",
-                          "the file holds the token's user PIN, readable by the registrar "
-                          "user only (0600)") from None
-    pin = raw.decode("utf-8", "replace").strip()
-    if not pin or len(raw) > MAX_PIN_BYTES:
-        raise ConfigError(f"{path}: the PKCS#11 PIN file is empty or longer than "
-                          f"{MAX_PIN_BYTES} bytes")
-    return pin
+        raise ConfigError(f"{what}: {path}: cannot read it: {e.strerror}",
+                          "the file holds a secret, readable by the registrar user only "
+                          "(0600)") from None
+    secret = raw.decode("utf-8", "replace").strip()
+    if not secret or len(raw) > MAX_PIN_BYTES or "\n" in secret:
+        raise ConfigError(f"{what}: {path}: expected one line of at most {MAX_PIN_BYTES} "
+                          "bytes")
+    return secret
+
+
+def read_pin(path: Path) -> str:
+    return read_secret_file(path, "[ca_key] pin_file")
 
 
 class Pkcs11Key:

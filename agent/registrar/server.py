@@ -22,9 +22,11 @@ from agent.supervision.supervisor import Supervisor
 log = logging.getLogger(__name__)
 
 
-def serve(home: RegistrarHome, log_level: str = "info") -> None:
+def serve(home: RegistrarHome, log_level: str = "info", listen: str | None = None) -> None:
+    """`listen` overrides registrar.toml's: a second replica on the same host and
+    directory serves on a port of its own."""
     config, service, lifecycle = home.open_service()
-    host, port = host_port(config.listen)
+    host, port = host_port(listen or config.listen)
     app = create_app(service, lifecycle, config.max_body_bytes, config.max_in_flight)
     ca = service.ca
     raise_descriptor_limit(config.max_connections)

@@ -1,28 +1,31 @@
-"""The registrar's database: SQLite in WAL mode, safe across threads and processes.
+"""The registrar's database: SQLite in WAL mode (one registrar) or PostgreSQL (replicas),
+safe across threads, processes and replicas (agent/registrar/sql.py).
 
 Tables: devices, challenges (enrollment), device_challenges (sealed renewal
 and decommissioning challenges once answered: their single use), certificates
 (every certificate issued, for the CRL), tokens. State changes that must not
-race (claim a challenge, consume a token, record a device) run in BEGIN
-IMMEDIATE transactions, so two concurrent requests can never both use one
+race (claim a challenge, consume a token, record a device) run in write
+transactions that admit one writer at a time (BEGIN IMMEDIATE; on PostgreSQL
+an advisory lock), so two concurrent requests can never both use one
 challenge or one token. Challenge secrets are wiped as soon as the challenge
 is settled.
 
-The schema version is PRAGMA user_version; `_migrate` upgrades older files
-in one transaction.
+The schema version is PRAGMA user_version (a schema_version table on
+PostgreSQL); `_migrate` upgrades older databases in one transaction.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from agent.clock import isoformat_utc
 from agent.enroll.problems import problem
-from agent.sqlite import Database
+from agent.errors import StateError
+from agent.registrar.sql import Connection, SqliteConnection, Tx
 
 SCHEMA_VERSION = 3
 DEVICE_STATUSES = ("active", "revoked", "decommissioned")
@@ -160,21 +163,38 @@ class IssuedCertificate:
     reason: str | None = None
 
 
-class Store(Database):
-    def __init__(self, path: Path) -> None:
-        super().__init__(path, "the registrar")
+class Store:
+    """The registrar's state over a Connection (agent/registrar/sql.py): a Path opens the
+    embedded SQLite file; PostgreSQL connections come from `open_store`."""
+
+    def __init__(self, connection: Connection | Path) -> None:
+        self._conn: Connection = SqliteConnection(connection) \
+            if isinstance(connection, Path) else connection
+        self.where = self._conn.where
         self._migrate()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def _transaction(self) -> Any:
+        return self._conn.transaction()
+
+    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        return self._conn.query(sql, args)
 
     def _migrate(self) -> None:
         with self._transaction() as db:
-            version = self._schema_version(db, SCHEMA_VERSION, "devid-registrar")
-            has_devices = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
-                                     "name = 'devices'").fetchone() is not None
+            version = self._conn.schema_version(db)
+            if version > SCHEMA_VERSION:
+                raise StateError(f"{self.where}: schema version {version} is newer than this "
+                                 f"devid-registrar ({SCHEMA_VERSION})", "upgrade devid-registrar")
+            has_devices = self._conn.table_exists(db, "devices")
             if not has_devices:
-                db.execute(DEVICES_TABLE)
+                self._conn.create(db, DEVICES_TABLE)
             elif version < 2:
-                # v1 -> v2: more device statuses (a CHECK change needs a table rebuild),
-                # renewal counter, status reason; the current certificates are recorded.
+                # v1 -> v2 (SQLite only: PostgreSQL starts at v3): more device statuses (a
+                # CHECK change needs a table rebuild), renewal counter, status reason; the
+                # current certificates are recorded.
                 db.execute(DEVICES_TABLE.replace("TABLE devices", "TABLE devices_v2"))
                 db.execute(f"INSERT INTO devices_v2 ({_V1_COLUMNS}) SELECT {_V1_COLUMNS} "
                            "FROM devices")
@@ -182,15 +202,16 @@ class Store(Database):
                 db.execute("ALTER TABLE devices_v2 RENAME TO devices")
             elif version < 3:
                 db.execute("ALTER TABLE devices ADD COLUMN platform TEXT")  # v2 -> v3
-            self._create(db, SCHEMA)
+            self._conn.create(db, SCHEMA)
             if has_devices and version < 2:
                 for device_id, serial, not_after in db.execute(
                         "SELECT device_id, cert_serial, cert_not_after FROM devices").fetchall():
                     stamp = datetime.datetime.fromisoformat(not_after).timestamp()
-                    db.execute("INSERT OR IGNORE INTO certificates (serial, device_id, kind, "
-                               "issued_at, not_after) VALUES (?, ?, 'identity', ?, ?)",
+                    db.execute("INSERT INTO certificates (serial, device_id, kind, issued_at, "
+                               "not_after) VALUES (?, ?, 'identity', ?, ?) "
+                               "ON CONFLICT (serial) DO NOTHING",
                                (serial, device_id, stamp, stamp))
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self._conn.set_schema_version(db, SCHEMA_VERSION)
 
     # --- tokens ------------------------------------------------------------
 
@@ -232,11 +253,12 @@ class Store(Database):
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending')",
                 (row.id, row.device_id, row.ek_certificate, row.ak_public, row.secret, row.nonce,
                  row.token_hash, row.created_at, row.expires_at))
+            # The new one always stays; of the others the newest keep_per_device - 1.
             db.execute(
                 "UPDATE challenges SET state = 'failed', secret = NULL WHERE id IN ("
                 "SELECT id FROM challenges WHERE device_id = ? AND state = 'pending' "
-                "ORDER BY created_at DESC, rowid DESC LIMIT -1 OFFSET ?)",
-                (row.device_id, keep_per_device))
+                "AND id <> ? ORDER BY created_at DESC, id DESC LIMIT 1000000000 OFFSET ?)",
+                (row.device_id, row.id, keep_per_device - 1))
 
     def claim_challenge(self, challenge_id: str, now: float) -> ChallengeRow:
         """Take a pending challenge for one completion attempt; single use."""
@@ -306,12 +328,14 @@ class Store(Database):
                 raise problem("device-revoked", f"{device.device_id} is revoked")
             count = 1 if existing is None else int(existing[1]) + 1
             superseded = _revoke_certificates(db, device.device_id, "superseded", now)
+            # Enrolling again keeps enrolled_at and starts the renewal count afresh.
             db.execute(
-                f"INSERT OR REPLACE INTO devices ({_DEVICE_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, COALESCE((SELECT enrolled_at FROM devices "
-                "WHERE device_id = ?), ?), ?, ?, ?, ?, 0, NULL, ?)",
+                f"INSERT INTO devices ({_DEVICE_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, NULL, ?) "
+                "ON CONFLICT (device_id) DO UPDATE SET "
+                + ", ".join(f"{c} = excluded.{c}" for c in _UPSERTED),
                 (device.device_id, device.ek_certificate, device.ak_name,
-                 device.identity_public, "active", device.tpm_manufacturer, device.device_id,
+                 device.identity_public, "active", device.tpm_manufacturer,
                  device.enrolled_at, device.updated_at, count, device.cert_serial,
                  device.cert_not_after, device.platform))
             _record(db, certificate)
@@ -379,7 +403,7 @@ class Store(Database):
 
 
 def _claimable(found: tuple[object, ...] | None, challenge_id: str, now: float,
-               db: sqlite3.Connection) -> tuple[object, ...]:
+               db: Tx) -> tuple[object, ...]:
     """Check a fetched enrollment challenge row (state last, expires_at before it) and
     mark it claimed."""
     if found is None:
@@ -397,7 +421,7 @@ def _claimable(found: tuple[object, ...] | None, challenge_id: str, now: float,
     return found
 
 
-def _revoke_certificates(db: sqlite3.Connection, device_id: str, reason: str,
+def _revoke_certificates(db: Tx, device_id: str, reason: str,
                          now: float) -> list[str]:
     """Put a device's unexpired certificates on the CRL; the serials revoked now."""
     serials = [str(r[0]) for r in db.execute(
@@ -408,7 +432,7 @@ def _revoke_certificates(db: sqlite3.Connection, device_id: str, reason: str,
     return serials
 
 
-def _record(db: sqlite3.Connection, cert: IssuedCertificate) -> None:
+def _record(db: Tx, cert: IssuedCertificate) -> None:
     db.execute("INSERT INTO certificates (serial, device_id, kind, issued_at, not_after) "
                "VALUES (?, ?, ?, ?, ?)",
                (cert.serial, cert.device_id, cert.kind, cert.issued_at, cert.not_after))
@@ -420,3 +444,5 @@ _V1_COLUMNS = ("device_id, ek_certificate, ak_name, identity_public, status, "
                "tpm_manufacturer, enrolled_at, updated_at, enrollments, cert_serial, "
                "cert_not_after")
 _DEVICE_COLUMNS = _V1_COLUMNS + ", renewals, status_reason, platform"
+_UPSERTED = [c.strip() for c in _DEVICE_COLUMNS.split(",")
+             if c.strip() not in ("device_id", "enrolled_at")]

@@ -11,6 +11,7 @@ after the profile's number of missed lifetimes, is deprovisioned (revoked, refus
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -138,11 +139,16 @@ def test_a_silent_sensor_goes_offline_then_is_deprovisioned(broker_stack_factory
             break
         time.sleep(0.2)
     assert shown["status"] == "revoked", shown
-    # Offline after one lifetime, deprovisioned after the second (journaled in order).
+    # Offline after one lifetime, deprovisioned at the first one-second tick after the
+    # second (journaled in order; the reason counts the lifetimes missed by then: 2, or 3
+    # when the tick comes late on a loaded machine).
     log = broker.log.read_text()
     offline = log.index("sensor m-1 is offline: no LwM2M Update within its lifetime of 1 s")
-    assert offline < log.index("sensor m-1 deprovisioned: LwM2M: no Update for 2 lifetimes")
-    assert shown["status_reason"] == "LwM2M: no Update for 2 lifetimes of 1 s"
+    deprovisioned = re.search(r"sensor m-1 deprovisioned: LwM2M: no Update for ([23]) "
+                              r"lifetimes", log)
+    assert deprovisioned is not None and offline < deprovisioned.start(), log
+    assert shown["status_reason"] == \
+        f"LwM2M: no Update for {deprovisioned.group(1)} lifetimes of 1 s"
     totals = stack.status()["lwm2m"]["totals"]
     assert totals["expired"] == 1 and totals["deprovisioned"] == 1
     assert meter.request("POST", "/rd", LINKS, LINK_FORMAT, ("ep=m-1",)).code == "4.01"

@@ -49,6 +49,17 @@ def assert_refused(registrar, call, code, status=None):
     return exc.value
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registrar_factory(request, registrar_factory, postgres):
+    """Every refusal on both backends: the embedded SQLite file and PostgreSQL."""
+    if request.param == "sqlite":
+        return registrar_factory
+    from postgres import registrar_toml
+
+    return lambda *args, **kwargs: registrar_factory(*args, extra_toml=registrar_toml(postgres),
+                                                     **kwargs)
+
+
 def test_honest_gateway_is_issued_a_certificate_for_its_tpm_key(tpm, registrar_factory,
                                                                  make_gateway):
     registrar = registrar_factory([tpm.vendor_ca], settings=NO_TOKEN)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import datetime
 import subprocess
 from pathlib import Path
@@ -21,7 +20,7 @@ from agent.enroll.http import _bad_response
 from agent.enroll.messages import Challenge, decode
 from agent.enroll.problems import problem
 from agent.enroll.state import DecommissionStore, EnrollmentStore
-from agent.errors import ConfigError, Problem, ProtocolError, StateError
+from agent.errors import ConfigError, ProtocolError, StateError
 from agent.pki.devicecert import verify_chain
 from agent.registrar import cli
 from agent.registrar.ca import CertificateAuthority, DeviceProfile
@@ -66,50 +65,6 @@ def test_server_certificate_is_reissued_only_when_names_change(ca):
     assert ca.ensure_server_certificate(["127.0.0.1", "localhost"], NOW)
     assert not ca.ensure_server_certificate(["localhost", "127.0.0.1"], NOW)
     assert ca.ensure_server_certificate(["gw-registrar.example"], NOW)
-
-
-def _challenge(store, cid="c" * 32, now=1000.0, ttl=60.0, token_hash=None):
-    row = ChallengeRow(cid, "urn:devid:x", b"ek", b"ak", b"s" * 32, cid.encode(), token_hash,
-                       now, now + ttl)
-    store.add_challenge(row)
-    return row
-
-
-def test_a_challenge_is_claimed_once_even_under_concurrency(tmp_path):
-    store = Store(tmp_path / "r.db")
-    _challenge(store)
-
-    def claim(_):
-        try:
-            store.claim_challenge("c" * 32, 1001.0)
-            return "claimed"
-        except Problem as p:
-            return p.code
-
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        outcomes = list(pool.map(claim, range(16)))
-    assert outcomes.count("claimed") == 1
-    assert set(outcomes) == {"claimed", "challenge-used"}
-
-
-def test_expired_and_unknown_challenges_are_refused(tmp_path):
-    store = Store(tmp_path / "r.db")
-    _challenge(store, ttl=10)
-    with pytest.raises(Problem, match="expired"):
-        store.claim_challenge("c" * 32, 1011.0)
-    with pytest.raises(Problem) as exc:
-        store.claim_challenge("d" * 32, 1001.0)
-    assert exc.value.code == "challenge-unknown"
-
-
-def test_tokens_are_checked_for_existence_expiry_and_use(tmp_path):
-    store = Store(tmp_path / "r.db")
-    store.add_token("h1", "gw-1", 1000.0, 2000.0)
-    store.check_token("h1", 1500.0)
-    for token, now, code in (("nope", 1500.0, "token-invalid"), ("h1", 2001.0, "token-invalid")):
-        with pytest.raises(Problem) as exc:
-            store.check_token(token, now)
-        assert exc.value.code == code
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -212,40 +167,8 @@ def test_damaged_decommission_marker_is_refused_by_field(tmp_path, content, need
     assert (tmp_path / "decommissioned.json").read_bytes() == content
 
 
-def test_a_device_keeps_two_open_enrollment_challenges_the_newest_win(tmp_path):
-    store = Store(tmp_path / "r.db")
-    for i in range(5):
-        _challenge(store, cid=f"{i:032x}", now=1000.0 + i)
-    assert store.pending_challenges(1001.0) == 2
-    with pytest.raises(Problem) as exc:  # replaced: no longer claimable
-        store.claim_challenge(f"{0:032x}", 1005.0)
-    assert exc.value.code == "challenge-used"
-    store.claim_challenge(f"{4:032x}", 1005.0)
-
-
-def test_enrolling_again_supersedes_the_earlier_certificates(tmp_path):
-    from agent.registrar.store import DeviceRow, IssuedCertificate
-
-    store = Store(tmp_path / "r.db")
-
-    def enroll(serial: str, now: float) -> list[str]:
-        row = _challenge(store, cid=f"{int(now):032x}", now=now)
-        store.claim_challenge(row.id, now)
-        device = DeviceRow("urn:devid:x", b"ek", b"ak", b"id", "active", None, "t", "t", 1,
-                           serial, "t")
-        cert = IssuedCertificate(serial, "urn:devid:x", "identity", now, now + 3600)
-        enrolled = store.complete_enrollment(row, device, cert, now)
-        return enrolled.superseded
-
-    assert enroll("aa", 1000.0) == []
-    assert enroll("bb", 2000.0) == ["aa"]
-    [revoked] = store.revoked_certificates(2001.0)
-    assert (revoked.serial, revoked.reason) == ("aa", "superseded")
-    assert enroll("cc", 6000.0) == []  # bb has expired by now: nothing left to revoke
-
-
 def test_devices_show_says_how_many_certificates_it_lists(tmp_path, capsys):
-    from agent.registrar.store import ChallengeRow, DeviceRow, IssuedCertificate, Store
+    from agent.registrar.store import DeviceRow, IssuedCertificate, Store
 
     home = tmp_path / "r"
     vendor = tmp_path / "vendor.pem"
@@ -384,3 +307,16 @@ def test_an_offline_root_request_certifies_the_issuing_key_and_import_checks_it(
     assert sorted(p.name for p in directory.iterdir()) == ["issuing.csr", "issuing.key"]
     with pytest.raises(StateError, match="not imported yet"):
         CertificateAuthority.load(directory)
+
+
+@pytest.mark.parametrize(("database", "what"), [
+    ({"url": "mysql://u@h/db"}, "expected postgresql://USER@HOST"),
+    ({"url": "postgresql://u:secret@h/db"}, "holds a password; put it in password_file"),
+    ({"url": "postgresql://u@h/"}, "name one database"),
+    ({"url": "postgresql://u@h:0x/db"}, "port is not a number"),
+    ({"password_file": Path("/p")}, "only with a PostgreSQL url"),
+])
+def test_a_bad_database_section_is_refused_saying_why(database, what):
+    with pytest.raises(ValidationError, match=what) as exc:
+        RegistrarConfig(ek_roots=[Path("/dev/null")], database=database)
+    assert "secret" not in str(exc.value).split("input_value")[0]
